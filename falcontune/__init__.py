@@ -1,0 +1,33 @@
+"""falcontune: fine-tune GPTQ-quantized Falcon models with LoRA, on a C/CUDA engine (no PyTorch).
+
+    import falcontune as ft
+    model = ft.load_model("falcon-7b-instruct-4bit", weights="gptq_model-4bit-64g.safetensors")
+    model.add_lora(r=8, alpha=16, dropout=0.05, target_modules=["query_key_value"])
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .model import FalconModel, ModelLoadError, cuda_available, load_model
+from .optim import AdamW
+
+__version__ = "0.1.0"
+
+__all__ = ["FalconModel", "ModelLoadError", "AdamW", "load_model", "cuda_available", "finetune",
+           "check_dataset", "__version__"]
+
+
+def finetune(**kwargs: Any) -> Any:
+    """Fine-tune with the same names as the CLI flags (see ``falcontune finetune --help``)."""
+    from .trainer import finetune as _finetune
+    return _finetune(**kwargs)
+
+
+def check_dataset(path: Any, data_type: str = "alpaca", tokenizer: Any = None, cutoff_len: int = 256,
+                  template: str = "alpaca") -> Any:
+    """Validate a dataset file; returns a report (counts, token lengths, errors by record)."""
+    from .data import check_dataset as _check
+    from .tokenizer import Tokenizer
+    if isinstance(tokenizer, (str, bytes)) or hasattr(tokenizer, "__fspath__"):
+        tokenizer = Tokenizer.from_file(tokenizer)
+    return _check(path, data_type=data_type, tokenizer=tokenizer, cutoff_len=cutoff_len, template=template)

@@ -1,0 +1,468 @@
+"""FalconModel: a GPTQ Falcon checkpoint bound to the C engine, with LoRA.
+
+Python finds and maps the files; every array goes to ``falcontune._C`` which
+checks shapes and dtypes again and does all numeric work.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _C
+from . import lora_io
+from .models import (FalconConfig, QuantizeConfig, get_known_model, parse_config,
+                     parse_quantize_config)
+from .weights import WeightStore
+
+PathLike = Union[str, os.PathLike]
+
+# Order of the engine's module indices (csrc/ft.h FT_MOD_*).
+MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+MODULE_PARENT = {"query_key_value": "self_attention", "dense": "self_attention",
+                 "dense_h_to_4h": "mlp", "dense_4h_to_h": "mlp"}
+SLOT_WEIGHT, SLOT_GRAD, SLOT_ADAM_M, SLOT_ADAM_V = 0, 1, 2, 3
+_QKV_LAYOUTS = {"multi_query": 0, "grouped": 1, "interleaved": 2}
+
+
+class ModelLoadError(ValueError):
+    """A model directory, weights file or config that cannot be used."""
+
+
+def cuda_available() -> bool:
+    """True when this build has the CUDA backend and a GPU is visible."""
+    return bool(_C.have_cuda()) and _C.cuda_device_count() > 0
+
+
+def parse_target_modules(target_modules: Union[str, Iterable[str]]) -> tuple[str, ...]:
+    """Accept a list of names, or the JSON / Python list string of the tutorial
+    (``'["query_key_value"]'``)."""
+    if isinstance(target_modules, str):
+        text = target_modules.strip()
+        if text.startswith("["):
+            try:
+                names = json.loads(text.replace("'", '"'))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"target_modules: cannot parse {target_modules!r} as a list: {e}") from None
+        else:
+            names = [n.strip() for n in text.split(",") if n.strip()]
+    else:
+        names = list(target_modules)
+    out = []
+    for n in names:
+        if not isinstance(n, str) or n not in MODULES:
+            raise ValueError(f"target_modules: unknown module {n!r}; expected some of {', '.join(MODULES)}")
+        if n not in out:
+            out.append(n)
+    if not out:
+        raise ValueError("target_modules: expected at least one module")
+    return tuple(sorted(out, key=MODULES.index))
+
+
+def lora_key(layer: int, module: str, which: str) -> str:
+    """PEFT's name of a LoRA matrix (which: 'A' or 'B')."""
+    return f"base_model.model.transformer.h.{layer}.{MODULE_PARENT[module]}.{module}.lora_{which}.weight"
+
+
+# ---------------------------------------------------------------------------------------------
+# locating files
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+
+
+def _resolve(model: PathLike, weights: Optional[PathLike]) -> tuple[FalconConfig, QuantizeConfig, Path, list[Path]]:
+    """-> (config, quantize config, weights path, directories to search for a tokenizer)."""
+    model_str = os.fspath(model)
+    model_dir = Path(model_str)
+    search: list[Path] = []
+    qcfg: Optional[QuantizeConfig] = None
+    if model_dir.is_dir() and (model_dir / "config.json").is_file():
+        cfg = parse_config(_read_json(model_dir / "config.json"), source=str(model_dir / "config.json"))
+        search.append(model_dir)
+        raw = _read_json(model_dir / "config.json")
+        if (model_dir / "quantize_config.json").is_file():
+            qcfg = parse_quantize_config(_read_json(model_dir / "quantize_config.json"),
+                                         source=str(model_dir / "quantize_config.json"))
+        elif isinstance(raw, dict) and "quantization_config" in raw:
+            qcfg = parse_quantize_config(raw, source=str(model_dir / "config.json"))
+        default_weights: Optional[Path] = model_dir
+        spec = None
+    elif model_dir.is_dir():
+        raise ModelLoadError(f"{model_dir}: no config.json in this directory")
+    else:
+        try:
+            spec = get_known_model(model_str)
+        except ValueError as e:
+            raise ModelLoadError(f"{e} (or give a directory holding config.json)") from None
+        if not spec.quantized:
+            raise ModelLoadError(
+                f"model {spec.name!r} is an unquantized checkpoint; loading it needs quantization on load, "
+                "which this version does not do yet: use a GPTQ checkpoint (e.g. falcon-7b-instruct-4bit)")
+        cfg = spec.config
+        qcfg = spec.quantize_config
+        default_weights = None
+    if weights is not None:
+        wpath = Path(os.fspath(weights))
+        if not wpath.exists():
+            raise FileNotFoundError(f"weights not found: {wpath}")
+    elif default_weights is not None:
+        wpath = default_weights
+    else:
+        raise ModelLoadError(f"model {model_str!r}: give --weights (the .safetensors file or its directory)")
+    wdir = wpath if wpath.is_dir() else wpath.parent
+    if wdir not in search:
+        search.append(wdir)
+        if (wdir / "quantize_config.json").is_file():
+            qcfg = parse_quantize_config(_read_json(wdir / "quantize_config.json"),
+                                         source=str(wdir / "quantize_config.json"))
+        if spec is None and (wdir / "config.json").is_file():
+            pass  # the model directory's config wins
+    if qcfg is None:
+        raise ModelLoadError(f"{model_str}: no quantize_config.json (bits, group_size) found next to the model or weights")
+    return cfg, qcfg, wpath, search
+
+
+def _find_weights_file(path: Path, qcfg: QuantizeConfig) -> Path:
+    """A directory may hold TheBloke's renamed model.safetensors or AutoGPTQ's name."""
+    if path.is_file():
+        return path
+    for name in (qcfg.weights_file_name, "model.safetensors", "model.safetensors.index.json"):
+        if (path / name).is_file():
+            return path / name
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) == 1:
+        return files[0]
+    if not files:
+        raise FileNotFoundError(f"{path}: no .safetensors weights in this directory")
+    return path  # several shards without an index: WeightStore opens them all
+
+
+# ---------------------------------------------------------------------------------------------
+# engine binding
+
+
+def _engine_config(cfg: FalconConfig, q: QuantizeConfig) -> dict[str, Any]:
+    return {
+        "vocab_size": cfg.vocab_size, "hidden": cfg.hidden_size, "n_head": cfg.num_attention_heads,
+        "n_kv_head": cfg.num_kv_heads, "n_layer": cfg.num_hidden_layers, "head_dim": cfg.head_dim,
+        "ffn": cfg.ffn_hidden_size, "qkv_layout": _QKV_LAYOUTS[cfg.qkv_layout],
+        "parallel_attn": int(cfg.parallel_attn), "n_ln": int(cfg.num_ln_in_parallel_attn),
+        "alibi": int(cfg.alibi), "bias": int(cfg.bias), "ln_eps": float(cfg.layer_norm_epsilon),
+        "rope_theta": float(cfg.rope_theta), "bits": q.bits, "zero_offset": q.zero_offset,
+    }
+
+
+def _engine_tensor(store: WeightStore, name: str) -> Any:
+    arr = store.tensor(name)
+    dt = store.dtype(name)
+    if dt == "BF16":
+        return (arr, "bfloat16")
+    if dt in ("F16", "F32", "I32"):
+        return arr
+    if dt == "F64":
+        return arr.astype(np.float32)
+    if dt in ("I64", "I16", "I8", "U8") and name.endswith(".g_idx"):
+        if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
+            raise ModelLoadError(f"{name}: g_idx values out of range")
+        return arr.astype(np.int32)
+    raise ModelLoadError(f"{store.file_of(name)}: tensor {name} has dtype {dt}, which falcontune does not use here")
+
+
+def _check_quant_shapes(store: WeightStore, cfg: FalconConfig, q: QuantizeConfig, weights: dict[str, Any]) -> None:
+    """Cross-check the file against quantize_config (the C engine checks raw shapes again)."""
+    for layer in range(cfg.num_hidden_layers):
+        for path, (fin, fout) in cfg.linear_shapes.items():
+            base = f"transformer.h.{layer}.{path}"
+            qw = f"{base}.qweight"
+            if not store.has(qw):
+                if store.has(f"{base}.weight"):
+                    raise ModelLoadError(
+                        f"{store.files[0]}: {base} is not GPTQ-quantized (found .weight, no .qweight); "
+                        "this loader needs a GPTQ checkpoint")
+                raise ModelLoadError(f"{store.files[0]}: missing tensor {qw}")
+            shape = store.shape(qw)
+            if len(shape) != 2 or shape[0] * 32 != fin * q.bits or shape[1] != fout:
+                raise ModelLoadError(
+                    f"{store.file_of(qw)}: {qw} has shape {list(shape)}, expected "
+                    f"[{fin * q.bits // 32}, {fout}] for {q.bits}-bit weights of a {fin}x{fout} linear: "
+                    f"the weights do not match the model config / quantize_config (bits={q.bits})")
+            sc = f"{base}.scales"
+            if store.has(sc):
+                groups = store.shape(sc)[0]
+                expected = 1 if q.group_size == -1 else -(-fin // q.group_size)
+                if groups != expected:
+                    raise ModelLoadError(
+                        f"{store.file_of(sc)}: {sc} has {groups} groups, expected {expected} for "
+                        f"group_size={q.group_size} (quantize_config): weights and config do not match")
+            gi = f"{base}.g_idx"
+            if not store.has(gi):  # old GPTQ exports: sequential groups
+                gs = fin if q.group_size == -1 else q.group_size
+                weights[gi] = (np.arange(fin, dtype=np.int32) // gs).astype(np.int32)
+
+
+def _bind_weights(store: WeightStore, cfg: FalconConfig, q: QuantizeConfig) -> dict[str, Any]:
+    weights: dict[str, Any] = {}
+    _check_quant_shapes(store, cfg, q, weights)
+    for name in store.names():
+        if name.startswith("transformer.") or name == "lm_head.weight":
+            if name in weights:
+                continue
+            if name.endswith(".weight") and ".h." in name and name.split(".")[-2] in MODULES:
+                continue  # dense copy of a quantized linear: not used
+            weights[name] = _engine_tensor(store, name)
+    if not cfg.tie_word_embeddings and "lm_head.weight" not in weights:
+        raise ModelLoadError(f"{store.files[0]}: config says tie_word_embeddings=false but lm_head.weight is missing")
+    return weights
+
+
+def _pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if device == "cpu" or device == "cuda" or device.startswith("cuda:"):
+        if device.startswith("cuda") and not _C.have_cuda():
+            raise RuntimeError(
+                "CUDA was requested but this installation of falcontune has no CUDA backend: nvcc was not "
+                "found when it was built. Install the CUDA toolkit (nvcc on PATH) and reinstall, or use device='cpu'.")
+        return "cuda:0" if device == "cuda" else device
+    raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+_DTYPES = {"auto": -1, "float32": 0, "fp32": 0, "float16": 1, "fp16": 1, "bfloat16": 2, "bf16": 2}
+
+
+class FalconModel:
+    """A quantized Falcon model on one device, with an optional LoRA adapter."""
+
+    def __init__(self, engine: Any, config: FalconConfig, quantize_config: QuantizeConfig,
+                 tokenizer: Any, store: WeightStore, name: str) -> None:
+        self._engine = engine
+        self.config = config
+        self.quantize_config = quantize_config
+        self.tokenizer = tokenizer
+        self._store = store  # keeps the mmapped weights alive
+        self.name = name
+        self.lora_config: Optional[dict[str, Any]] = None
+        self.training = False
+
+    # -- properties -----------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        return self._engine.device
+
+    @property
+    def dtype(self) -> str:
+        return self._engine.act_dtype
+
+    @property
+    def engine(self) -> Any:
+        return self._engine
+
+    def __repr__(self) -> str:
+        c = self.config
+        lora = f", lora r={self.lora_config['r']}" if self.lora_config else ""
+        return (f"FalconModel({self.name!r}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
+                f"{self.quantize_config.bits}-bit, device={self.device!r}{lora})")
+
+    # -- LoRA -----------------------------------------------------------------------------
+    def _target_mask(self, modules: Sequence[str]) -> int:
+        return sum(1 << MODULES.index(m) for m in modules)
+
+    def add_lora(self, r: int = 8, alpha: float = 16, dropout: float = 0.05,
+                 target_modules: Union[str, Iterable[str]] = ("query_key_value",), seed: int = 0) -> None:
+        """A fresh adapter initialised as PEFT does: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0."""
+        modules = parse_target_modules(target_modules)
+        if not isinstance(r, (int, np.integer)) or r <= 0:
+            raise ValueError(f"lora r must be a positive integer, got {r!r}")
+        self._engine.lora_init(int(r), float(alpha), float(dropout), self._target_mask(modules))
+        self.lora_config = {"r": int(r), "lora_alpha": float(alpha), "lora_dropout": float(dropout),
+                            "target_modules": list(modules)}
+        rng = np.random.default_rng(seed)
+        for layer in range(self.config.num_hidden_layers):
+            for m in modules:
+                fin, fout = self._module_shape(m)
+                bound = 1.0 / np.sqrt(fin)
+                A = rng.uniform(-bound, bound, size=(r, fin)).astype(np.float32)
+                B = np.zeros((fout, r), dtype=np.float32)
+                self._engine.lora_write(SLOT_WEIGHT, layer, MODULES.index(m), A, B)
+        self._engine.set_training(self.training)
+
+    def _module_shape(self, module: str) -> tuple[int, int]:
+        return self.config.linear_shapes[f"{MODULE_PARENT[module]}.{module}"]
+
+    def _require_lora(self) -> dict[str, Any]:
+        if not self.lora_config:
+            raise RuntimeError("the model has no LoRA adapter: call add_lora() or load_lora() first")
+        return self.lora_config
+
+    def _read_slot(self, slot: int) -> dict[str, np.ndarray]:
+        cfg = self._require_lora()
+        out: dict[str, np.ndarray] = {}
+        for layer in range(self.config.num_hidden_layers):
+            for m in cfg["target_modules"]:
+                A, B = self._engine.lora_read(slot, layer, MODULES.index(m))
+                out[lora_key(layer, m, "A")] = A
+                out[lora_key(layer, m, "B")] = B
+        return out
+
+    def _write_slot(self, slot: int, state: Mapping[str, np.ndarray], what: str) -> None:
+        cfg = self._require_lora()
+        expected = {lora_key(l, m, w) for l in range(self.config.num_hidden_layers)
+                    for m in cfg["target_modules"] for w in "AB"}
+        got = set(state)
+        if got != expected:
+            missing, extra = sorted(expected - got), sorted(got - expected)
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
+            if extra:
+                parts.append(f"unexpected {len(extra)} keys (e.g. {extra[0]})")
+            raise ValueError(f"{what}: " + "; ".join(parts))
+        for layer in range(self.config.num_hidden_layers):
+            for m in cfg["target_modules"]:
+                self._engine.lora_write(slot, layer, MODULES.index(m), state[lora_key(layer, m, "A")],
+                                        state[lora_key(layer, m, "B")])
+
+    def lora_state_dict(self) -> dict[str, np.ndarray]:
+        """PEFT key names -> float32 copies of the LoRA matrices."""
+        return self._read_slot(SLOT_WEIGHT)
+
+    def load_lora_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        self._write_slot(SLOT_WEIGHT, lora_io.normalise_keys(state), "LoRA state dict")
+
+    def lora_grad_dict(self) -> dict[str, np.ndarray]:
+        """PEFT key names -> float32 copies of the accumulated gradients."""
+        return self._read_slot(SLOT_GRAD)
+
+    def optimizer_state(self) -> dict[str, dict[str, np.ndarray]]:
+        return {"exp_avg": self._read_slot(SLOT_ADAM_M), "exp_avg_sq": self._read_slot(SLOT_ADAM_V)}
+
+    def load_optimizer_state(self, state: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        self._write_slot(SLOT_ADAM_M, state["exp_avg"], "optimizer exp_avg")
+        self._write_slot(SLOT_ADAM_V, state["exp_avg_sq"], "optimizer exp_avg_sq")
+
+    def zero_grad(self) -> None:
+        self._engine.zero_grad()
+
+    def load_lora(self, path: PathLike) -> None:
+        """Load a PEFT adapter directory (adapter_config.json + adapter_model.safetensors or .bin)."""
+        adapter = lora_io.read_adapter(path, self.config)
+        self._engine.lora_init(adapter.r, adapter.engine_alpha, adapter.dropout,
+                               self._target_mask(adapter.target_modules))
+        self.lora_config = {"r": adapter.r, "lora_alpha": adapter.alpha, "lora_dropout": adapter.dropout,
+                            "target_modules": list(adapter.target_modules), "use_rslora": adapter.use_rslora}
+        try:
+            self._write_slot(SLOT_WEIGHT, adapter.tensors, str(adapter.weights_path))
+        except ValueError:
+            self.remove_lora()
+            raise
+        self._engine.set_training(self.training)
+
+    def save_lora(self, path: PathLike) -> Path:
+        """Write a PEFT adapter (adapter_config.json + adapter_model.safetensors), atomically per file."""
+        cfg = self._require_lora()
+        return lora_io.write_adapter(path, self.lora_state_dict(), cfg, base_model=self.name)
+
+    def remove_lora(self) -> None:
+        self._engine.lora_remove()
+        self.lora_config = None
+
+    # -- modes ----------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "FalconModel":
+        self.training = bool(mode)
+        self._engine.set_training(self.training)
+        return self
+
+    def eval(self) -> "FalconModel":
+        return self.train(False)
+
+    def set_gradient_checkpointing(self, ratio: float = 1.0) -> None:
+        """Recompute activations of the first ``ratio`` of the layers during backward."""
+        self._engine.set_checkpointing(float(ratio))
+
+    # -- compute --------------------------------------------------------------------------
+    def forward(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
+        """float32 logits [B, T, V]."""
+        return self._engine.forward(_as_2d(input_ids, "input_ids"), _opt_2d(attention_mask))
+
+    __call__ = forward
+
+    def forward_backward(self, input_ids: Any, labels: Any, attention_mask: Any = None,
+                         grad_scale: float = 1.0) -> float:
+        """Mean loss over labels != -100 (shifted inside); adds grad_scale * gradient to the LoRA grads."""
+        self._require_lora()
+        loss, _ = self._engine.forward_backward(_as_2d(input_ids, "input_ids"), _as_2d(labels, "labels"),
+                                                _opt_2d(attention_mask), float(grad_scale))
+        return float(loss)
+
+    def forward_backward_count(self, input_ids: Any, labels: Any, attention_mask: Any = None,
+                               grad_scale: float = 1.0) -> tuple[float, int]:
+        """As forward_backward, also returning the number of predicted tokens."""
+        self._require_lora()
+        loss, n = self._engine.forward_backward(_as_2d(input_ids, "input_ids"), _as_2d(labels, "labels"),
+                                                _opt_2d(attention_mask), float(grad_scale))
+        return float(loss), int(n)
+
+    # -- generation (falcontune.generate) ---------------------------------------------------
+    def generate_ids(self, input_ids: Any, max_new_tokens: int = 32, do_sample: bool = False, **kw: Any) -> np.ndarray:
+        from .generate import generate_ids
+        return generate_ids(self, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, **kw)
+
+    def generate(self, prompt: Optional[str] = None, input_ids: Any = None, max_new_tokens: int = 128,
+                 **kw: Any) -> Any:
+        from .generate import generate_text
+        return generate_text(self, prompt=prompt, input_ids=input_ids, max_new_tokens=max_new_tokens, **kw)
+
+    def close(self) -> None:
+        """Free the engine's memory now (the object is unusable afterwards)."""
+        self._engine.close()
+
+
+def _as_2d(a: Any, what: str) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise ValueError(f"{what}: expected shape [batch, tokens], got {arr.shape}")
+    return arr
+
+
+def _opt_2d(a: Any) -> Optional[np.ndarray]:
+    return None if a is None else _as_2d(a, "attention_mask")
+
+
+def load_model(model: PathLike, weights: Optional[PathLike] = None, device: str = "auto", dtype: str = "auto",
+               tokenizer: Optional[PathLike] = None) -> FalconModel:
+    """Load a GPTQ Falcon model: a known name (with ``weights``), ``"demo"``, or a directory."""
+    from .tokenizer import Tokenizer
+
+    if os.fspath(model) == "demo":
+        from .demo import demo_model_dir
+        model = demo_model_dir()
+    cfg, qcfg, wpath, search = _resolve(model, weights)
+    store = WeightStore.open(_find_weights_file(wpath, qcfg))
+    weights_map = _bind_weights(store, cfg, qcfg)
+    dev = _pick_device(device)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
+    engine = _C.Model(_engine_config(cfg, qcfg), weights_map, dev, _DTYPES[dtype])
+    tok = None
+    if tokenizer is not None:
+        tok = Tokenizer.from_file(tokenizer)
+    else:
+        for d in search:
+            if (d / "tokenizer.json").is_file():
+                tok = Tokenizer.from_file(d / "tokenizer.json")
+                break
+    if tok is not None and tok.vocab_size > cfg.vocab_size:
+        raise ModelLoadError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}: "
+                             "they do not belong together")
+    return FalconModel(engine, cfg, qcfg, tok, store, os.fspath(model))
