@@ -1,0 +1,246 @@
+"""The engine on its own: finite differences, determinism, checkpointing, cache,
+optimizer, and argument checking. (Reference parity is in test_golden.py.)"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import falcontune as ft
+from falcontune import testing
+
+ALL = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-40b", "tiny-rw"])
+def model_dir(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    testing.make_checkpoint(d, preset=request.param, bits=4, group_size=32, seed=7)
+    return d
+
+
+def _random_lora(model, rng, scale=0.1):
+    sd = {k: (rng.standard_normal(v.shape) * scale).astype(np.float32) for k, v in model.lora_state_dict().items()}
+    model.load_lora_state_dict(sd)
+    return sd
+
+
+def _batch(rng, vocab, B=2, T=9):
+    ids = rng.integers(0, vocab, size=(B, T))
+    mask = np.ones_like(ids)
+    mask[1, T - 3:] = 0
+    labels = ids.copy()
+    labels[mask == 0] = -100
+    labels[0, 2] = -100
+    return ids, labels, mask
+
+
+def test_finite_differences(model_dir):
+    rng = np.random.default_rng(1)
+    m = ft.load_model(model_dir, device="cpu")
+    m.add_lora(r=4, alpha=8, dropout=0.0, target_modules=ALL)
+    sd = _random_lora(m, rng)
+    ids, labels, mask = _batch(rng, m.config.vocab_size)
+    m.zero_grad()
+    m.forward_backward(ids, labels, mask)
+    grads = m.lora_grad_dict()
+    keys = sorted(sd)
+    checked = 0
+    for k in keys[:: max(1, len(keys) // 8)]:
+        # the largest-gradient entry: well above float32 noise
+        idx = np.unravel_index(np.argmax(np.abs(grads[k])), grads[k].shape)
+        eps = 1e-2
+        losses = []
+        for sign in (1, -1):
+            pert = {kk: vv.copy() for kk, vv in sd.items()}
+            pert[k][idx] += sign * eps
+            m.load_lora_state_dict(pert)
+            losses.append(m.forward_backward(ids, labels, mask))
+        fd = (losses[0] - losses[1]) / (2 * eps)
+        assert abs(fd - grads[k][idx]) <= 2e-2 * abs(fd) + 1e-4, (k, fd, grads[k][idx])
+        checked += 1
+    assert checked >= 4
+
+
+def test_checkpointing_gives_same_gradients(model_dir):
+    rng = np.random.default_rng(2)
+    ids, labels, mask = _batch(rng, 256)
+    results = []
+    for ratio in (0.0, 0.5, 1.0):
+        m = ft.load_model(model_dir, device="cpu")
+        m.add_lora(r=4, alpha=8, dropout=0.1, target_modules=ALL, seed=3)
+        _random_lora(m, np.random.default_rng(4))
+        m.train()
+        m.set_gradient_checkpointing(ratio)
+        loss = m.forward_backward(ids % m.config.vocab_size, labels % m.config.vocab_size * (labels >= 0) - 100 * (labels < 0), mask)
+        results.append((loss, m.lora_grad_dict()))
+    for loss, g in results[1:]:
+        assert loss == results[0][0]
+        for k in g:
+            np.testing.assert_array_equal(g[k], results[0][1][k])
+
+
+def test_training_is_deterministic_and_dropout_is_seeded(model_dir):
+    def run(seed):
+        rng = np.random.default_rng(5)
+        m = ft.load_model(model_dir, device="cpu")
+        m.add_lora(r=4, alpha=8, dropout=0.2, target_modules=["query_key_value", "dense_4h_to_h"], seed=seed)
+        m.train()
+        m.engine.set_rng(seed, 0)
+        opt = ft.AdamW(m, lr=1e-2, max_grad_norm=1.0)
+        losses = []
+        for _ in range(3):
+            ids, labels, mask = _batch(rng, m.config.vocab_size)
+            m.zero_grad()
+            losses.append(m.forward_backward(ids, labels, mask))
+            opt.step()
+        return losses, m.lora_state_dict()
+
+    l1, s1 = run(0)
+    l2, s2 = run(0)
+    l3, _ = run(1)
+    assert l1 == l2
+    for k in s1:
+        np.testing.assert_array_equal(s1[k], s2[k])
+    assert l1 != l3  # another seed: another init and dropout stream
+
+
+def test_eval_mode_has_no_dropout(model_dir):
+    rng = np.random.default_rng(6)
+    m = ft.load_model(model_dir, device="cpu")
+    m.add_lora(r=4, alpha=8, dropout=0.5, target_modules=ALL)
+    _random_lora(m, rng)
+    ids, labels, mask = _batch(rng, m.config.vocab_size)
+    m.eval()
+    a = m.forward_backward(ids, labels, mask)
+    b = m.forward_backward(ids, labels, mask)
+    m.train()
+    c = m.forward_backward(ids, labels, mask)
+    d = m.forward_backward(ids, labels, mask)
+    assert a == b
+    assert c != a and d != c  # each step draws a fresh mask
+
+
+def test_forward_matches_loss_and_padding_is_ignored(model_dir):
+    rng = np.random.default_rng(8)
+    m = ft.load_model(model_dir, device="cpu")
+    m.add_lora(r=2, alpha=4, dropout=0.0, target_modules=ALL)
+    _random_lora(m, rng)
+    ids, labels, mask = _batch(rng, m.config.vocab_size)
+    logits = m.forward(ids, mask).astype(np.float64)
+    z = logits[:, :-1]
+    y = labels[:, 1:]
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    valid = y != -100
+    picked = np.take_along_axis(z, np.where(valid, y, 0)[..., None], -1)[..., 0]
+    ref = ((lse - picked) * valid).sum() / valid.sum()
+    assert abs(m.forward_backward(ids, labels, mask) - ref) < 1e-5 * abs(ref)
+    # padding tokens do not change the real tokens' logits
+    ids2 = ids.copy()
+    ids2[mask == 0] = (ids2[mask == 0] + 17) % m.config.vocab_size
+    logits2 = m.forward(ids2, mask)
+    np.testing.assert_allclose(logits2[mask == 1], logits[mask == 1], rtol=1e-5, atol=1e-5)
+
+
+def test_left_padding_matches_unpadded(model_dir):
+    rng = np.random.default_rng(9)
+    m = ft.load_model(model_dir, device="cpu")
+    ids = rng.integers(0, m.config.vocab_size, size=(1, 6))
+    padded = np.concatenate([np.zeros((1, 3), dtype=ids.dtype), ids], axis=1)
+    mask = np.concatenate([np.zeros((1, 3), dtype=int), np.ones((1, 6), dtype=int)], axis=1)
+    a = m.forward(ids)[0]
+    b = m.forward(padded, mask)[0, 3:]
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_generation_cache_equals_recompute(model_dir):
+    rng = np.random.default_rng(10)
+    m = ft.load_model(model_dir, device="cpu")
+    m.add_lora(r=2, alpha=4, dropout=0.0, target_modules=ALL)
+    _random_lora(m, rng, scale=0.3)
+    ids = rng.integers(0, m.config.vocab_size, size=(2, 5))
+    mask = np.ones_like(ids)
+    mask[0, :2] = 0
+    for kw in ({}, {"num_beams": 3}, {"do_sample": True, "top_k": 10, "top_p": 0.9, "temperature": 0.7, "seed": 1}):
+        a = m.generate_ids(ids, max_new_tokens=6, attention_mask=mask, eos_token_id=-1, **kw)
+        b = m.generate_ids(ids, max_new_tokens=6, attention_mask=mask, eos_token_id=-1, use_cache=False, **kw)
+        assert a.shape == (2, 11)
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a[:, :5], ids)
+
+
+def test_adamw_matches_torch_formula(model_dir):
+    rng = np.random.default_rng(11)
+    m = ft.load_model(model_dir, device="cpu")
+    m.add_lora(r=2, alpha=4, dropout=0.0, target_modules=["dense"])
+    p0 = _random_lora(m, rng)
+    ids, labels, mask = _batch(rng, m.config.vocab_size)
+    lr, b1, b2, eps, wd = 1e-2, 0.9, 0.99, 1e-6, 0.1
+    opt = ft.AdamW(m, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    p = {k: v.astype(np.float64) for k, v in p0.items()}
+    mom = {k: np.zeros_like(v) for k, v in p.items()}
+    vel = {k: np.zeros_like(v) for k, v in p.items()}
+    for step in (1, 2):
+        m.zero_grad()
+        m.forward_backward(ids, labels, mask)
+        g = m.lora_grad_dict()
+        opt.step()
+        for k in p:
+            p[k] *= 1 - lr * wd
+            mom[k] = b1 * mom[k] + (1 - b1) * g[k]
+            vel[k] = b2 * vel[k] + (1 - b2) * g[k].astype(np.float64) ** 2
+            p[k] -= lr / (1 - b1 ** step) * mom[k] / (np.sqrt(vel[k]) / np.sqrt(1 - b2 ** step) + eps)
+    got = m.lora_state_dict()
+    for k in p:
+        np.testing.assert_allclose(got[k], p[k], rtol=1e-4, atol=1e-6)
+
+
+def test_grad_clipping(model_dir):
+    rng = np.random.default_rng(12)
+    m = ft.load_model(model_dir, device="cpu")
+    m.add_lora(r=2, alpha=4, dropout=0.0, target_modules=ALL)
+    _random_lora(m, rng)
+    ids, labels, mask = _batch(rng, m.config.vocab_size)
+    m.forward_backward(ids, labels, mask, grad_scale=1000.0)
+    g = m.lora_grad_dict()
+    norm = np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in g.values()))
+    opt = ft.AdamW(m, lr=0.0, max_grad_norm=1.0)
+    assert abs(opt.step(grad_scale=1000.0) - norm / 1000.0) < 1e-4 * norm / 1000.0
+
+
+@pytest.mark.parametrize("bad, exc, words", [
+    (lambda ids: ids.astype(np.float32), TypeError, "integer"),
+    (lambda ids: ids + 10_000, ValueError, "vocabulary"),
+    (lambda ids: -ids - 1, ValueError, "vocabulary"),
+    (lambda ids: ids[None], ValueError, "batch"),
+    (lambda ids: ids[:, :0], ValueError, "non-empty"),
+])
+def test_bad_input_ids(model_dir, bad, exc, words):
+    m = ft.load_model(model_dir, device="cpu")
+    ids = np.random.default_rng(0).integers(0, m.config.vocab_size, size=(2, 4))
+    with pytest.raises(exc, match=words):
+        m.forward(bad(ids))
+
+
+def test_bad_masks_labels_and_lora_shapes(model_dir):
+    m = ft.load_model(model_dir, device="cpu")
+    ids = np.random.default_rng(0).integers(0, m.config.vocab_size, size=(2, 4))
+    with pytest.raises(ValueError, match="attention_mask"):
+        m.forward(ids, np.ones((2, 5), dtype=int))
+    with pytest.raises(ValueError, match="0 or 1"):
+        m.forward(ids, np.full((2, 4), 2))
+    with pytest.raises(RuntimeError, match="add_lora"):
+        m.forward_backward(ids, ids)
+    m.add_lora(r=2, target_modules=["dense"])
+    with pytest.raises(ValueError, match="labels"):
+        m.forward_backward(ids, ids + 10_000)
+    sd = m.lora_state_dict()
+    k = next(iter(sd))
+    sd[k] = np.zeros((3, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="expected shape"):
+        m.load_lora_state_dict(sd)
+    sd = m.lora_state_dict()
+    sd[k] = np.full_like(sd[k], np.nan)
+    with pytest.raises(ValueError, match="non-finite"):
+        m.load_lora_state_dict(sd)
+    with pytest.raises(ValueError, match="unknown module"):
+        m.add_lora(target_modules=["q_proj"])
