@@ -83,3 +83,28 @@ int ft_cuda_device_count(void) { return ft_cuda_count_devices(); }
 int ft_have_cuda(void) { return 0; }
 int ft_cuda_device_count(void) { return 0; }
 #endif
+
+/* IEEE binary16, round to nearest even; overflow -> inf */
+uint16_t ft_float_to_half(float f)
+{
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u;
+    uint32_t absx = x & 0x7fffffffu;
+    if (absx >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (absx > 0x7f800000u ? 0x200u : 0u));
+    if (absx >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds past the largest half */
+    if (absx < 0x38800000u) {                                     /* subnormal or zero in half */
+        float a;
+        memcpy(&a, &absx, 4);
+        /* value / 2^-24, rounded to nearest even by the FPU */
+        float m = a * 16777216.0f;
+        uint32_t r = (uint32_t)nearbyintf(m);
+        return (uint16_t)(sign | r);
+    }
+    uint32_t mant = absx & 0x7fffffu;
+    uint32_t exp = (absx >> 23) - 112u;
+    uint32_t h = (exp << 10) | (mant >> 13);
+    uint32_t rest = mant & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h++;
+    return (uint16_t)(sign | h);
+}

@@ -175,6 +175,19 @@ ft_status ft_cache_reorder(ft_model *m, const int32_t *src, int B, ft_error *err
 int ft_sample_token(float *logits, int V, const int32_t *prev, int n_prev, float repetition_penalty,
                     float temperature, int top_k, float top_p, double u, int32_t *scratch_idx);
 
+/* ---- quantization on load (unquantized checkpoints) --------------------------
+ * Round-to-nearest asymmetric GPTQ packing of an nn.Linear weight w [out, in]
+ * (f16/bf16/f32), per group of group_size input rows (-1: one group), zero points
+ * stored as is (GPTQ v2: zero_offset 0). Outputs, allocated by the caller:
+ * qweight int32 [in*bits/32, out], qzeros int32 [groups, out*bits/32],
+ * scales f16 [groups, out], g_idx int32 [in]. */
+ft_status ft_gptq_quantize_rtn(const void *w, ft_dtype dtype, int out, int in, int bits, int group_size,
+                               int32_t *qweight, int32_t *qzeros, uint16_t *scales, int32_t *g_idx,
+                               ft_error *err);
+uint16_t ft_float_to_half(float f);
+float ft_half_to_float(uint16_t h);
+float ft_bf16_to_float(uint16_t h);
+
 /* Build info: 1 when compiled with the CUDA backend. */
 int ft_have_cuda(void);
 int ft_cuda_device_count(void);

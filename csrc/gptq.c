@@ -6,6 +6,10 @@
  * g_idx   int32 [in], each in [0, groups)
  * 3-bit values form one continuous bit stream across words (see ft_unpack).
  */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
 #include "backend.h"
 
 static ft_status expect(const ft_host_tensor *t, ft_dtype dt, int64_t d0, int64_t d1, int ndim, ft_error *err)
@@ -56,5 +60,85 @@ ft_status ft_gptq_check(const ft_host_qlinear *q, int in, int out, int bits, int
             return ft_fail(err, FT_EINVAL, "%s: expected a float tensor of shape [%d]", q->bias.name, out);
     }
     *groups = (int)G;
+    return FT_OK;
+}
+
+static float load_weight(const void *w, ft_dtype dt, size_t i)
+{
+    switch (dt) {
+    case FT_F16: return ft_half_to_float(((const uint16_t *)w)[i]);
+    case FT_BF16: return ft_bf16_to_float(((const uint16_t *)w)[i]);
+    default: return ((const float *)w)[i];
+    }
+}
+
+/* Set value i of a little-endian bit stream in words spaced `stride` apart (inverse of ft_unpack). */
+static void pack_value(int32_t *words, int64_t stride, int64_t i, int bits, uint32_t v)
+{
+    int64_t bit = i * bits;
+    int64_t w = bit >> 5;
+    int sh = (int)(bit & 31);
+    uint32_t *lo = (uint32_t *)&words[w * stride];
+    *lo |= v << sh;
+    if (sh + bits > 32) *(uint32_t *)&words[(w + 1) * stride] |= v >> (32 - sh);
+}
+
+ft_status ft_gptq_quantize_rtn(const void *w, ft_dtype dtype, int out, int in, int bits, int group_size,
+                               int32_t *qweight, int32_t *qzeros, uint16_t *scales, int32_t *g_idx, ft_error *err)
+{
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
+        return ft_fail(err, FT_EUNSUPPORTED, "quantization to %d bits is not supported (2, 3, 4 or 8)", bits);
+    if (dtype != FT_F16 && dtype != FT_BF16 && dtype != FT_F32)
+        return ft_fail(err, FT_EINVAL, "quantize: weights must be float16, bfloat16 or float32");
+    if (out <= 0 || in <= 0 || ((int64_t)in * bits) % 32 || ((int64_t)out * bits) % 32)
+        return ft_fail(err, FT_EINVAL, "quantize: a %dx%d weight does not pack into 32-bit words at %d bits", out,
+                       in, bits);
+    const int gs = group_size <= 0 ? in : group_size;
+    const int G = (in + gs - 1) / gs;
+    const uint32_t maxq = (1u << bits) - 1u;
+    uint8_t *zeros = malloc((size_t)G * out);
+    if (!zeros) return ft_fail(err, FT_ENOMEM, "out of host memory");
+    memset(qweight, 0, (size_t)in * bits / 32 * out * sizeof(int32_t));
+    memset(qzeros, 0, (size_t)G * out * bits / 32 * sizeof(int32_t));
+    int bad = 0;
+#pragma omp parallel for schedule(static)
+    for (int o = 0; o < out; o++) {
+        for (int g = 0; g < G; g++) {
+            const int i0 = g * gs, i1 = i0 + gs < in ? i0 + gs : in;
+            float lo = 0.0f, hi = 0.0f; /* the range always holds 0, so 0 is exact */
+            for (int i = i0; i < i1; i++) {
+                float v = load_weight(w, dtype, (size_t)o * in + i);
+                if (!isfinite(v)) {
+#pragma omp atomic write
+                    bad = 1;
+                }
+                lo = v < lo ? v : lo;
+                hi = v > hi ? v : hi;
+            }
+            float scale = (hi - lo) / (float)maxq;
+            if (scale <= 0.0f) scale = 1.0f;
+            uint16_t sh = ft_float_to_half(scale);
+            if (ft_half_to_float(sh) < scale && sh < 0x7bffu) sh++; /* round up: the range stays covered */
+            scale = ft_half_to_float(sh); /* quantize against the stored scale */
+            if (!(scale > 0.0f) || !isfinite(scale)) { /* underflow/overflow in half */
+                sh = ft_float_to_half(scale > 0.0f ? 65504.0f : 6.1e-5f);
+                scale = ft_half_to_float(sh);
+            }
+            float zf = nearbyintf(-lo / scale);
+            uint32_t z = zf < 0.0f ? 0u : zf > (float)maxq ? maxq : (uint32_t)zf;
+            scales[(size_t)g * out + o] = sh;
+            zeros[(size_t)g * out + o] = (uint8_t)z;
+            for (int i = i0; i < i1; i++) {
+                float qf = nearbyintf(load_weight(w, dtype, (size_t)o * in + i) / scale) + (float)z;
+                uint32_t q = qf < 0.0f ? 0u : qf > (float)maxq ? maxq : (uint32_t)qf;
+                pack_value(qweight + o, out, i, bits, q);
+            }
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int o = 0; o < out; o++) pack_value(qzeros + (size_t)g * out * bits / 32, 1, o, bits, zeros[(size_t)g * out + o]);
+    for (int i = 0; i < in; i++) g_idx[i] = i / gs;
+    free(zeros);
+    if (bad) return ft_fail(err, FT_EINVAL, "quantize: the weight holds NaN or infinite values");
     return FT_OK;
 }

@@ -878,7 +878,66 @@ done:
     return ret;
 }
 
+/* quantize_rtn(weight [out, in] float16/float32 or (uint16, 'bfloat16'), bits, group_size)
+ *   -> (qweight, qzeros, scales float16, g_idx) in AutoGPTQ layout, zeros stored as is (v2) */
+static PyObject *mod_quantize_rtn(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *wobj;
+    int bits, group_size;
+    if (!PyArg_ParseTuple(args, "Oii", &wobj, &bits, &group_size)) return NULL;
+    PyObject *holder = PyDict_New();
+    PyObject *keep = PyList_New(0);
+    PyObject *ret = NULL, *qw = NULL, *qz = NULL, *sc = NULL, *gi = NULL;
+    if (!holder || !keep || PyDict_SetItemString(holder, "weight", wobj)) goto done;
+    ft_host_tensor t;
+    if (get_tensor(holder, keep, "weight", 1, &t)) goto done;
+    if (t.ndim != 2 || t.dtype == FT_I32) {
+        PyErr_SetString(PyExc_ValueError, "quantize_rtn: expected a 2-d float weight [out, in]");
+        goto done;
+    }
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 8) {
+        PyErr_Format(PyExc_ValueError, "quantize_rtn: bits must be 2, 3, 4 or 8, got %d", bits);
+        goto done;
+    }
+    const npy_intp out = t.shape[0], in = t.shape[1];
+    const npy_intp gs = group_size <= 0 ? in : group_size, G = (in + gs - 1) / gs;
+    if ((in * bits) % 32 || (out * bits) % 32) {
+        PyErr_Format(PyExc_ValueError, "quantize_rtn: a %zd x %zd weight does not pack into 32-bit words at %d bits",
+                     (Py_ssize_t)out, (Py_ssize_t)in, bits);
+        goto done;
+    }
+    npy_intp s_qw[2] = {in * bits / 32, out}, s_qz[2] = {G, out * bits / 32}, s_sc[2] = {G, out}, s_gi[1] = {in};
+    qw = PyArray_SimpleNew(2, s_qw, NPY_INT32);
+    qz = PyArray_SimpleNew(2, s_qz, NPY_INT32);
+    sc = PyArray_SimpleNew(2, s_sc, NPY_FLOAT16);
+    gi = PyArray_SimpleNew(1, s_gi, NPY_INT32);
+    if (!qw || !qz || !sc || !gi) goto done;
+    ft_error err = {0};
+    ft_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = ft_gptq_quantize_rtn(t.data, t.dtype, (int)out, (int)in, bits, group_size,
+                              PyArray_DATA((PyArrayObject *)qw), PyArray_DATA((PyArrayObject *)qz),
+                              PyArray_DATA((PyArrayObject *)sc), PyArray_DATA((PyArrayObject *)gi), &err);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        raise_ft(&err);
+        goto done;
+    }
+    ret = Py_BuildValue("(OOOO)", qw, qz, sc, gi);
+done:
+    Py_XDECREF(holder);
+    Py_XDECREF(keep);
+    Py_XDECREF(qw);
+    Py_XDECREF(qz);
+    Py_XDECREF(sc);
+    Py_XDECREF(gi);
+    return ret;
+}
+
 static PyMethodDef module_methods[] = {
+    {"quantize_rtn", mod_quantize_rtn, METH_VARARGS,
+     "quantize_rtn(weight, bits, group_size) -> (qweight, qzeros, scales, g_idx)"},
     {"have_cuda", mod_have_cuda, METH_NOARGS, "True when built with the CUDA backend."},
     {"cuda_device_count", mod_cuda_device_count, METH_NOARGS, "Number of usable CUDA devices (0 without)."},
     {"sample_token", (PyCFunction)(void (*)(void))mod_sample_token, METH_VARARGS | METH_KEYWORDS,

@@ -29,8 +29,6 @@ void cpu_gemm_tn(int M, int N, int K, float alpha, const float *A, int lda, cons
 
 float *cpu_scratch(cpu_backend *be, size_t n, ft_error *err);
 
-float ft_half_to_float(uint16_t h);
-float ft_bf16_to_float(uint16_t h);
 
 /* op implementations, by family */
 ft_status cpu_qlinear_create(ft_backend *be, const ft_qlinear_desc *d, ft_qlinear **out, ft_error *err);

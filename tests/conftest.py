@@ -1,0 +1,71 @@
+"""Shared pytest fixtures and markers for the falcontune test-suite.
+
+* ``shared_data``: the reference-data directory ``<repo>/../shared/data``. Tests that use it are
+  skipped when it is absent, except under ``CI=true`` where its absence is a failure.
+* ``cuda`` marker: tests marked ``@pytest.mark.cuda`` are skipped unless
+  ``falcontune.cuda_available()`` returns True (any import problem counts as "no CUDA").
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _cuda_available() -> tuple[bool, str]:
+    try:
+        import falcontune as ft
+    except Exception as exc:  # ImportError, or the C extension failing to load
+        return False, f"falcontune not importable ({type(exc).__name__}: {exc})"
+    fn = getattr(ft, "cuda_available", None)
+    if fn is None:
+        return False, "falcontune.cuda_available() not implemented"
+    try:
+        ok = bool(fn())
+    except Exception as exc:
+        return False, f"falcontune.cuda_available() raised {type(exc).__name__}: {exc}"
+    return ok, "" if ok else "CUDA backend not available (falcontune.cuda_available() is False)"
+
+
+def pytest_configure(config):
+    # Registered in pyproject.toml as well; repeating it keeps the suite warning-free when run
+    # from another rootdir.
+    config.addinivalue_line("markers", "cuda: needs an NVIDIA GPU and the CUDA backend (skipped otherwise)")
+    config.addinivalue_line("markers", "slow: long-running test")
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda_items = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not cuda_items:
+        return
+    ok, reason = _cuda_available()
+    if ok:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in cuda_items:
+        item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path of the shared reference data (``<repo>/../shared/data``)."""
+    if not SHARED_DATA.is_dir():
+        msg = f"shared reference data not found at {SHARED_DATA}"
+        if _in_ci():
+            pytest.fail(msg + " (CI=true: the data is required)", pytrace=False)
+        pytest.skip(msg)
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
