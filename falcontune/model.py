@@ -79,8 +79,8 @@ def _read_json(path: Path) -> Any:
         raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
 
 
-def _resolve(model: PathLike, weights: Optional[PathLike]) -> tuple[FalconConfig, QuantizeConfig, Path, list[Path]]:
-    """-> (config, quantize config, weights path, directories to search for a tokenizer)."""
+def _resolve(model: PathLike, weights: Optional[PathLike]) -> tuple[FalconConfig, Optional[QuantizeConfig], Path, list[Path]]:
+    """-> (config, quantize config (None: not found), weights path, directories to search for a tokenizer)."""
     model_str = os.fspath(model)
     model_dir = Path(model_str)
     search: list[Path] = []
@@ -103,10 +103,6 @@ def _resolve(model: PathLike, weights: Optional[PathLike]) -> tuple[FalconConfig
             spec = get_known_model(model_str)
         except ValueError as e:
             raise ModelLoadError(f"{e} (or give a directory holding config.json)") from None
-        if not spec.quantized:
-            raise ModelLoadError(
-                f"model {spec.name!r} is an unquantized checkpoint; loading it needs quantization on load, "
-                "which this version does not do yet: use a GPTQ checkpoint (e.g. falcon-7b-instruct-4bit)")
         cfg = spec.config
         qcfg = spec.quantize_config
         default_weights = None
@@ -126,16 +122,15 @@ def _resolve(model: PathLike, weights: Optional[PathLike]) -> tuple[FalconConfig
                                          source=str(wdir / "quantize_config.json"))
         if spec is None and (wdir / "config.json").is_file():
             pass  # the model directory's config wins
-    if qcfg is None:
-        raise ModelLoadError(f"{model_str}: no quantize_config.json (bits, group_size) found next to the model or weights")
     return cfg, qcfg, wpath, search
 
 
-def _find_weights_file(path: Path, qcfg: QuantizeConfig) -> Path:
+def _find_weights_file(path: Path, qcfg: Optional[QuantizeConfig]) -> Path:
     """A directory may hold TheBloke's renamed model.safetensors or AutoGPTQ's name."""
     if path.is_file():
         return path
-    for name in (qcfg.weights_file_name, "model.safetensors", "model.safetensors.index.json"):
+    names = [qcfg.weights_file_name] if qcfg else []
+    for name in names + ["model.safetensors", "model.safetensors.index.json"]:
         if (path / name).is_file():
             return path / name
     files = sorted(path.glob("*.safetensors"))
@@ -209,9 +204,31 @@ def _check_quant_shapes(store: WeightStore, cfg: FalconConfig, q: QuantizeConfig
                 weights[gi] = (np.arange(fin, dtype=np.int32) // gs).astype(np.int32)
 
 
-def _bind_weights(store: WeightStore, cfg: FalconConfig, q: QuantizeConfig) -> dict[str, Any]:
+def _is_gptq(store: WeightStore) -> bool:
+    return any(n.endswith(".qweight") for n in store.names())
+
+
+def _quantize_on_load(store: WeightStore, cfg: FalconConfig, q: QuantizeConfig, weights: dict[str, Any]) -> None:
+    """Unquantized checkpoint: pack each linear in C (round to nearest, GPTQ v2 layout)."""
+    for layer in range(cfg.num_hidden_layers):
+        for path, (fin, fout) in cfg.linear_shapes.items():
+            name = f"transformer.h.{layer}.{path}.weight"
+            if not store.has(name):
+                raise ModelLoadError(f"{store.files[0]}: missing tensor {name}")
+            if tuple(store.shape(name)) != (fout, fin):
+                raise ModelLoadError(f"{store.file_of(name)}: {name} has shape {list(store.shape(name))}, "
+                                     f"expected [{fout}, {fin}] for this model config")
+            qw, qz, sc, gi = _C.quantize_rtn(_engine_tensor(store, name), q.bits, q.group_size)
+            base = name[: -len(".weight")]
+            weights.update({f"{base}.qweight": qw, f"{base}.qzeros": qz, f"{base}.scales": sc, f"{base}.g_idx": gi})
+
+
+def _bind_weights(store: WeightStore, cfg: FalconConfig, q: QuantizeConfig, quantize: bool) -> dict[str, Any]:
     weights: dict[str, Any] = {}
-    _check_quant_shapes(store, cfg, q, weights)
+    if quantize:
+        _quantize_on_load(store, cfg, q, weights)
+    else:
+        _check_quant_shapes(store, cfg, q, weights)
     for name in store.names():
         if name.startswith("transformer.") or name == "lm_head.weight":
             if name in weights:
@@ -440,8 +457,13 @@ def _opt_2d(a: Any) -> Optional[np.ndarray]:
 
 
 def load_model(model: PathLike, weights: Optional[PathLike] = None, device: str = "auto", dtype: str = "auto",
-               tokenizer: Optional[PathLike] = None) -> FalconModel:
-    """Load a GPTQ Falcon model: a known name (with ``weights``), ``"demo"``, or a directory."""
+               tokenizer: Optional[PathLike] = None, quantize_bits: int = 8,
+               quantize_group_size: int = 128) -> FalconModel:
+    """Load a Falcon model: a known name (with ``weights``), ``"demo"``, or a directory.
+
+    GPTQ checkpoints are used as they are. Unquantized checkpoints (falcon-7b, falcon-rw-1b, ...)
+    are quantized on load in C to ``quantize_bits`` (8 by default; 4 fits a 16 GB T4 for 40B-class
+    memory budgets) with groups of ``quantize_group_size`` input features."""
     from .tokenizer import Tokenizer
 
     if os.fspath(model) == "demo":
@@ -449,7 +471,14 @@ def load_model(model: PathLike, weights: Optional[PathLike] = None, device: str 
         model = demo_model_dir()
     cfg, qcfg, wpath, search = _resolve(model, weights)
     store = WeightStore.open(_find_weights_file(wpath, qcfg))
-    weights_map = _bind_weights(store, cfg, qcfg)
+    quantize = not _is_gptq(store)
+    if quantize:
+        qcfg = QuantizeConfig(bits=quantize_bits, group_size=quantize_group_size, checkpoint_format="gptq_v2",
+                              source="quantize on load")
+    elif qcfg is None:
+        raise ModelLoadError(f"{os.fspath(model)}: GPTQ weights but no quantize_config.json (bits, group_size) "
+                             "next to the model or the weights")
+    weights_map = _bind_weights(store, cfg, qcfg, quantize)
     dev = _pick_device(device)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
