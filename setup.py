@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCHS = "75;80;86;89;90"
@@ -119,7 +120,17 @@ class BuildExt(build_ext):
         ext.define_macros.append(("FT_WITH_CUDA", "1"))
         ext.library_dirs += [str(d) for d in libdirs]
         ext.runtime_library_dirs += [str(d) for d in libdirs]
-        ext.libraries += ["cublas", "cudart"]
+        ext.libraries += ["cublas", "cudart", "stdc++"]  # nvcc host code needs the C++ runtime
+
+
+class BuildPy(build_py):
+    """Ship the French sample dataset inside the package (the demo model trains its tokenizer on it)."""
+
+    def run(self) -> None:
+        super().run()
+        target = Path(self.build_lib) / "falcontune" / "sample_data"
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / "datasets" / "fr_instructions.json", target / "fr_instructions.json")
 
 
 ext = Extension(
@@ -130,4 +141,4 @@ ext = Extension(
     extra_link_args=[],
 )
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt, "build_py": BuildPy})

@@ -158,6 +158,8 @@ int ft_cuda_count_devices(void);
 /* gptq.c: check one quantized linear against the expected shapes and bits. */
 ft_status ft_gptq_check(const ft_host_qlinear *q, int in, int out, int bits, int *groups,
                         ft_error *err);
+/* gptq.c: index of the first NaN/inf element of n float16/bfloat16/float32 values, or -1. */
+int64_t ft_first_nonfinite(const void *data, ft_dtype dt, int64_t n);
 /* Value i of a little-endian bit stream of `bits`-wide integers held in 32-bit
  * words spaced `stride` words apart (AutoGPTQ packs 3-bit values across words). */
 static inline uint32_t ft_unpack(const int32_t *words, int64_t stride, int64_t i, int bits)

@@ -30,6 +30,29 @@ static ft_status expect(const ft_host_tensor *t, ft_dtype dt, int64_t d0, int64_
     return FT_OK;
 }
 
+int64_t ft_first_nonfinite(const void *data, ft_dtype dt, int64_t n)
+{
+    /* all-ones exponent = NaN or inf; an OR-reduction first (vectorizes), the index only on a hit */
+    if (dt == FT_F32) {
+        const uint32_t *u = data;
+        uint32_t bad = 0;
+        for (int64_t i = 0; i < n; i++) bad |= (u[i] & 0x7F800000u) == 0x7F800000u;
+        if (bad)
+            for (int64_t i = 0; i < n; i++)
+                if ((u[i] & 0x7F800000u) == 0x7F800000u) return i;
+        return -1;
+    }
+    if (dt != FT_F16 && dt != FT_BF16) return -1;
+    const uint16_t *h = data;
+    const uint16_t e = dt == FT_F16 ? 0x7C00u : 0x7F80u;
+    unsigned bad = 0;
+    for (int64_t i = 0; i < n; i++) bad |= (h[i] & e) == e;
+    if (bad)
+        for (int64_t i = 0; i < n; i++)
+            if ((h[i] & e) == e) return i;
+    return -1;
+}
+
 ft_status ft_gptq_check(const ft_host_qlinear *q, int in, int out, int bits, int *groups, ft_error *err)
 {
     ft_status st;
@@ -48,6 +71,10 @@ ft_status ft_gptq_check(const ft_host_qlinear *q, int in, int out, int bits, int
         return ft_fail(err, FT_EINVAL, "%s: %lld groups for %d input features", q->scales.name,
                        (long long)G, in);
     if ((st = expect(&q->scales, FT_F16, G, out, 2, err))) return st;
+    const int64_t bad_scale = ft_first_nonfinite(q->scales.data, FT_F16, G * out);
+    if (bad_scale >= 0)
+        return ft_fail(err, FT_EINVAL, "%s: NaN or infinite value at [%lld, %lld]", q->scales.name,
+                       (long long)(bad_scale / out), (long long)(bad_scale % out));
     if ((st = expect(&q->qzeros, FT_I32, G, (int64_t)out * bits / 32, 2, err))) return st;
     if ((st = expect(&q->g_idx, FT_I32, in, 0, 1, err))) return st;
     const int32_t *g = q->g_idx.data;
@@ -58,6 +85,9 @@ ft_status ft_gptq_check(const ft_host_qlinear *q, int in, int out, int bits, int
     if (q->bias.data) {
         if (q->bias.dtype == FT_I32 || q->bias.ndim != 1 || q->bias.shape[0] != out)
             return ft_fail(err, FT_EINVAL, "%s: expected a float tensor of shape [%d]", q->bias.name, out);
+        const int64_t bad = ft_first_nonfinite(q->bias.data, q->bias.dtype, out);
+        if (bad >= 0)
+            return ft_fail(err, FT_EINVAL, "%s: NaN or infinite value at [%lld]", q->bias.name, (long long)bad);
     }
     *groups = (int)G;
     return FT_OK;

@@ -152,6 +152,13 @@ static ft_status check_dense(const ft_host_tensor *t, int64_t d0, int64_t d1, in
         return ft_fail(err, FT_EINVAL, "%s: expected shape [%lld], got rank %d, first dim %lld", name,
                        (long long)d0, t->ndim, (long long)t->shape[0]);
     }
+    const int64_t bad = ft_first_nonfinite(t->data, t->dtype, ndim == 2 ? d0 * d1 : d0);
+    if (bad >= 0) {
+        if (ndim == 2)
+            return ft_fail(err, FT_EINVAL, "%s: NaN or infinite value at [%lld, %lld]", name,
+                           (long long)(bad / d1), (long long)(bad % d1));
+        return ft_fail(err, FT_EINVAL, "%s: NaN or infinite value at [%lld]", name, (long long)bad);
+    }
     return FT_OK;
 }
 
@@ -365,6 +372,7 @@ ft_status ft_lora_init(ft_model *m, int r, float alpha, float dropout, unsigned 
 {
     const ft_config *c = &m->cfg;
     if (r <= 0 || r > 4096) return ft_fail(err, FT_EINVAL, "lora r must be in [1, 4096], got %d", r);
+    if (!isfinite(alpha)) return ft_fail(err, FT_EINVAL, "lora alpha must be finite, got %g", (double)alpha);
     if (!(dropout >= 0.0f && dropout < 1.0f))
         return ft_fail(err, FT_EINVAL, "lora dropout must be in [0, 1), got %g", (double)dropout);
     if (!target_mask || target_mask >= (1u << FT_NMOD))
@@ -489,7 +497,7 @@ void ft_get_rng(const ft_model *m, uint64_t *seed, uint64_t *counter)
 }
 void ft_set_checkpointing(ft_model *m, float ratio)
 {
-    float r = ratio < 0.0f ? 0.0f : ratio > 1.0f ? 1.0f : ratio;
+    float r = !(ratio > 0.0f) ? 0.0f : ratio > 1.0f ? 1.0f : ratio; /* NaN -> 0 */
     if (r != m->ckpt_ratio) free_workspace(m);
     m->ckpt_ratio = r;
 }

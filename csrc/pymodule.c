@@ -35,12 +35,13 @@ static PyObject *raise_ft(const ft_error *e)
 /* ------------------------------------------------------------------------ */
 /* argument helpers                                                          */
 
-/* A C-contiguous int32 copy of an integer array of the given rank, range-checked. */
-static PyArrayObject *int32_array(PyObject *obj, int ndim, const char *what)
+/* A C-contiguous int32 copy of an integer array (bool too when allow_bool) of the given rank,
+ * range-checked. */
+static PyArrayObject *int32_array(PyObject *obj, int ndim, const char *what, int allow_bool)
 {
     PyArrayObject *in = (PyArrayObject *)PyArray_FROMANY(obj, NPY_NOTYPE, 0, 0, 0);
     if (!in) return NULL;
-    if (!PyArray_ISINTEGER(in) && !PyArray_ISBOOL(in)) {
+    if (!PyArray_ISINTEGER(in) && !(allow_bool && PyArray_ISBOOL(in))) {
         PyErr_Format(PyExc_TypeError, "%s: expected an integer array, got dtype %R", what,
                      (PyObject *)PyArray_DESCR(in));
         Py_DECREF(in);
@@ -542,11 +543,11 @@ static PyObject *Model_set_checkpointing(ModelObject *self, PyObject *args)
 /* ids [B,T] and an optional mask [B,Tm] as int32 arrays */
 static int ids_and_mask(PyObject *ids_obj, PyObject *mask_obj, PyArrayObject **ids, PyArrayObject **mask, int Tm_extra)
 {
-    *ids = int32_array(ids_obj, 2, "input_ids");
+    *ids = int32_array(ids_obj, 2, "input_ids", 0);
     *mask = NULL;
     if (!*ids) return -1;
     if (mask_obj && mask_obj != Py_None) {
-        *mask = int32_array(mask_obj, 2, "attention_mask");
+        *mask = int32_array(mask_obj, 2, "attention_mask", 1);
         if (!*mask) return -1;
         if (PyArray_DIM(*mask, 0) != PyArray_DIM(*ids, 0) || PyArray_DIM(*mask, 1) != PyArray_DIM(*ids, 1) + Tm_extra) {
             PyErr_Format(PyExc_ValueError, "attention_mask: expected shape (%zd, %zd), got (%zd, %zd)",
@@ -607,7 +608,7 @@ static PyObject *Model_forward_backward(ModelObject *self, PyObject *args)
     PyArrayObject *ids = NULL, *mask = NULL, *labels = NULL;
     PyObject *ret = NULL;
     if (ids_and_mask(ids_obj, mask_obj, &ids, &mask, 0)) goto done;
-    if (!(labels = int32_array(labels_obj, 2, "labels"))) goto done;
+    if (!(labels = int32_array(labels_obj, 2, "labels", 0))) goto done;
     if (PyArray_DIM(labels, 0) != PyArray_DIM(ids, 0) || PyArray_DIM(labels, 1) != PyArray_DIM(ids, 1)) {
         PyErr_Format(PyExc_ValueError, "labels: expected the shape of input_ids (%zd, %zd)",
                      (Py_ssize_t)PyArray_DIM(ids, 0), (Py_ssize_t)PyArray_DIM(ids, 1));
@@ -738,7 +739,7 @@ static PyObject *Model_cache_reorder(ModelObject *self, PyObject *args)
 {
     PyObject *src_obj;
     if (!PyArg_ParseTuple(args, "O", &src_obj)) return NULL;
-    PyArrayObject *src = int32_array(src_obj, 1, "beam indices");
+    PyArrayObject *src = int32_array(src_obj, 1, "beam indices", 0);
     if (!src) return NULL;
     if (begin(self)) {
         Py_DECREF(src);
@@ -851,7 +852,7 @@ static PyObject *mod_sample_token(PyObject *self, PyObject *args, PyObject *kwds
     if (!in) return NULL;
     PyArrayObject *logits = (PyArrayObject *)PyArray_NewCopy(in, NPY_CORDER); /* sampled in place */
     Py_DECREF(in);
-    PyArrayObject *prev = logits ? int32_array(prev_obj, 1, "prev") : NULL;
+    PyArrayObject *prev = logits ? int32_array(prev_obj, 1, "prev", 0) : NULL;
     const int V = logits ? (int)PyArray_DIM(logits, 0) : 0;
     int32_t *scratch = logits ? PyMem_Malloc((size_t)(V > 0 ? V : 1) * sizeof(int32_t)) : NULL;
     PyObject *ret = NULL;

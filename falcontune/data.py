@@ -184,6 +184,9 @@ def _parse_array(path: Path, text: str, start: int) -> list[_Raw]:
         except json.JSONDecodeError as exc:
             raise DatasetError(path, f"not valid JSON: {exc.msg}", record=number,
                                line=exc.lineno, column=exc.colno) from None
+        except RecursionError:
+            raise DatasetError(path, "not valid JSON: nested too deeply", record=number,
+                               line=line) from None
         out.append(_Raw(number, line, value))
         pos = _WS.match(text, pos).end()
         if text.startswith(",", pos):
@@ -233,6 +236,9 @@ def _parse_file(path: Path) -> tuple[list[_Raw], list[DatasetError]]:
         raw = _Raw(len(records) + 1, line_no)
         try:
             raw.value = json.loads(line)
+        except RecursionError:
+            errors.append(DatasetError(path, "not valid JSON: nested too deeply", record=raw.number,
+                                       line=line_no))
         except json.JSONDecodeError as exc:
             if not records and not errors and _is_single_object(text):
                 raise DatasetError(path, "the file holds a single JSON object; expected a "
@@ -247,7 +253,7 @@ def _parse_file(path: Path) -> tuple[list[_Raw], list[DatasetError]]:
 def _is_single_object(text: str) -> bool:
     try:
         return isinstance(json.loads(text), dict)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
 
 

@@ -54,7 +54,10 @@ def _check_ids(model: Any, input_ids: Any, attention_mask: Any) -> tuple[np.ndar
     if attention_mask is None:
         mask = np.ones_like(ids, dtype=np.int64)
     else:
-        mask = np.asarray(attention_mask).astype(np.int64)
+        mask = np.asarray(attention_mask)
+        if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
+            raise TypeError(f"attention_mask: expected an integer or bool array of 0/1, got dtype {mask.dtype}")
+        mask = mask.astype(np.int64)
         if mask.ndim == 1:
             mask = mask[None, :]
         if mask.shape != ids.shape:

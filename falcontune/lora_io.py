@@ -14,6 +14,7 @@ import pickle
 import re
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Union
@@ -52,13 +53,18 @@ class Adapter:
 def normalise_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """PEFT names with or without the adapter name ('.default') -> the saved form."""
     out: dict[str, np.ndarray] = {}
+    origin: dict[str, str] = {}
     for k, v in state.items():
         m = _KEY.match(k)
         if not m:
-            out[k] = v
-            continue
-        layer, parent, module, which = m.groups()
-        out[f"base_model.model.transformer.h.{layer}.{parent}.{module}.lora_{which}.weight"] = v
+            name = k
+        else:
+            layer, parent, module, which = m.groups()
+            name = f"base_model.model.transformer.h.{int(layer)}.{parent}.{module}.lora_{which}.weight"
+        if name in out:
+            raise AdapterError(f"LoRA keys '{origin[name]}' and '{k}' name the same matrix {name}")
+        out[name] = v
+        origin[name] = k
     return out
 
 
@@ -112,6 +118,16 @@ _STORAGE_DTYPES = {"FloatStorage": np.float32, "HalfStorage": np.float16, "Doubl
 
 
 def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return _read_torch_bin_unchecked(path)
+    except AdapterError:
+        raise
+    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, RecursionError, ValueError, TypeError,
+            KeyError, IndexError, AttributeError, OverflowError, MemoryError, zlib.error, NotImplementedError) as e:
+        raise AdapterError(f"{path}: not a readable torch adapter archive ({type(e).__name__}: {e})") from None
+
+
+def _read_torch_bin_unchecked(path: Path) -> dict[str, np.ndarray]:
     if not zipfile.is_zipfile(path):
         raise AdapterError(f"{path}: not a torch zip archive (legacy torch pickles are not supported; "
                            "re-save the adapter with safetensors)")
@@ -178,16 +194,26 @@ def read_adapter(path: PathLike, config: FalconConfig) -> Adapter:
         raise FileNotFoundError(f"{d}: no adapter_config.json (expected a PEFT adapter directory)")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA":
+    except RecursionError:
+        raise AdapterError(f"{cfg_path}: not valid JSON (nested too deeply)") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+    if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{cfg_path}: expected a LORA adapter, got peft_type={cfg.get('peft_type')!r}")
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in cfg:
             raise AdapterError(f"{cfg_path}: missing '{key}'")
     r = cfg["r"]
-    if not isinstance(r, int) or r <= 0:
-        raise AdapterError(f"{cfg_path}: 'r' must be a positive integer, got {r!r}")
+    if not isinstance(r, int) or isinstance(r, bool) or not 0 < r <= 4096:
+        raise AdapterError(f"{cfg_path}: 'r' must be an integer in [1, 4096], got {r!r}")
+    alpha, dropout = cfg["lora_alpha"], cfg.get("lora_dropout")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise AdapterError(f"{cfg_path}: 'lora_alpha' must be a finite number, got {alpha!r}")
+    if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+                                or not 0 <= dropout < 1):
+        raise AdapterError(f"{cfg_path}: 'lora_dropout' must be a number in [0, 1) or null, got {dropout!r}")
     if cfg.get("bias", "none") != "none":
         raise AdapterError(f"{cfg_path}: bias={cfg['bias']!r} adapters are not supported (expected 'none')")
     if cfg.get("use_dora"):
@@ -199,7 +225,9 @@ def read_adapter(path: PathLike, config: FalconConfig) -> Adapter:
     targets = cfg["target_modules"]
     if isinstance(targets, str):
         targets = [targets]
-    bad = [t for t in targets if t not in MODULES]
+    if not isinstance(targets, list):
+        raise AdapterError(f"{cfg_path}: 'target_modules' must be a list of module names, got {targets!r}")
+    bad = [t for t in targets if not isinstance(t, str) or t not in MODULES]
     if bad or not targets:
         raise AdapterError(f"{cfg_path}: target_modules {bad or targets} are not Falcon linears "
                            f"({', '.join(MODULES)})")
@@ -209,16 +237,24 @@ def read_adapter(path: PathLike, config: FalconConfig) -> Adapter:
     if st_path.is_file():
         store = WeightStore.open(st_path)
         raw = {}
-        for name in store.names():
-            raw[name] = to_float32(store.tensor(name), store.dtype(name)).copy()
-        store.close()
+        try:
+            for name in store.names():
+                dt = store.dtype(name)
+                if dt not in ("F16", "BF16", "F32", "F64"):
+                    raise AdapterError(f"{st_path}: tensor {name} has dtype {dt}, expected F32, F16, BF16 or F64")
+                raw[name] = to_float32(store.tensor(name), dt).copy()
+        finally:
+            store.close()
         wpath = st_path
     elif bin_path.is_file():
         raw = _read_torch_bin(bin_path)
         wpath = bin_path
     else:
         raise FileNotFoundError(f"{d}: no adapter_model.safetensors or adapter_model.bin")
-    tensors = normalise_keys(raw)
+    try:
+        tensors = normalise_keys(raw)
+    except AdapterError as e:
+        raise AdapterError(f"{wpath}: {e}") from None
     # shapes: A [r, in], B [out, r]
     shapes = config.linear_shapes
     parents = {"query_key_value": "self_attention", "dense": "self_attention",
@@ -237,6 +273,14 @@ def read_adapter(path: PathLike, config: FalconConfig) -> Adapter:
         if tuple(v.shape) != want:
             raise AdapterError(f"{wpath}: {k} has shape {list(v.shape)}, expected {list(want)} "
                                f"(r={r}, this model's {module} is {fin}->{fout})")
-    return Adapter(r=r, alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
+        if not np.isfinite(v).all():
+            raise AdapterError(f"{wpath}: {k} holds NaN or infinite values")
+    missing = [f"base_model.model.transformer.h.{layer}.{parents[module]}.{module}.lora_{which}.weight"
+               for layer in range(config.num_hidden_layers) for module in targets for which in "AB"]
+    missing = [k for k in missing if k not in tensors]
+    if missing:
+        raise AdapterError(f"{wpath}: missing {len(missing)} LoRA tensors for target_modules {list(targets)} "
+                           f"(e.g. {missing[0]})")
+    return Adapter(r=r, alpha=float(alpha), dropout=float(dropout or 0.0),
                    target_modules=targets, use_rslora=bool(cfg.get("use_rslora", False)), tensors=tensors,
                    weights_path=wpath)

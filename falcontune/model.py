@@ -16,7 +16,7 @@ from . import _C
 from . import lora_io
 from .models import (FalconConfig, QuantizeConfig, get_known_model, parse_config,
                      parse_quantize_config)
-from .weights import WeightStore
+from .weights import TensorNotFoundError, WeightStore, to_float32
 
 PathLike = Union[str, os.PathLike]
 
@@ -50,7 +50,10 @@ def parse_target_modules(target_modules: Union[str, Iterable[str]]) -> tuple[str
         else:
             names = [n.strip() for n in text.split(",") if n.strip()]
     else:
-        names = list(target_modules)
+        try:
+            names = list(target_modules)
+        except TypeError:
+            raise TypeError(f"target_modules: expected a list of module names, got {target_modules!r}") from None
     out = []
     for n in names:
         if not isinstance(n, str) or n not in MODULES:
@@ -75,8 +78,10 @@ def _read_json(path: Path) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ModelLoadError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
 def _resolve(model: PathLike, weights: Optional[PathLike]) -> tuple[FalconConfig, Optional[QuantizeConfig], Path, list[Path]]:
@@ -204,6 +209,21 @@ def _check_quant_shapes(store: WeightStore, cfg: FalconConfig, q: QuantizeConfig
                 weights[gi] = (np.arange(fin, dtype=np.int32) // gs).astype(np.int32)
 
 
+def _layer_index(name: str) -> Optional[int]:
+    """N of transformer.h.N.*, else None."""
+    parts = name.split(".", 3)
+    if len(parts) >= 3 and parts[0] == "transformer" and parts[1] == "h" and parts[2].isdigit():
+        return int(parts[2])
+    return None
+
+
+def _engine_float(store: WeightStore, name: str) -> np.ndarray:
+    dt = store.dtype(name)
+    if dt not in ("F16", "BF16", "F32", "F64"):
+        raise ModelLoadError(f"{store.file_of(name)}: tensor {name} has dtype {dt}, expected a float dtype")
+    return to_float32(store.tensor(name), dt)
+
+
 def _is_gptq(store: WeightStore) -> bool:
     return any(n.endswith(".qweight") for n in store.names())
 
@@ -235,6 +255,19 @@ def _bind_weights(store: WeightStore, cfg: FalconConfig, q: QuantizeConfig, quan
                 continue
             if name.endswith(".weight") and ".h." in name and name.split(".")[-2] in MODULES:
                 continue  # dense copy of a quantized linear: not used
+            layer = _layer_index(name)
+            if layer is not None and layer >= cfg.num_hidden_layers:
+                raise ModelLoadError(
+                    f"{store.file_of(name)}: tensor {name} is for layer {layer}, but the config has "
+                    f"num_hidden_layers={cfg.num_hidden_layers}: weights and config do not match")
+            if (not cfg.bias and layer is not None and name.endswith(".bias")
+                    and name.split(".")[-2] in MODULES):
+                # GPTQ-for-LLaMa / some AutoGPTQ exports store all-zero biases for bias-free linears
+                if np.any(_engine_float(store, name) != 0):
+                    raise ModelLoadError(
+                        f"{store.file_of(name)}: tensor {name} is a non-zero linear bias, but the config "
+                        "says bias=false: weights and config do not match")
+                continue
             weights[name] = _engine_tensor(store, name)
     if not cfg.tie_word_embeddings and "lm_head.weight" not in weights:
         raise ModelLoadError(f"{store.files[0]}: config says tie_word_embeddings=false but lm_head.weight is missing")
@@ -297,8 +330,10 @@ class FalconModel:
                  target_modules: Union[str, Iterable[str]] = ("query_key_value",), seed: int = 0) -> None:
         """A fresh adapter initialised as PEFT does: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0."""
         modules = parse_target_modules(target_modules)
-        if not isinstance(r, (int, np.integer)) or r <= 0:
-            raise ValueError(f"lora r must be a positive integer, got {r!r}")
+        if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or not 0 < r <= 4096:
+            raise ValueError(f"lora r must be an integer in [1, 4096], got {r!r}")
+        if not np.isfinite(alpha):
+            raise ValueError(f"lora alpha must be a finite number, got {alpha!r}")
         self._engine.lora_init(int(r), float(alpha), float(dropout), self._target_mask(modules))
         self.lora_config = {"r": int(r), "lora_alpha": float(alpha), "lora_dropout": float(dropout),
                             "target_modules": list(modules)}
@@ -403,6 +438,8 @@ class FalconModel:
 
     def set_gradient_checkpointing(self, ratio: float = 1.0) -> None:
         """Recompute activations of the first ``ratio`` of the layers during backward."""
+        if not 0.0 <= float(ratio) <= 1.0:
+            raise ValueError(f"gradient checkpointing ratio must be in [0, 1], got {ratio!r}")
         self._engine.set_checkpointing(float(ratio))
 
     # -- compute --------------------------------------------------------------------------
@@ -482,7 +519,17 @@ def load_model(model: PathLike, weights: Optional[PathLike] = None, device: str 
     dev = _pick_device(device)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
-    engine = _C.Model(_engine_config(cfg, qcfg), weights_map, dev, _DTYPES[dtype])
+    try:
+        engine = _C.Model(_engine_config(cfg, qcfg), weights_map, dev, _DTYPES[dtype])
+    except (ValueError, KeyError, TypeError, NotImplementedError) as e:
+        # the engine names the tensor; add the file it came from
+        where = store.files[0] if len(store.files) == 1 else store.source
+        msg = f"{where}: {e.args[0] if e.args else e}"
+        if isinstance(e, KeyError):
+            raise TensorNotFoundError(msg) from None
+        if isinstance(e, ValueError):
+            raise ModelLoadError(msg) from None
+        raise type(e)(msg) from None
     tok = None
     if tokenizer is not None:
         tok = Tokenizer.from_file(tokenizer)

@@ -87,6 +87,9 @@ def _parse_header(path: Path, raw: bytes, data_start: int, file_size: int
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SafetensorsError(f"{path}: header is not valid UTF-8 JSON ({e}); "
                                "not a safetensors file or corrupted") from None
+    except RecursionError:
+        raise SafetensorsError(f"{path}: header JSON is nested too deeply; "
+                               "not a safetensors file or corrupted") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: header must be a JSON object, got {type(header).__name__}")
     meta = header.pop(_META, None) or {}
@@ -276,8 +279,8 @@ class WeightStore:
     def _open_index(cls, index: Path) -> "WeightStore":
         try:
             doc = json.loads(index.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SafetensorsError(f"{index}: not a valid JSON index ({e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise SafetensorsError(f"{index}: not a valid JSON index ({type(e).__name__}: {e})") from None
         wmap = doc.get("weight_map") if isinstance(doc, dict) else None
         if not isinstance(wmap, dict) or not wmap or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):

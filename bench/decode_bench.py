@@ -1,0 +1,132 @@
+"""Decode throughput: Falcon-7B shapes, GPTQ 4-bit g64, batch 1, 32-token prompt, 128 new tokens,
+plus prefill tokens/s at 512; and HF transformers bf16 ``generate`` on the same card in the same run.
+
+    python bench/decode_bench.py [--ckpt DIR] [--out bench/results] [--skip-hf]
+
+Ceiling (count first): each new token reads the packed weights (~3.5 GB at 4 bits + scales)
+and the bf16 lm_head (65024 x 4544 x 2 B = 0.59 GB): ~3.9 GB per token; at the H100's measured
+~3.0 TB/s that is ~760 tok/s.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import falcontune as ft  # noqa: E402
+from falcontune import testing  # noqa: E402
+
+
+def card_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20).stdout.strip().splitlines()
+        return out[0].replace(" ", "_") if out else "unknown"
+    except OSError:
+        return "cpu"
+
+
+def ensure_checkpoint(path: Path) -> Path:
+    if not (path / "config.json").is_file():
+        t0 = time.time()
+        testing.make_checkpoint(path, preset="falcon-7b", bits=4, group_size=64, seed=0)
+        print(f"wrote the 7B checkpoint in {time.time() - t0:.0f} s", flush=True)
+    return path
+
+
+def bench_ours(ckpt: Path, prompt_len: int, new_tokens: int, reps: int) -> dict:
+    model = ft.load_model(ckpt, device="cuda")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(100, 60000, size=(1, prompt_len))
+    model.generate_ids(ids, max_new_tokens=8, eos_token_id=-1)  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = model.generate_ids(ids, max_new_tokens=new_tokens, eos_token_id=-1)
+        times.append(time.perf_counter() - t0)
+    assert out.shape[1] == prompt_len + new_tokens
+    # prefill alone at 512 tokens
+    long_ids = rng.integers(100, 60000, size=(1, 512))
+    pre = []
+    for _ in range(reps + 1):
+        model.engine.cache_init(1, 520)
+        t0 = time.perf_counter()
+        model.engine.forward_cached(long_ids, None)
+        pre.append(time.perf_counter() - t0)
+        model.engine.cache_free()
+    # per-token decode time excluding the prompt: time of (n+8) minus time of 8 new tokens
+    t_small = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        model.generate_ids(ids, max_new_tokens=8, eos_token_id=-1)
+        t_small.append(time.perf_counter() - t0)
+    per_tok = (np.median(times) - np.median(t_small)) / (new_tokens - 8)
+    return {"tok_s_b1": new_tokens / float(np.median(times)), "decode_only_tok_s_b1": 1.0 / per_tok,
+            "prefill_tok_s_512": 512 / float(np.median(pre[1:])), "seconds": [float(t) for t in times]}
+
+
+def bench_hf(prompt_len: int, new_tokens: int, reps: int) -> dict:
+    import torch
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from falcontune.models import FALCON_7B_CONFIG
+
+    cfg = FalconConfig(**{k: v for k, v in FALCON_7B_CONFIG.items() if k not in ("architectures", "model_type")})
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = FalconForCausalLM._from_config(cfg, torch_dtype=torch.bfloat16)
+    model.eval()
+    ids = torch.randint(100, 60000, (1, prompt_len), device="cuda")
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+        times = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = model.generate(ids, **kw)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    assert out.shape[1] == prompt_len + new_tokens
+    return {"tok_s_b1": new_tokens / float(np.median(times)), "seconds": [float(t) for t in times]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", type=Path, default=Path(tempfile.gettempdir()) / "falcon7b-gptq-4bit-g64")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+    card = card_name()
+    result = {"card": card, "date": datetime.date.today().isoformat(), "prompt_tokens": args.prompt,
+              "new_tokens": args.new, "batch": 1}
+    result["ours"] = bench_ours(ensure_checkpoint(args.ckpt), args.prompt, args.new, args.reps)
+    print("ours", json.dumps(result["ours"]), flush=True)
+    if not args.skip_hf:
+        result["hf_bf16"] = bench_hf(args.prompt, args.new, args.reps)
+        print("hf_bf16", json.dumps(result["hf_bf16"]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"decode_{card}_{result['date']}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        Path(out_dir, path.name).write_text(path.read_text())
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+/* cuda.cuh -- internals shared by the CUDA backend's files.
+ *
+ * Activations are __nv_bfloat16 or __half (be->act_dtype); every kernel that
+ * touches them is a template on that type and is launched through
+ * ACT_DISPATCH. Arithmetic is float32 (ld/st convert at the edges).
+ */
+#ifndef FT_CUDA_CUH
+#define FT_CUDA_CUH
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../backend.h"
+
+typedef __nv_bfloat16 bf16;
+typedef __half f16;
+
+/* scratch slots: each a device buffer grown on demand, reused call after call */
+enum { SCR_DEQ = 0, SCR_LORA0, SCR_LORA1, SCR_LORA2, SCR_ATTN, SCR_MISC, SCR_N };
+
+struct cuda_backend {
+    ft_backend base;
+    int device;
+    cudaStream_t stream;
+    cublasHandle_t blas;
+    void *blas_ws;
+    void *scratch[SCR_N];
+    size_t scratch_bytes[SCR_N];
+    double *red; /* [RED_BLOCKS] partial sums for sumsq */
+    double *red_host;
+    void *alloc_map; /* pointer -> bytes map (backend.cu) for the memory counters */
+};
+
+struct ft_qlinear {
+    int32_t *qweight, *qzeros, *g_idx;
+    f16 *scales;
+    float *bias; /* NULL when absent */
+    int in, out, bits, groups, zero_offset;
+};
+
+#define RED_BLOCKS 1024
+
+static inline cuda_backend *CB(ft_backend *be) { return (cuda_backend *)be; }
+
+/* ---- errors ---- */
+ft_status cuda_fail(ft_error *err, cudaError_t e, const char *what);
+ft_status cublas_fail(ft_error *err, cublasStatus_t s, const char *what);
+
+#define CUDA_TRY(expr, what)                                \
+    do {                                                    \
+        cudaError_t e_ = (expr);                            \
+        if (e_ != cudaSuccess) return cuda_fail(err, e_, what); \
+    } while (0)
+/* after a kernel launch */
+#define LAUNCH_CHECK(what) CUDA_TRY(cudaGetLastError(), what)
+#define BLAS_TRY(expr, what)                                      \
+    do {                                                          \
+        cublasStatus_t s_ = (expr);                               \
+        if (s_ != CUBLAS_STATUS_SUCCESS) return cublas_fail(err, s_, what); \
+    } while (0)
+#define FT_TRY(expr)                  \
+    do {                              \
+        ft_status st_ = (expr);       \
+        if (st_ != FT_OK) return st_; \
+    } while (0)
+
+/* device buffers */
+ft_status cuda_malloc(cuda_backend *be, size_t bytes, void **ptr, ft_error *err, const char *what);
+void cuda_free_ptr(cuda_backend *be, void *ptr);
+/* scratch slot `slot` of at least `bytes` (contents undefined) */
+ft_status cuda_scratch(cuda_backend *be, int slot, size_t bytes, void **ptr, ft_error *err);
+
+/* ---- act dtype helpers ---- */
+template <typename T> __device__ __forceinline__ float ld(T v);
+template <> __device__ __forceinline__ float ld<float>(float v) { return v; }
+template <> __device__ __forceinline__ float ld<f16>(f16 v) { return __half2float(v); }
+template <> __device__ __forceinline__ float ld<bf16>(bf16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T cv(float v);
+template <> __device__ __forceinline__ float cv<float>(float v) { return v; }
+template <> __device__ __forceinline__ f16 cv<f16>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ bf16 cv<bf16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T> struct cuda_type;
+template <> struct cuda_type<f16> { static constexpr cudaDataType_t v = CUDA_R_16F; };
+template <> struct cuda_type<bf16> { static constexpr cudaDataType_t v = CUDA_R_16BF; };
+
+static inline cudaDataType_t act_cuda_type(const ft_backend *be)
+{
+    return be->act_dtype == FT_BF16 ? CUDA_R_16BF : CUDA_R_16F;
+}
+
+/* ACT_DISPATCH(be, T, body): body compiled for T = bf16 and T = f16 */
+#define ACT_DISPATCH(be, T, ...)                     \
+    do {                                             \
+        if ((be)->act_dtype == FT_BF16) {            \
+            typedef bf16 T;                          \
+            __VA_ARGS__;                             \
+        } else {                                     \
+            typedef f16 T;                           \
+            __VA_ARGS__;                             \
+        }                                            \
+    } while (0)
+
+static inline unsigned grid_for(size_t n, int threads)
+{
+    size_t b = (n + threads - 1) / threads;
+    return (unsigned)(b > 65535u * 8u ? 65535u * 8u : (b ? b : 1));
+}
+
+/* warp / block reductions (block size a multiple of 32, at most 1024) */
+__device__ __forceinline__ float warp_sum(float v)
+{
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v)
+{
+    for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+/* sum over the block; every thread gets the result. sh: 32 floats of shared memory */
+__device__ __forceinline__ float block_sum(float v, float *sh)
+{
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : 0.0f;
+    return warp_sum(v);
+}
+__device__ __forceinline__ float block_max(float v, float *sh)
+{
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+/* Optional per-op timing (FT_CUDA_PROFILE=1): synchronises around each timed region
+ * and prints a table to stderr when the backend is destroyed. For finding hot spots only. */
+enum { PR_DEQ, PR_QGEMM_F, PR_QGEMM_B, PR_LORA_F, PR_LORA_B, PR_ATT_F, PR_ATT_DQ, PR_ATT_DV, PR_ATT_DK,
+       PR_ATT_SUM, PR_QKV, PR_LN, PR_ELEM, PR_LM, PR_CE, PR_OPT, PR_N };
+extern int g_prof_on;
+double prof_now(cuda_backend *be);
+void prof_add(cuda_backend *be, int id, double t0);
+#define PROF_T0(be) double prof_t0_ = g_prof_on ? prof_now(be) : 0.0
+#define PROF_MARK(be, id)                          \
+    do {                                           \
+        if (g_prof_on) {                           \
+            prof_add(be, id, prof_t0_);            \
+            prof_t0_ = prof_now(be);               \
+        }                                          \
+    } while (0)
+
+/* f32 -> act conversion of n elements (scratch helpers used by several files) */
+ft_status cuda_f32_to_act(cuda_backend *be, void *dst, const float *src, size_t n, ft_error *err);
+ft_status cuda_act_to_f32(cuda_backend *be, float *dst, const void *src, size_t n, ft_error *err);
+
+/* op implementations, by family */
+extern "C" {
+ft_status cuda_qlinear_create(ft_backend *be, const ft_qlinear_desc *d, ft_qlinear **out, ft_error *err);
+void cuda_qlinear_destroy(ft_backend *be, ft_qlinear *q);
+ft_status cuda_qlinear_fwd(ft_backend *be, void *y, const void *x, const ft_qlinear *q, int N, ft_error *err);
+ft_status cuda_qlinear_bwd(ft_backend *be, void *dx, const void *dy, const ft_qlinear *q, int N, int accumulate,
+                           ft_error *err);
+ft_status cuda_lora_fwd(ft_backend *be, void *y, float *xa, const void *x, const float *A, const float *B, int N,
+                        int in, int out, int r, float scale, float p, uint64_t seed, ft_error *err);
+ft_status cuda_lora_bwd(ft_backend *be, void *dx, float *dA, float *dB, const void *dy, const void *x,
+                        const float *xa, const float *A, const float *B, int N, int in, int out, int r, float scale,
+                        float p, uint64_t seed, ft_error *err);
+
+ft_status cuda_embed(ft_backend *be, void *out, const int32_t *ids, const void *table, int N, int D, ft_error *err);
+ft_status cuda_layernorm_fwd(ft_backend *be, void *y, float *mean, float *rstd, const void *x, const void *g,
+                             const void *b, int N, int D, float eps, ft_error *err);
+ft_status cuda_layernorm_bwd(ft_backend *be, void *dx, const void *dy, const void *x, const float *mean,
+                             const float *rstd, const void *g, int N, int D, ft_error *err);
+ft_status cuda_gelu_fwd(ft_backend *be, void *y, const void *x, size_t n, ft_error *err);
+ft_status cuda_gelu_bwd(ft_backend *be, void *dx, const void *dy, const void *x, size_t n, ft_error *err);
+ft_status cuda_add(ft_backend *be, void *y, const void *a, const void *b, const void *c, size_t n, ft_error *err);
+
+ft_status cuda_qkv_split_fwd(ft_backend *be, void *q, void *k, void *v, const void *qkv, const ft_qkv_args *a,
+                             ft_error *err);
+ft_status cuda_qkv_split_bwd(ft_backend *be, void *dqkv, const void *dq, const void *dk, const void *dv,
+                             const ft_qkv_args *a, ft_error *err);
+ft_status cuda_attention_fwd(ft_backend *be, void *out, float *lse, const void *q, const void *k, const void *v,
+                             const ft_attn_args *a, ft_error *err);
+ft_status cuda_attention_bwd(ft_backend *be, void *dq, void *dk, void *dv, const void *dout, const void *out,
+                             const float *lse, const void *q, const void *k, const void *v, const ft_attn_args *a,
+                             ft_error *err);
+
+ft_status cuda_lm_logits(ft_backend *be, float *logits, const void *h, const void *W, int n, int V, int D,
+                         ft_error *err);
+ft_status cuda_cross_entropy(ft_backend *be, float *logits, float *row_loss, const int32_t *target, int n, int V,
+                             float grad_scale, ft_error *err);
+ft_status cuda_lm_bwd(ft_backend *be, void *dh, const float *dlogits, const void *W, int n, int V, int D,
+                      ft_error *err);
+
+ft_status cuda_sumsq(ft_backend *be, const float *x, size_t n, double *out, ft_error *err);
+ft_status cuda_adamw(ft_backend *be, float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
+                     float beta2, float eps, float wd, float gmul, float bc1, float bc2, ft_error *err);
+ft_status cuda_gather_rows(ft_backend *be, void *dst, const void *src, const int32_t *idx, int n, size_t row_bytes,
+                           ft_error *err);
+}
+
+/* row-major GEMM helpers over cuBLAS (column-major): C[M,N] = alpha op(A) op(B) + beta C.
+ * ta/tb: 0 = as stored, 1 = transposed. A is [M,K] (or [K,M] when ta), B [K,N] (or [N,K]).
+ * Types: act x act -> act or f32 (fp32 compute); f32 x f32 -> f32 (sgemm). */
+ft_status gemm_rm(cuda_backend *be, int ta, int tb, int M, int N, int K, float alpha, const void *A,
+                  cudaDataType_t at, int lda, const void *B, cudaDataType_t bt, int ldb, float beta, void *C,
+                  cudaDataType_t ct, int ldc, ft_error *err);
+
+#endif /* FT_CUDA_CUH */

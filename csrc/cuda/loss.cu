@@ -1,0 +1,75 @@
+/* loss.cu -- lm_head logits, cross-entropy and its backward on the GPU.
+ * model.c hands row chunks (about 64 MiB of f32 logits), so no full [N, V]
+ * f32 copy exists. dlogits are converted to the act dtype in scratch for the
+ * backward product. */
+#include "cuda.cuh"
+
+extern "C" ft_status cuda_lm_logits(ft_backend *base, float *logits, const void *h, const void *W, int n, int V,
+                                    int D, ft_error *err)
+{
+    const cudaDataType_t t = act_cuda_type(base);
+    PROF_T0(CB(base));
+    /* logits[n,V] = h[n,D] W[V,D]^T */
+    FT_TRY(gemm_rm(CB(base), 0, 1, n, V, D, 1.0f, h, t, D, W, t, D, 0.0f, logits, CUDA_R_32F, V, err));
+    PROF_MARK(CB(base), PR_LM);
+    return FT_OK;
+}
+
+/* one block per row: loss = lse - z[y]; z <- gs * (softmax - onehot) when gs != 0 */
+__global__ void cross_entropy_kernel(float *logits, float *row_loss, const int32_t *target, int V, float gs)
+{
+    __shared__ float sh[32];
+    const size_t row = blockIdx.x;
+    float *z = logits + row * V;
+    const int y = target[row];
+    if (y < 0) {
+        if (threadIdx.x == 0) row_loss[row] = 0.0f;
+        if (gs != 0.0f)
+            for (int c = threadIdx.x; c < V; c += blockDim.x) z[c] = 0.0f;
+        return;
+    }
+    float mx = -INFINITY;
+    for (int c = threadIdx.x; c < V; c += blockDim.x) mx = fmaxf(mx, z[c]);
+    mx = block_max(mx, sh);
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < V; c += blockDim.x) s += expf(z[c] - mx);
+    s = block_sum(s, sh);
+    const float lse = mx + logf(s);
+    const float zy = z[y];
+    __syncthreads(); /* everyone read z[y] before it is overwritten */
+    if (threadIdx.x == 0) row_loss[row] = lse - zy;
+    if (gs != 0.0f) {
+        for (int c = threadIdx.x; c < V; c += blockDim.x) {
+            float g = gs * expf(z[c] - lse);
+            if (c == y) g -= gs;
+            z[c] = g;
+        }
+    }
+}
+
+extern "C" ft_status cuda_cross_entropy(ft_backend *base, float *logits, float *row_loss, const int32_t *target,
+                                        int n, int V, float grad_scale, ft_error *err)
+{
+    if (n <= 0) return FT_OK;
+    PROF_T0(CB(base));
+    cross_entropy_kernel<<<n, 1024, 0, CB(base)->stream>>>(logits, row_loss, target, V, grad_scale);
+    LAUNCH_CHECK("cross-entropy");
+    PROF_MARK(CB(base), PR_CE);
+    return FT_OK;
+}
+
+extern "C" ft_status cuda_lm_bwd(ft_backend *base, void *dh, const float *dlogits, const void *W, int n, int V,
+                                 int D, ft_error *err)
+{
+    cuda_backend *be = CB(base);
+    if (n <= 0) return FT_OK;
+    void *g;
+    PROF_T0(be);
+    FT_TRY(cuda_scratch(be, SCR_MISC, (size_t)n * V * 2, &g, err));
+    FT_TRY(cuda_f32_to_act(be, g, dlogits, (size_t)n * V, err));
+    const cudaDataType_t t = act_cuda_type(base);
+    /* dh[n,D] = g[n,V] W[V,D] */
+    FT_TRY(gemm_rm(be, 0, 0, n, D, V, 1.0f, g, t, V, W, t, D, 0.0f, dh, t, D, err));
+    PROF_MARK(be, PR_LM);
+    return FT_OK;
+}

@@ -1,0 +1,703 @@
+"""Fine-tuning: ``ft.finetune(**flags)`` and ``falcontune finetune``.
+
+Semantics (parity with falcontune, i.e. HF Trainer, where not stated otherwise):
+
+* AdamW (torch defaults, weight decay 0), max grad norm 1.0, linear warmup then linear decay to
+  0 (HF ``get_linear_schedule_with_warmup``: optimizer step ``s`` (0-based) uses
+  ``lr * lambda(s)``, so the very first step has lr 0 when warmup_steps > 0).
+* gradient accumulation = batch_size / mbatch_size micro-batches per optimizer step; each
+  micro-batch loss (mean over its label tokens) is scaled so the step gradient is the mean over
+  the step's micro-batches. An epoch has ceil(micro-batches / accumulation) steps; its last step
+  may average fewer micro-batches.
+* micro-batches are grouped by length (``data.length_grouped_batches``), seeded by (seed, epoch).
+* val split: ``data.train_val_split(n, val_set_size, seed)``; eval every ``eval_steps`` optimizer
+  steps, falcontune's rule ``max(logging_steps, n_records // (10 * mbatch_size))`` by default,
+  plus once at the end; eval loss is the mean over all validation label tokens.
+* logging every ``logging_steps``: HF-style dicts (loss averaged over the window) plus grad_norm
+  and tokens_per_second, printed and appended to ``lora_out_dir/log.jsonl``.
+* ``checkpoint-N`` every ``save_steps`` (see ``falcontune.checkpoint``), ``save_total_limit``
+  rotation, exact resume (on CPU the final adapter equals an uninterrupted run's bit for bit).
+* fp16 engines (CUDA on T4) use dynamic loss scaling: 2**16, halved on a non-finite gradient
+  norm (the step is redone, not counted), doubled after 2000 good steps.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import secrets
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from .data import (DATA_TYPES, TEMPLATES, TokenizedDataset, collate, length_grouped_batches, load_records,
+                   tokenize_records, train_val_split)
+
+PathLike = Union[str, "os.PathLike[str]"]
+DIVERGENCE_LOSS = 1e4
+DIVERGENCE_STREAK = 10
+SCALE_INIT, SCALE_GROWTH_INTERVAL = 2.0 ** 16, 2000
+
+
+class TrainingDivergedError(ValueError):
+    """The loss became non-finite or exploded: usually a learning rate that is too high."""
+
+
+@dataclass
+class FinetuneResult:
+    """What ``finetune`` returns. ``history`` holds the logged records (training logs with
+    ``loss``, evaluations with ``eval_loss``, and a final summary with ``train_loss``)."""
+
+    adapter_dir: Optional[Path]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    global_step: int = 0
+    total_steps: int = 0
+    interrupted: bool = False
+    checkpoint_dir: Optional[Path] = None
+    merged_dir: Optional[Path] = None
+    train_loss: Optional[float] = None
+    eval_loss: Optional[float] = None
+    n_train: int = 0
+    n_val: int = 0
+    model: Any = field(default=None, repr=False)
+
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
+    """HF get_linear_schedule_with_warmup's multiplier after ``step`` scheduler steps."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+
+class _Console:
+    """Prints through tqdm when a progress bar is active (so the bar is not broken)."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def say(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+
+def _rounded(rec: dict[str, Any]) -> dict[str, Any]:
+    digits = {"loss": 4, "grad_norm": 4, "eval_loss": 4, "train_loss": 4, "epoch": 2,
+              "tokens_per_second": 1, "eval_runtime": 4, "eval_samples_per_second": 3,
+              "eval_steps_per_second": 3, "train_runtime": 4, "train_samples_per_second": 3,
+              "train_steps_per_second": 3}
+    return {k: (round(v, digits[k]) if k in digits and isinstance(v, float) and math.isfinite(v) else v)
+            for k, v in rec.items() if k != "step"}
+
+
+class _StopRequest:
+    """First Ctrl-C: finish the current step, then save and stop. Second Ctrl-C: abort now."""
+
+    def __init__(self, console: _Console) -> None:
+        self.requested = False
+        self._console = console
+        self._old: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._console.say("Interruption demandée / interrupt requested: finishing the current step, then saving "
+                          "a checkpoint (Ctrl-C again aborts without saving).")
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._old = signal.signal(signal.SIGINT, self._handler)
+            except (ValueError, OSError):
+                self._old = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class _Data:
+    train: TokenizedDataset
+    val: Optional[TokenizedDataset]
+    n_records: int
+    fingerprint: str
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _usable(ds: TokenizedDataset) -> np.ndarray:
+    """Indices of examples with at least one predicted label (labels are shifted inside)."""
+    return np.fromiter((int((y[1:] != -100).any()) for y in ds.labels), dtype=bool, count=len(ds)).nonzero()[0]
+
+
+def prepare_data(dataset: PathLike, records: list[dict[str, str]], tokenizer: Any, data_type: str,
+                 cutoff_len: int, template: str, train_on_inputs: bool, add_eos: bool, val_set_size: float,
+                 seed: int, say: Callable[[str], None]) -> _Data:
+    ds = tokenize_records(records, tokenizer, data_type=data_type, cutoff_len=cutoff_len, template=template,
+                          train_on_inputs=train_on_inputs, add_eos=add_eos)
+    train_idx, val_idx = train_val_split(len(ds), val_set_size, seed)
+    train, val = ds.subset(train_idx.tolist()), ds.subset(val_idx.tolist()) if len(val_idx) else None
+    keep = _usable(train).tolist()
+    dropped = len(train) - len(keep)
+    train = train.subset(keep)
+    if val is not None:
+        vkeep = _usable(val).tolist()
+        dropped += len(val) - len(vkeep)
+        val = val.subset(vkeep) if len(vkeep) else None
+    if len(train) == 0:
+        raise ValueError(f"{dataset}: no training example has a token to learn (cutoff_len={cutoff_len} "
+                         "may be shorter than the prompts; raise --cutoff_len or use --train_on_inputs=true)")
+    lens = ds.lengths
+    say(f"Dataset {dataset}: {len(records)} records ({data_type}, template {template}), "
+        f"{len(train)} train / {0 if val is None else len(val)} validation; tokens per example: "
+        f"mean {lens.mean():.0f}, max {lens.max()}")
+    if ds.n_truncated:
+        say(f"  {ds.n_truncated} example(s) longer than cutoff_len={cutoff_len} were cut (their end-of-text "
+            "token is not learned); see falcontune check-dataset")
+    if dropped:
+        say(f"  {dropped} example(s) have nothing to learn after truncation and were left out")
+    return _Data(train=train, val=val, n_records=len(records), fingerprint=_file_sha256(Path(dataset)))
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+    """Summed token cross-entropy of shifted labels (position t predicts labels[t+1])."""
+    y = labels[:, 1:]
+    mask = y != -100
+    sel = logits[:, :-1][mask]
+    tgt = y[mask]
+    if tgt.size == 0:
+        return 0.0, 0
+    top = sel.max(axis=1)
+    lse = np.log(np.exp(sel - top[:, None]).sum(axis=1, dtype=np.float64)) + top
+    picked = np.take_along_axis(sel, tgt[:, None], axis=1)[:, 0]
+    return float((lse - picked).sum()), int(tgt.size)
+
+
+def evaluate(model: Any, ds: TokenizedDataset, batch_size: int, pad_id: int) -> tuple[float, float, int]:
+    """(mean eval loss over label tokens, runtime in s, number of batches)."""
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    batches = length_grouped_batches(ds.lengths, batch_size, shuffle=False)
+    try:
+        for idx in batches:
+            b = collate(ds, idx, pad_id)
+            s, n = _nll(model.forward(b["input_ids"], b["attention_mask"]), b["labels"])
+            total, count = total + s, count + n
+    finally:
+        model.train(was_training)
+    return (total / count if count else float("nan")), time.perf_counter() - t0, len(batches)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class Settings:
+    """The flags of one training run, validated."""
+
+    mbatch_size: int
+    batch_size: int
+    epochs: int
+    lr: float
+    warmup_steps: int
+    save_steps: int
+    save_total_limit: Optional[int]
+    logging_steps: int
+    eval_steps: Optional[int]
+    seed: int
+    out_dir: Path
+    max_grad_norm: float = 1.0
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch_size // self.mbatch_size
+
+
+class Trainer:
+    """One training run over prepared data (resumable)."""
+
+    def __init__(self, model: Any, data: _Data, s: Settings, console: _Console, pad_id: int,
+                 run_args: dict[str, Any], callback: Optional[Callable[[dict[str, Any]], Any]] = None,
+                 progress: bool = True) -> None:
+        from .optim import AdamW
+
+        self.model, self.data, self.s, self.console, self.pad_id = model, data, s, console, pad_id
+        self.run_args, self.callback, self.progress = run_args, callback, progress
+        self.opt = AdamW(model, lr=s.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                         max_grad_norm=s.max_grad_norm)
+        n_micro = -(-len(data.train) // s.mbatch_size)
+        self.n_micro = n_micro
+        self.steps_per_epoch = -(-n_micro // s.accumulation)
+        self.total_steps = self.steps_per_epoch * s.epochs
+        n_val = 0 if data.val is None else len(data.val)
+        if n_val == 0:
+            self.eval_steps = 0
+        elif s.eval_steps:
+            self.eval_steps = s.eval_steps
+        else:
+            self.eval_steps = max(s.logging_steps, data.n_records // (10 * s.mbatch_size))
+        self.fp16 = getattr(model, "dtype", "float32") == "float16"
+        self.scale = SCALE_INIT if self.fp16 else 1.0
+        self.good_steps = 0
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.window = {"loss_sum": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
+        self.loss_total, self.loss_steps = 0.0, 0
+        self.bad_streak = 0
+        self.run_id = secrets.token_hex(8)
+        self.last_eval_step = -1
+        self.last_eval_loss: Optional[float] = None
+        self.last_ckpt: Optional[Path] = None
+        self.last_norm = float("nan")
+        self.in_step = False
+        self.log_path = s.out_dir / "log.jsonl"
+
+    # -- state ---------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        seed, counter = self.model.engine.get_rng()
+        return {
+            "run_id": self.run_id, "global_step": self.global_step, "total_steps": self.total_steps,
+            "epoch": self.global_step // max(1, self.steps_per_epoch),
+            "step_in_epoch": self.global_step % max(1, self.steps_per_epoch),
+            "epoch_float": self._epoch_float(self.global_step), "steps_per_epoch": self.steps_per_epoch,
+            "rng": {"seed": int(seed), "counter": int(counter)}, "data_seed": self.s.seed,
+            "window": dict(self.window), "loss_total": self.loss_total, "loss_steps": self.loss_steps,
+            "bad_streak": self.bad_streak, "last_eval_step": self.last_eval_step,
+            "last_eval_loss": self.last_eval_loss, "history": self.history, "args": self.run_args,
+        }
+
+    def restore(self, c: ckpt.Checkpoint) -> None:
+        st, opt = c.state, c.optimizer
+        self.opt.load_state_dict({"step": opt["step"], "skipped_steps": opt.get("skipped_steps", 0),
+                                  "moments": c.moments})
+        scaler = opt.get("loss_scaler") or {}
+        if self.fp16:
+            self.scale = float(scaler.get("scale", SCALE_INIT))
+            self.good_steps = int(scaler.get("good_steps", 0))
+        rng = st["rng"]
+        self.model.engine.set_rng(int(rng["seed"]), int(rng["counter"]))
+        self.run_id = str(st.get("run_id") or self.run_id)
+        self.global_step = int(st["global_step"])
+        self.history = list(st.get("history", []))
+        self.window = {**self.window, **st.get("window", {})}
+        self.loss_total, self.loss_steps = float(st.get("loss_total", 0.0)), int(st.get("loss_steps", 0))
+        self.bad_streak = int(st.get("bad_streak", 0))
+        self.last_eval_step = int(st.get("last_eval_step", -1))
+        self.last_eval_loss = st.get("last_eval_loss")
+        old = st.get("args", {})
+        changed = sorted(k for k in self.run_args if k in old and old[k] != self.run_args[k])
+        if changed:
+            self.console.say("warning: resuming with different settings (" + ", ".join(
+                f"{k}: {old[k]!r} -> {self.run_args[k]!r}" for k in changed)
+                + "): the run will not match an uninterrupted one")
+
+    def save(self) -> Path:
+        opt = self.opt.state_dict()
+        moments = opt.pop("moments")
+        opt["loss_scaler"] = {"enabled": self.fp16, "scale": self.scale, "good_steps": self.good_steps}
+        path = ckpt.save_checkpoint(self.s.out_dir, self.global_step, self.model, opt, moments, self.state())
+        ckpt.rotate_checkpoints(self.s.out_dir, self.s.save_total_limit, self.run_id)
+        self.last_ckpt = path
+        return path
+
+    # -- records -------------------------------------------------------------------------
+    def _epoch_float(self, step: int) -> float:
+        if self.steps_per_epoch == 0:
+            return 0.0
+        epoch, j = divmod(step, self.steps_per_epoch)
+        if j == 0 and step > 0:
+            return float(epoch)
+        return epoch + min(j * self.s.accumulation, self.n_micro) / self.n_micro
+
+    def _record(self, rec: dict[str, Any]) -> None:
+        rec["step"] = self.global_step
+        self.history.append(rec)
+        self.console.say(str(_rounded(rec)))
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def _rewrite_log(self) -> None:
+        self.s.out_dir.mkdir(parents=True, exist_ok=True)
+        with ckpt.atomic_write(self.log_path) as f:
+            f.write("".join(json.dumps(r) + "\n" for r in self.history).encode("utf-8"))
+
+    def _eval(self) -> None:
+        assert self.data.val is not None
+        loss, runtime, n_batches = evaluate(self.model, self.data.val, self.s.mbatch_size, self.pad_id)
+        self.last_eval_step, self.last_eval_loss = self.global_step, loss
+        runtime = max(runtime, 1e-9)
+        self._record({"eval_loss": loss, "eval_runtime": runtime,
+                      "eval_samples_per_second": len(self.data.val) / runtime,
+                      "eval_steps_per_second": n_batches / runtime, "epoch": self._epoch_float(self.global_step)})
+
+    # -- one optimizer step --------------------------------------------------------------
+    def _step(self, group: list[np.ndarray]) -> tuple[float, int]:
+        """Forward/backward over the step's micro-batches and one AdamW update; (loss, tokens)."""
+        self.opt.lr = self.s.lr * lr_lambda(self.global_step, self.s.warmup_steps, self.total_steps)
+        batches = [collate(self.data.train, idx, self.pad_id) for idx in group]
+        k = len(batches)
+        retries = 0
+        while True:
+            self.model.zero_grad()
+            losses = [self.model.forward_backward(b["input_ids"], b["labels"], b["attention_mask"],
+                                                  grad_scale=self.scale / k) for b in batches]
+            loss = float(np.mean(losses))
+            norm = self.opt.step(grad_scale=self.scale)
+            self.last_norm = norm
+            if math.isfinite(norm):
+                break
+            if not self.fp16:
+                break  # AdamW skipped the update; the step still counts
+            retries += 1
+            self.scale /= 2.0
+            self.good_steps = 0
+            if retries >= DIVERGENCE_STREAK or self.scale < 1.0:
+                raise self._diverged(loss, f"the fp16 loss scale fell to {self.scale:g}")
+        tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+        if self.fp16:
+            self.good_steps += 1
+            if self.good_steps >= SCALE_GROWTH_INTERVAL:
+                self.scale, self.good_steps = self.scale * 2.0, 0
+        finite = math.isfinite(loss) and math.isfinite(norm)
+        self.bad_streak = 0 if finite else self.bad_streak + 1
+        if self.bad_streak >= DIVERGENCE_STREAK:
+            raise self._diverged(loss, f"{self.bad_streak} steps in a row had a non-finite loss or gradient")
+        if math.isfinite(loss) and loss > DIVERGENCE_LOSS:
+            raise self._diverged(loss, f"the loss exceeded {DIVERGENCE_LOSS:g}")
+        return loss, tokens
+
+    def _diverged(self, loss: float, why: str) -> TrainingDivergedError:
+        last = f"; the last checkpoint is {self.last_ckpt}" if self.last_ckpt else ""
+        return TrainingDivergedError(
+            f"training diverged at step {self.global_step + 1} (loss {loss:.4g}): {why}. "
+            f"Lower the learning rate (--lr={self.s.lr:g}, try --lr={self.s.lr / 10:g}){last}")
+
+    # -- the run -------------------------------------------------------------------------
+    def run(self, resumed: bool) -> bool:
+        """Train to the end; returns True when stopped early (Ctrl-C or callback)."""
+        from tqdm.auto import tqdm
+
+        if resumed:
+            self._rewrite_log()
+        else:
+            self.s.out_dir.mkdir(parents=True, exist_ok=True)
+            earlier = ckpt.list_checkpoints(self.s.out_dir)
+            if earlier:
+                self.console.say(f"note: {self.s.out_dir} already holds {len(earlier)} checkpoint(s) of an earlier "
+                                 f"run (e.g. {earlier[-1][1].name}); they are left alone (checkpoints of the same "
+                                 "step are replaced). To continue that run instead, pass --resume_checkpoint=true")
+            self.log_path.write_text("", encoding="utf-8")
+            self.model.engine.set_rng(self.s.seed, 0)
+        self.model.train()
+        t_start = time.perf_counter()
+        stopped = False
+        bar = tqdm(total=self.total_steps, initial=min(self.global_step, self.total_steps), unit="step",
+                   desc="finetune", disable=not self.progress, dynamic_ncols=True)
+        self.console.bar = bar if self.progress else None
+        try:
+            with _StopRequest(self.console) as stop:
+                stopped = self._loop(bar, stop)
+            if not stopped and self.eval_steps and self.last_eval_step != self.global_step:
+                self._eval()
+        finally:
+            bar.close()
+            self.console.bar = None
+        runtime = max(time.perf_counter() - t_start, 1e-9)
+        done_steps = max(self.loss_steps, 1)
+        self._record({"train_runtime": runtime,
+                      "train_samples_per_second": len(self.data.train) * self.s.epochs / runtime,
+                      "train_steps_per_second": self.total_steps / runtime,
+                      "train_loss": self.loss_total / done_steps, "epoch": self._epoch_float(self.global_step)})
+        return stopped
+
+    def _loop(self, bar: Any, stop: _StopRequest) -> bool:
+        A = self.s.accumulation
+        while self.global_step < self.total_steps:
+            epoch, j = divmod(self.global_step, self.steps_per_epoch)
+            batches = length_grouped_batches(self.data.train.lengths, self.s.mbatch_size,
+                                             seed=self.s.seed, epoch=epoch, shuffle=True)
+            for j in range(j, self.steps_per_epoch):
+                t0 = time.perf_counter()
+                self.in_step = True
+                loss, tokens = self._step(batches[j * A:(j + 1) * A])
+                self.global_step += 1
+                self.in_step = False
+                w = self.window
+                w["loss_sum"] += loss
+                w["steps"] += 1
+                w["tokens"] += tokens
+                w["time"] += time.perf_counter() - t0
+                self.loss_total += loss
+                self.loss_steps += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                if self._after_step(loss, stop):
+                    return True
+        return False
+
+    def _after_step(self, loss: float, stop: _StopRequest) -> bool:
+        g = self.global_step
+        if g % self.s.logging_steps == 0:
+            w = self.window
+            self._record({"loss": w["loss_sum"] / max(1, w["steps"]), "grad_norm": self.last_norm,
+                          "learning_rate": self.s.lr * lr_lambda(g, self.s.warmup_steps, self.total_steps),
+                          "epoch": self._epoch_float(g),
+                          "tokens_per_second": w["tokens"] / w["time"] if w["time"] > 0 else 0.0})
+            self.window = {"loss_sum": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
+        if self.eval_steps and g % self.eval_steps == 0:
+            self._eval()
+        saved = False
+        if g % self.s.save_steps == 0:
+            self.save()
+            saved = True
+        want_stop = False
+        if self.callback is not None:
+            info = {"step": g, "total_steps": self.total_steps, "loss": loss, "epoch": self._epoch_float(g),
+                    "grad_norm": self.last_norm,
+                    "learning_rate": self.s.lr * lr_lambda(g, self.s.warmup_steps, self.total_steps),
+                    "eval_loss": self.last_eval_loss if self.last_eval_step == g else None}
+            want_stop = bool(self.callback(info))
+        if (want_stop or stop.requested) and g < self.total_steps:
+            if not saved:
+                self.save()
+            self.console.say(f"Entraînement interrompu / training stopped at step {g}/{self.total_steps}; "
+                             f"checkpoint saved in {self.last_ckpt}. Resume with "
+                             f"--resume_checkpoint={self.last_ckpt}")
+            return True
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# ft.finetune
+
+
+_BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+
+
+def resolve_device(backend: Optional[str], device: Optional[str], say: Callable[[str], None]) -> str:
+    """--device wins over --backend; falcontune's triton / torch backends mean our CUDA engine."""
+    if device:
+        return str(device)
+    b = (backend or "auto").strip().lower()
+    if b in ("triton", "torch"):
+        say(f"note: --backend={b} selects falcontune's PyTorch kernels; this falcontune has its own "
+            "engine, so it runs on CUDA (same as --backend=cuda)")
+        return "cuda"
+    if b in ("auto", "cpu", "cuda") or b.startswith("cuda:"):
+        return b
+    raise ValueError(f"--backend={backend!r}: expected one of {', '.join(_BACKENDS)} (or cuda:N)")
+
+
+def check_world_size(local_rank: Optional[int]) -> None:
+    env = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    try:
+        world = int(env)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={env!r}: expected an integer") from None
+    rank = int(os.environ.get("LOCAL_RANK", local_rank if local_rank is not None else 0))
+    if world > 1 or rank not in (0, -1):
+        raise ValueError(f"multi-GPU training is not supported yet (WORLD_SIZE={world}, local_rank={rank}): "
+                         "run falcontune on a single GPU, without torchrun / torch.distributed.launch")
+
+
+def _positive(name: str, value: Any, minimum: float = 1, integer: bool = True) -> None:
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) if integer else \
+        isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum:
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"--{name}={value!r}: expected {kind} >= {minimum:g}")
+
+
+def _validate(mbatch_size: int, batch_size: int, epochs: int, lr: float, cutoff_len: int, lora_r: int,
+              lora_alpha: float, lora_dropout: float, ratio: float, val_set_size: float, warmup_steps: int,
+              save_steps: int, logging_steps: int, eval_steps: Optional[int], data_type: str,
+              prompt_template: str) -> None:
+    for name, v in (("mbatch_size", mbatch_size), ("batch_size", batch_size), ("epochs", epochs),
+                    ("cutoff_len", cutoff_len), ("lora_r", lora_r), ("save_steps", save_steps),
+                    ("logging_steps", logging_steps)):
+        _positive(name, v)
+    _positive("warmup_steps", warmup_steps, 0)
+    if eval_steps is not None:
+        _positive("eval_steps", eval_steps, 0)
+    if batch_size % mbatch_size:
+        raise ValueError(f"--batch_size={batch_size} must be a multiple of --mbatch_size={mbatch_size} "
+                         "(gradient accumulation = batch_size / mbatch_size)")
+    _positive("lr", lr, 0, integer=False)
+    if not lr > 0:
+        raise ValueError(f"--lr={lr!r}: expected a learning rate > 0")
+    _positive("lora_alpha", lora_alpha, 0, integer=False)
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"--lora_dropout={lora_dropout!r}: expected a probability in [0, 1)")
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"--gradient_checkpointing_ratio={ratio!r}: expected a fraction in (0, 1]")
+    _positive("val_set_size", val_set_size, 0, integer=False)
+    if data_type not in DATA_TYPES:
+        raise ValueError(f"--data_type={data_type!r}: expected one of {', '.join(DATA_TYPES)}")
+    if prompt_template not in TEMPLATES:
+        raise ValueError(f"--prompt_template={prompt_template!r}: expected one of {', '.join(TEMPLATES)}")
+
+
+def _no_tokenizer_error(model: Any) -> ValueError:
+    from .tokenizer import TOKENIZER_HELP
+    return ValueError(f"model {model!s}: no tokenizer.json next to the model or its weights; "
+                      f"pass --tokenizer=PATH ({TOKENIZER_HELP})")
+
+
+def _setup_lora(m: Any, resume: Optional[Path], lora_apply_dir: Optional[PathLike], r: int, alpha: float,
+                dropout: float, targets: tuple[str, ...], seed: int, say: Callable[[str], None]) -> None:
+    source = resume or (Path(lora_apply_dir) if lora_apply_dir else None)
+    if source is None:
+        m.add_lora(r=r, alpha=alpha, dropout=dropout, target_modules=targets, seed=seed)
+    else:
+        m.load_lora(source)
+        cfg = m.lora_config
+        if not resume and (cfg["r"] != r or float(cfg["lora_alpha"]) != float(alpha)
+                           or tuple(cfg["target_modules"]) != targets):
+            say(f"note: the adapter in {source} has r={cfg['r']}, lora_alpha={cfg['lora_alpha']:g}, "
+                f"target_modules={cfg['target_modules']}: those win over the flags")
+    m.engine.set_lora_dropout(float(dropout))
+    m.lora_config["lora_dropout"] = float(dropout)
+
+
+def _parameters(values: dict[str, Any]) -> str:
+    lines = ["", "Parameters:", f"{'config':-^20}"]
+    lines += [f"{k}={v!r}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def finetune(model: Any, weights: Optional[PathLike] = None, dataset: Optional[PathLike] = None,
+             data_type: str = "alpaca", lora_out_dir: PathLike = "alpaca_lora",
+             lora_apply_dir: Optional[PathLike] = None, resume_checkpoint: Union[str, PathLike, bool, None] = None,
+             mbatch_size: int = 1, batch_size: int = 2, epochs: int = 3, lr: float = 2e-4, cutoff_len: int = 256,
+             lora_r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.05,
+             gradient_checkpointing: bool = False, gradient_checkpointing_ratio: float = 1.0,
+             val_set_size: float = 0.2, warmup_steps: int = 50, save_steps: int = 50,
+             save_total_limit: Optional[int] = 3, logging_steps: int = 10, checkpoint: bool = False,
+             skip: bool = False, verbose: bool = False, target_modules: Any = '["query_key_value"]',
+             backend: str = "auto", use_eos_token: Union[bool, int] = True, local_rank: Optional[int] = 0,
+             tokenizer: Optional[PathLike] = None, prompt_template: str = "alpaca",
+             train_on_inputs: Optional[bool] = None, seed: int = 42, device: Optional[str] = None,
+             eval_steps: Optional[int] = None, merged_dir: Optional[PathLike] = None,
+             callback: Optional[Callable[[dict[str, Any]], Any]] = None, progress: bool = True) -> FinetuneResult:
+    """Fine-tune a LoRA adapter; the names and defaults are falcontune's CLI flags (see
+    ``falcontune finetune --help``). ``model`` may also be an already loaded FalconModel.
+    ``callback(info)`` is called after every optimizer step with a dict (step, total_steps, loss,
+    epoch, grad_norm, learning_rate, eval_loss: None unless evaluated at this step); returning
+    True stops training as Ctrl-C does (a checkpoint and the adapter are saved)."""
+    from .merge import merge_and_save
+    from .model import FalconModel, load_model, parse_target_modules
+
+    check_world_size(local_rank)
+    _validate(mbatch_size, batch_size, epochs, lr, cutoff_len, lora_r, lora_alpha, lora_dropout,
+              gradient_checkpointing_ratio, val_set_size, warmup_steps, save_steps, logging_steps, eval_steps,
+              data_type, prompt_template)
+    console = _Console()
+    say = console.say
+    dev = resolve_device(backend, device, say)
+    targets = parse_target_modules(target_modules)
+    out_dir = Path(lora_out_dir)
+    resume = ckpt.resolve_resume(resume_checkpoint, out_dir)
+    if train_on_inputs is None:
+        train_on_inputs = data_type == "alpaca"  # falcontune: alpaca learns the prompt, gpt4all does not
+    if save_total_limit is not None and save_total_limit <= 0:
+        save_total_limit = None
+    records: list[dict[str, str]] = []
+    if not skip:  # check the data before loading a large model
+        if dataset is None:
+            raise ValueError("--dataset is required to train (or pass --skip to only save / merge the adapter)")
+        records = load_records(Path(dataset), data_type)
+    m = model if isinstance(model, FalconModel) else load_model(model, weights, device=dev, tokenizer=tokenizer)
+    say(_parameters({
+        "model": str(getattr(model, "name", model)), "weights": weights, "dataset": dataset,
+        "data_type": data_type, "lora_out_dir": str(out_dir), "lora_apply_dir": lora_apply_dir,
+        "resume_checkpoint": str(resume) if resume else None, "target_modules": list(targets),
+        "mbatch_size": mbatch_size, "batch_size": batch_size,
+        "gradient_accumulation_steps": batch_size // mbatch_size, "epochs": epochs, "lr": lr,
+        "cutoff_len": cutoff_len, "lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
+        "val_set_size": val_set_size, "gradient_checkpointing": bool(gradient_checkpointing),
+        "gradient_checkpointing_ratio": gradient_checkpointing_ratio, "warmup_steps": warmup_steps,
+        "save_steps": save_steps, "save_total_limit": save_total_limit, "logging_steps": logging_steps,
+        "checkpoint": bool(checkpoint), "skip": bool(skip), "device": m.device, "prompt_template": prompt_template,
+        "train_on_inputs": bool(train_on_inputs), "use_eos_token": bool(use_eos_token), "seed": seed}))
+
+    if verbose:
+        say(f"{m!r} on {m.device}, activations {m.dtype}")
+    _setup_lora(m, resume, lora_apply_dir, lora_r, lora_alpha, lora_dropout, targets, seed, say)
+    m.set_gradient_checkpointing(float(gradient_checkpointing_ratio) if gradient_checkpointing else 0.0)
+    lora_cfg: dict[str, Any] = m.lora_config or {}
+    n_lora = sum(int(a.size) for a in m.lora_state_dict().values())
+    say(f"trainable params: {n_lora:,} (LoRA r={lora_cfg['r']} on "
+        f"{', '.join(lora_cfg['target_modules'])} x {m.config.num_hidden_layers} layers)")
+
+    result = FinetuneResult(adapter_dir=None, model=m)
+    if not skip:
+        if m.tokenizer is None:
+            raise _no_tokenizer_error(model)
+        assert dataset is not None
+        data = prepare_data(dataset, records, m.tokenizer, data_type, cutoff_len, prompt_template,
+                            bool(train_on_inputs), bool(use_eos_token), val_set_size, seed, say)
+        settings = Settings(mbatch_size=mbatch_size, batch_size=batch_size, epochs=epochs, lr=float(lr),
+                            warmup_steps=warmup_steps, save_steps=save_steps, save_total_limit=save_total_limit,
+                            logging_steps=logging_steps, eval_steps=eval_steps, seed=seed, out_dir=out_dir)
+        run_args = {"dataset_sha256": data.fingerprint, "data_type": data_type, "prompt_template": prompt_template,
+                    "cutoff_len": cutoff_len, "train_on_inputs": bool(train_on_inputs),
+                    "use_eos_token": bool(use_eos_token), "val_set_size": val_set_size, "seed": seed,
+                    "mbatch_size": mbatch_size, "batch_size": batch_size, "epochs": epochs, "lr": float(lr),
+                    "warmup_steps": warmup_steps, "lora_r": lora_cfg["r"],
+                    "lora_alpha": float(lora_cfg["lora_alpha"]), "lora_dropout": float(lora_dropout),
+                    "target_modules": list(lora_cfg["target_modules"]), "n_train": len(data.train)}
+        pad_id = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
+        trainer = Trainer(m, data, settings, console, pad_id, run_args, callback=callback, progress=progress)
+        if resume is not None:
+            trainer.restore(ckpt.load_checkpoint(resume))
+            say(f"Resuming from {resume} (step {trainer.global_step}/{trainer.total_steps})")
+        say(f"{trainer.total_steps} optimizer steps ({trainer.steps_per_epoch} per epoch x {epochs}), "
+            f"gradient accumulation {settings.accumulation}, "
+            + (f"eval every {trainer.eval_steps} steps" if trainer.eval_steps else "no validation set"))
+        try:
+            result.interrupted = trainer.run(resumed=resume is not None)
+        except KeyboardInterrupt:
+            if trainer.in_step:
+                raise
+            trainer.save()
+            result.interrupted = True
+            say(f"training stopped at step {trainer.global_step}; checkpoint saved in {trainer.last_ckpt}")
+        result.history, result.global_step = trainer.history, trainer.global_step
+        result.total_steps, result.checkpoint_dir = trainer.total_steps, trainer.last_ckpt
+        result.train_loss = trainer.loss_total / trainer.loss_steps if trainer.loss_steps else None
+        result.eval_loss = trainer.last_eval_loss
+        result.n_train, result.n_val = len(data.train), 0 if data.val is None else len(data.val)
+    result.adapter_dir = m.save_lora(out_dir)
+    say(f"Adapter LoRA enregistré / LoRA adapter saved in {result.adapter_dir}")
+    if checkpoint:
+        result.merged_dir = merge_and_save(m, Path(merged_dir) if merged_dir else out_dir / "merged")
+        say(f"Merged float16 model (transformers format) saved in {result.merged_dir}")
+    return result

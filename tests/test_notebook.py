@@ -1,0 +1,204 @@
+"""The French tutorial notebook, executed end to end in demo mode.
+
+notebooks/falcontune_fr.ipynb runs with FALCONTUNE_MODE=demo in a fresh kernel (nbclient, kernel
+"python3" = this interpreter) inside a temporary working directory: the small ``demo`` model and
+a 40-example extract of datasets/fr_instructions.json replace Falcon-7B and the full corpus, and
+nothing is downloaded. The executed notebook is written next to the outputs (``executed.ipynb``)
+for inspection when a check fails.
+
+Shell cells (``!falcontune ...``) do not raise when the command fails, so their outputs are
+checked here for the success messages and for the CLI's one-line error format.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOK = REPO / "notebooks" / "falcontune_fr.ipynb"
+CELL_TIMEOUT_S = 900
+
+
+# ---------------------------------------------------------------------------------------------
+# static checks (fast)
+
+
+def _load() -> Any:
+    return nbformat.read(NOTEBOOK, as_version=4)
+
+
+def test_notebook_is_valid_and_stored_without_outputs():
+    nb = _load()
+    nbformat.validate(nb)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, \
+                f"cell {cell.get('id')} was saved with outputs: clear them before committing"
+
+
+def test_code_cells_are_valid_ipython():
+    """Every code cell (IPython syntax: !commands, {var} interpolation) compiles."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    tm = TransformerManager()
+    for cell in _load().cells:
+        if cell.cell_type == "code":
+            compile(tm.transform_cell(cell.source), f"<cell {cell.get('id')}>", "exec")
+
+
+def test_tagged_cells_exist():
+    tags = {t for c in _load().cells for t in c.metadata.get("tags", [])}
+    assert {"mode", "config", "corpus", "check-bad", "check-cli", "check-api", "cli-finetune",
+            "plot-helper", "api-finetune", "metrics", "generate", "cli-generate", "resume"} <= tags
+
+
+def test_flags_mentioned_exist():
+    """Every --flag the notebook shows or explains is an option of the falcontune command."""
+    from falcontune.cli import build_parser
+
+    parser = build_parser()
+    known = {o for action in parser._subparsers._group_actions for sub in action.choices.values()
+             for a in sub._actions for o in a.option_strings}
+    text = "\n".join(c.source for c in _load().cells)
+    mentioned = set(re.findall(r"(--[a-z][a-z_]+)(?==|`|\s|$)", text, re.M)) - {"--depth", "--query", "--format"}
+    assert mentioned, "no flag found"
+    assert not sorted(mentioned - known), sorted(mentioned - known)
+
+
+# ---------------------------------------------------------------------------------------------
+# execution (demo mode)
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """(executed notebook, working directory, {tag: concatenated text output})."""
+    work = tmp_path_factory.mktemp("notebook")
+    nb = _load()
+    env = dict(os.environ)
+    env["FALCONTUNE_MODE"] = "demo"
+    env["PYTHONUNBUFFERED"] = "1"
+    env["MPLBACKEND"] = "Agg"
+    # the kernel must import the falcontune under test and find its `falcontune` command
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                            resources={"metadata": {"path": str(work)}})
+    try:
+        client.execute(env=env)
+    finally:
+        nbformat.write(nb, work / "executed.ipynb")
+    texts: dict[str, str] = {}
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        for tag in cell.metadata.get("tags", []):
+            texts[tag] = _text(cell)
+    return nb, work, texts
+
+
+def _text(cell: Any) -> str:
+    parts = []
+    for out in cell.outputs:
+        if out.output_type == "stream":
+            parts.append(out.text)
+        elif out.output_type in ("display_data", "execute_result"):
+            parts.append(out.get("data", {}).get("text/plain", ""))
+        elif out.output_type == "error":
+            parts.append("\n".join(out.traceback))
+    return "".join(parts)
+
+
+def _cell(nb: Any, tag: str) -> Any:
+    cells = [c for c in nb.cells if tag in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"expected one cell tagged {tag!r}"
+    return cells[0]
+
+
+def test_runs_without_errors(executed):
+    nb, _, texts = executed
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not [o for o in cell.outputs if o.output_type == "error"]
+    for tag, text in texts.items():
+        # shell commands report failures on one line and do not stop the notebook
+        assert "falcontune: error" not in text, f"cell {tag!r}: {text[-2000:]}"
+        assert "Traceback" not in text, f"cell {tag!r}: {text[-2000:]}"
+    assert "Mode démo" in texts["mode"]
+
+
+def test_dataset_checks(executed):
+    _, _, texts = executed
+    bad = texts["check-bad"]  # records 2 and 3 of essai.jsonl are wrong, record 1 is fine
+    assert re.search(r"\brecord 2\b", bad) and re.search(r"\brecord 3\b", bad), bad
+    assert not re.search(r"\brecord 1\b", bad), bad
+    assert "'output'" in bad and "'instruction'" in bad
+    for tag in ("check-cli", "check-api"):
+        assert ": OK" in texts[tag], texts[tag]
+        assert re.search(r"\b40 / 40\b", texts[tag]), texts[tag]
+        assert "128 tokens" in texts[tag], texts[tag]  # truncation counted at CUTOFF_LEN
+
+
+def test_command_line_training_and_resume(executed):
+    _, work, texts = executed
+    out = texts["cli-finetune"]
+    assert re.search(r"'loss': \d+\.\d+", out), out[-2000:]
+    assert "LoRA adapter saved" in out
+    adapter = work / "falcon-7b-sample-4bit"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert (adapter / "adapter_config.json").is_file()
+    assert "Resuming from" in texts["resume"] and "checkpoint-" in texts["resume"]
+    assert "LoRA adapter saved" in texts["resume"]
+
+
+def test_api_training_prints_loss_plots_and_writes_adapter(executed):
+    nb, work, texts = executed
+    out = texts["api-finetune"]
+    m = re.search(r"loss finale : (\d+\.\d+)", out)
+    assert m, out[-2000:]
+    assert float(m.group(1)) > 0
+    # the live plot: a PNG with matplotlib, the text chart without it (decided by the environment)
+    cell = _cell(nb, "api-finetune")
+    displays = [o for o in cell.outputs if o.output_type == "display_data"]
+    assert displays, "the live plot display is missing"
+    final = displays[0]["data"]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert "image/png" in final, f"expected the matplotlib figure, got {list(final)}"
+    else:
+        text = final["text/plain"]
+        assert "mode texte" in text
+        assert re.search(r"pas (\d+)/\1", text), text  # the last update shows the finished run
+        assert re.search("[▁▂▃▄▅▆▇█]{5,}", text), text
+    assert "Courbes" in texts["plot-helper"]
+
+    adapter = work / "falcon-7b-lora-fr"
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    assert config["r"] == 8 and config["target_modules"] == ["query_key_value"]
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert (adapter / "log.jsonl").is_file()
+
+    import falcontune as ft
+
+    model = ft.load_model("demo")
+    model.load_lora(adapter)  # the written adapter loads back
+    assert model.lora_config["r"] == 8
+
+
+def test_metrics_table_and_generation(executed):
+    _, _, texts = executed
+    assert re.search(r"^\s+\d+\s+\d\.\d\d\s+\d+\.\d{4}", texts["metrics"], re.M), texts["metrics"]
+    assert re.search(r"culmine à 3\.0e-04 au pas 5 ", texts["metrics"]), texts["metrics"]  # warmup_steps=5
+    gen = texts["generate"]
+    assert "AVANT" in gen and "APRÈS" in gen
+    assert gen.count("▶") == 6
+    assert "<table>" in "".join(
+        o.get("data", {}).get("text/html", "") for o in _cell(executed[0], "side-by-side").outputs)
