@@ -6,7 +6,13 @@
 """
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# The CPU engine uses OpenMP; spinning worker threads steal the cores of a busy machine (a notebook
+# kernel, a CI runner) and make small steps far slower. Passive waiting is set before the engine
+# loads, unless the user chose otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 from .model import FalconModel, ModelLoadError, cuda_available, load_model
 from .optim import AdamW

@@ -83,11 +83,41 @@ def remove_dir(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+_LEFTOVER = re.compile(r"^\.(checkpoint-\d+)\.(tmp|del|old)-(\d+)-[0-9a-f]+$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_leftovers(out_dir: Path) -> None:
+    """Remove what a killed run left behind: half-written (tmp) and half-deleted (del) checkpoint
+    directories. A moved-aside complete checkpoint (old) whose replacement never landed is put back."""
+    if not out_dir.is_dir():
+        return
+    for entry in out_dir.iterdir():
+        m = _LEFTOVER.match(entry.name)
+        if not m or int(m.group(3)) == os.getpid() or _pid_alive(int(m.group(3))):
+            continue
+        final = out_dir / m.group(1)
+        if m.group(2) == "old" and not final.exists():
+            os.rename(entry, final)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def save_checkpoint(out_dir: PathLike, step: int, model: Any, optimizer: Mapping[str, Any],
                     moments: Mapping[str, Mapping[str, np.ndarray]], state: Mapping[str, Any]) -> Path:
     """Write ``out_dir/checkpoint-<step>`` atomically and return its path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(out)
     final = out / f"checkpoint-{step}"
     tmp = _hidden_tmp(out, final.name, "tmp")
     tmp.mkdir()
