@@ -25,7 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import falcontune as ft  # noqa: E402
-from falcontune import testing  # noqa: E402
 
 
 def card_name() -> str:
@@ -38,11 +37,12 @@ def card_name() -> str:
 
 
 def ensure_checkpoint(path: Path) -> Path:
-    if not (path / "config.json").is_file():
-        t0 = time.time()
-        testing.make_checkpoint(path, preset="falcon-7b", bits=4, group_size=64, seed=0)
-        print(f"wrote the 7B checkpoint in {time.time() - t0:.0f} s", flush=True)
-    return path
+    """The same 7B-shaped checkpoint as the training benchmark (one random layer, 32 copies):
+    decode speed does not depend on the weight values, and it is written in seconds."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from train_bench import make_7b_checkpoint
+
+    return make_7b_checkpoint(path)
 
 
 def bench_ours(ckpt: Path, prompt_len: int, new_tokens: int, reps: int) -> dict:
@@ -104,7 +104,7 @@ def bench_hf(prompt_len: int, new_tokens: int, reps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ckpt", type=Path, default=Path(tempfile.gettempdir()) / "falcon7b-gptq-4bit-g64")
+    ap.add_argument("--ckpt", type=Path, default=Path(tempfile.gettempdir()) / "ft7b")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=128)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# FALCONTUNE_SHARED_DATA overrides the location (the GPU machine gets a copy inside the checkout)
+SHARED_DATA = Path(os.environ.get("FALCONTUNE_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data")
 
 
 def _in_ci() -> bool:

@@ -101,8 +101,13 @@ def test_tutorial_command_on_the_real_7b_shape(tmp_path: Path, shared_data: Path
                                                capsys: pytest.CaptureFixture[str]) -> None:
     # random weights with Falcon-7B's exact shapes, loaded by name (--model=falcon-7b-instruct-4bit)
     monkeypatch.chdir(tmp_path)
-    testing.make_checkpoint(tmp_path, preset="falcon-7b", tokenizer=shared_data / "falcon" / "tokenizer.json")
-    os.remove("config.json")  # the known name supplies the config
+    # the benchmark's builder: one random 7B layer repeated 32 times (seconds instead of minutes)
+    sys.path.insert(0, str(REPO / "bench"))
+    from train_bench import make_7b_checkpoint
+    ckpt = make_7b_checkpoint(Path(os.environ.get("FT_7B_CKPT", tmp_path / "ckpt")))
+    os.symlink(ckpt / "gptq_model-4bit-64g.safetensors", "gptq_model-4bit-64g.safetensors")
+    shutil.copy(ckpt / "quantize_config.json", "quantize_config.json")
+    shutil.copy(shared_data / "falcon" / "tokenizer.json", "tokenizer.json")  # the known name supplies the config
     Path("instruction_fr_wikipedia_oracle.json").write_text(json.dumps(_shortest_records(4), ensure_ascii=False),
                                                             encoding="utf-8")
     code, out, err = _main(TUTORIAL, capsys)
