@@ -564,24 +564,28 @@ static int ids_and_mask(PyObject *ids_obj, PyObject *mask_obj, PyArrayObject **i
     return 0;
 }
 
-static PyObject *Model_forward(ModelObject *self, PyObject *args)
+/* forward (logits [B,T,V]) and forward_cached (logits of the last position [B,V]) share
+ * their argument handling; `cached` picks the engine call. */
+static PyObject *logits_call(ModelObject *self, PyObject *args, int cached)
 {
     PyObject *ids_obj, *mask_obj = Py_None;
     if (!PyArg_ParseTuple(args, "O|O", &ids_obj, &mask_obj)) return NULL;
     if (begin(self)) return NULL;
     PyArrayObject *ids = NULL, *mask = NULL;
     PyObject *logits = NULL;
-    if (ids_and_mask(ids_obj, mask_obj, &ids, &mask, 0)) goto fail;
+    if (ids_and_mask(ids_obj, mask_obj, &ids, &mask, cached ? ft_cache_len(self->model) : 0)) goto fail;
     const int B = (int)PyArray_DIM(ids, 0), T = (int)PyArray_DIM(ids, 1);
     const int V = ft_model_config(self->model)->vocab_size;
-    npy_intp shape[3] = {B, T, V};
-    logits = PyArray_SimpleNew(3, shape, NPY_FLOAT32);
+    npy_intp shape[3] = {B, cached ? V : T, V};
+    logits = PyArray_SimpleNew(cached ? 2 : 3, shape, NPY_FLOAT32);
     if (!logits) goto fail;
     ft_error err = {0};
     ft_status st;
+    const int32_t *mask_data = mask ? PyArray_DATA(mask) : NULL;
+    float *out = PyArray_DATA((PyArrayObject *)logits);
     Py_BEGIN_ALLOW_THREADS
-    st = ft_forward(self->model, PyArray_DATA(ids), mask ? PyArray_DATA(mask) : NULL, B, T,
-                    PyArray_DATA((PyArrayObject *)logits), &err);
+    st = cached ? ft_forward_cached(self->model, PyArray_DATA(ids), mask_data, B, T, out, &err)
+                : ft_forward(self->model, PyArray_DATA(ids), mask_data, B, T, out, &err);
     Py_END_ALLOW_THREADS
     if (st) {
         raise_ft(&err);
@@ -598,6 +602,8 @@ fail:
     Py_XDECREF(logits);
     return NULL;
 }
+
+static PyObject *Model_forward(ModelObject *self, PyObject *args) { return logits_call(self, args, 0); }
 
 static PyObject *Model_forward_backward(ModelObject *self, PyObject *args)
 {
@@ -701,39 +707,7 @@ static PyObject *Model_cache_len(ModelObject *self, PyObject *Py_UNUSED(ignored)
     return PyLong_FromLong(ft_cache_len(self->model));
 }
 
-static PyObject *Model_forward_cached(ModelObject *self, PyObject *args)
-{
-    PyObject *ids_obj, *mask_obj = Py_None;
-    if (!PyArg_ParseTuple(args, "O|O", &ids_obj, &mask_obj)) return NULL;
-    if (begin(self)) return NULL;
-    PyArrayObject *ids = NULL, *mask = NULL;
-    PyObject *logits = NULL;
-    if (ids_and_mask(ids_obj, mask_obj, &ids, &mask, ft_cache_len(self->model))) goto fail;
-    const int B = (int)PyArray_DIM(ids, 0), T = (int)PyArray_DIM(ids, 1);
-    npy_intp shape[2] = {B, ft_model_config(self->model)->vocab_size};
-    logits = PyArray_SimpleNew(2, shape, NPY_FLOAT32);
-    if (!logits) goto fail;
-    ft_error err = {0};
-    ft_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = ft_forward_cached(self->model, PyArray_DATA(ids), mask ? PyArray_DATA(mask) : NULL, B, T,
-                           PyArray_DATA((PyArrayObject *)logits), &err);
-    Py_END_ALLOW_THREADS
-    if (st) {
-        raise_ft(&err);
-        goto fail;
-    }
-    end(self);
-    Py_DECREF(ids);
-    Py_XDECREF(mask);
-    return logits;
-fail:
-    end(self);
-    Py_XDECREF(ids);
-    Py_XDECREF(mask);
-    Py_XDECREF(logits);
-    return NULL;
-}
+static PyObject *Model_forward_cached(ModelObject *self, PyObject *args) { return logits_call(self, args, 1); }
 
 static PyObject *Model_cache_reorder(ModelObject *self, PyObject *args)
 {

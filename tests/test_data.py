@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -49,16 +48,6 @@ RECORDS = [
     {"instruction": "Donne la capitale de la France.", "input": "",
      "output": "La capitale de la France est Paris, sur la Seine."},
 ]
-
-
-def shared_data() -> Path:
-    """``<repo>/../shared/data``; skip when absent, fail under CI=true."""
-    path = REPO.parent / "shared" / "data"
-    if not path.is_dir():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"reference data missing at {path} (required when CI=true)")
-        pytest.skip(f"reference data not found at {path}")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -406,8 +395,8 @@ def test_project_dataset() -> None:
     assert report.ok and report.n_valid == len(records) and not report.warnings
 
 
-def test_project_dataset_with_falcon_tokenizer() -> None:
-    path = shared_data() / "falcon" / "tokenizer.json"
+def test_project_dataset_with_falcon_tokenizer(shared_data: Path) -> None:
+    path = shared_data / "falcon" / "tokenizer.json"
     falcon = Tokenizer.from_file(path)
     report = data.check_dataset(DATASET, tokenizer=falcon, cutoff_len=256)
     assert report.ok and report.length_median < 256

@@ -26,19 +26,9 @@ MULTIBYTE_TEXTS = [
 ]
 
 
-def shared_data() -> Path:
-    """``<repo>/../shared/data``; skip when absent, fail under CI=true."""
-    path = REPO.parent / "shared" / "data"
-    if not path.is_dir():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"reference data missing at {path} (required when CI=true)")
-        pytest.skip(f"reference data not found at {path}")
-    return path
-
-
 @pytest.fixture(scope="module")
-def falcon() -> Tokenizer:
-    path = shared_data() / "falcon" / "tokenizer.json"
+def falcon(shared_data: Path) -> Tokenizer:
+    path = shared_data / "falcon" / "tokenizer.json"
     if not path.is_file():
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"missing {path}")
@@ -69,8 +59,8 @@ def read_vectors(data: Path) -> list[tuple[str, list[int]]]:
     return [(t, [int(x) for x in line.split()]) for t, line in zip(texts, lines)]
 
 
-def test_falcon_vectors_exact(falcon: Tokenizer) -> None:
-    vectors = read_vectors(shared_data())
+def test_falcon_vectors_exact(falcon: Tokenizer, shared_data: Path) -> None:
+    vectors = read_vectors(shared_data)
     got = falcon.encode_batch([t for t, _ in vectors])
     for (text, expected), ids in zip(vectors, got):
         assert ids == expected, f"{text!r}: {ids} != {expected}"

@@ -92,17 +92,6 @@ ft_status cpu_qkv_split_bwd(ft_backend *be, void *dqkv_, const void *dq_, const 
     return FT_OK;
 }
 
-static inline float dotf(const float *x, const float *y, int n)
-{
-    float acc[8] = {0};
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int l = 0; l < 8; l++) acc[l] += x[i + l] * y[i + l];
-    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; i < n; i++) s += x[i] * y[i];
-    return s;
-}
-
 /* Pointers to the rows of one (b, h) query stream and its kv head. */
 typedef struct attn_view {
     const float *q;    /* [T, hd] */
@@ -129,7 +118,7 @@ static attn_view view_of(const ft_attn_args *a, const float *q, const float *k, 
 /* score of query t against key j: (q.k + alibi) * scale */
 static inline float score(const ft_attn_args *a, const attn_view *w, int t, int j)
 {
-    float s = dotf(w->q + (size_t)t * a->hd, w->k + (size_t)j * a->hd, a->hd);
+    float s = cpu_dot(w->q + (size_t)t * a->hd, w->k + (size_t)j * a->hd, a->hd);
     if (a->slopes) s += w->slope * (float)w->kpos[j];
     return s * a->scale;
 }
@@ -206,7 +195,7 @@ ft_status cpu_attention_bwd(ft_backend *be, void *dq_, void *dk_, void *dv_, con
     for (int bht = 0; bht < a->B * H * T; bht++) {
         const int t = bht % T, h = (bht / T) % H, b = bht / (T * H);
         const float *go = dout + ((size_t)b * T + t) * row + (size_t)h * hd;
-        Dt[bht] = dotf(go, out + ((size_t)b * T + t) * row + (size_t)h * hd, hd);
+        Dt[bht] = cpu_dot(go, out + ((size_t)b * T + t) * row + (size_t)h * hd, hd);
     }
 
 #pragma omp parallel for schedule(dynamic) if (big)
@@ -221,7 +210,7 @@ ft_status cpu_attention_bwd(ft_backend *be, void *dq_, void *dk_, void *dv_, con
         for (int j = 0; j <= w.first_q_pos + t; j++) {
             if (!w.kmask[j]) continue;
             float p = expf(score(a, &w, t, j) - l);
-            float ds = p * (dotf(go, w.v + (size_t)j * hd, hd) - Dt[bht]) * a->scale;
+            float ds = p * (cpu_dot(go, w.v + (size_t)j * hd, hd) - Dt[bht]) * a->scale;
             const float *kr = w.k + (size_t)j * hd;
             for (int d = 0; d < hd; d++) dqr[d] += ds * kr[d];
         }
@@ -244,7 +233,7 @@ ft_status cpu_attention_bwd(ft_backend *be, void *dq_, void *dk_, void *dv_, con
                 if (l == -INFINITY) continue;
                 const float *go = dout + ((size_t)b * T + t) * row + (size_t)h * hd;
                 float p = expf(score(a, &w, t, j) - l);
-                float ds = p * (dotf(go, vr, hd) - Dt[bht]) * a->scale;
+                float ds = p * (cpu_dot(go, vr, hd) - Dt[bht]) * a->scale;
                 const float *qr = w.q + (size_t)t * hd;
                 for (int d = 0; d < hd; d++) {
                     dkr[d] += ds * qr[d];

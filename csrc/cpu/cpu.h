@@ -29,6 +29,19 @@ void cpu_gemm_tn(int M, int N, int K, float alpha, const float *A, int lda, cons
 
 float *cpu_scratch(cpu_backend *be, size_t n, ft_error *err);
 
+/* Dot product with 8 independent partial sums: vectorises without -ffast-math, and the
+ * summation order is fixed (results do not depend on threads). */
+static inline float cpu_dot(const float *restrict a, const float *restrict b, int n)
+{
+    float acc[8] = {0};
+    int k = 0;
+    for (; k + 8 <= n; k += 8)
+        for (int l = 0; l < 8; l++) acc[l] += a[k + l] * b[k + l];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; k < n; k++) s += a[k] * b[k];
+    return s;
+}
+
 
 /* op implementations, by family */
 ft_status cpu_qlinear_create(ft_backend *be, const ft_qlinear_desc *d, ft_qlinear **out, ft_error *err);

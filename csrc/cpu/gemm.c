@@ -43,17 +43,6 @@ void cpu_gemm_nn(int M, int N, int K, float alpha, const float *A, int lda, cons
     }
 }
 
-static inline float dot8(const float *restrict a, const float *restrict b, int K)
-{
-    float acc[8] = {0};
-    int k = 0;
-    for (; k + 8 <= K; k += 8)
-        for (int l = 0; l < 8; l++) acc[l] += a[k + l] * b[k + l];
-    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; k < K; k++) s += a[k] * b[k];
-    return s;
-}
-
 /* C[M,N] = alpha A[M,K] B[N,K]^T + beta C */
 void cpu_gemm_nt(int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
                  float beta, float *C, int ldc)
@@ -63,7 +52,7 @@ void cpu_gemm_nt(int M, int N, int K, float alpha, const float *A, int lda, cons
 #pragma omp parallel for schedule(static) if (work > 200000)
         for (int i = 0; i < M; i++)
             for (int j = 0; j < N; j++) {
-                float d = alpha * dot8(A + (size_t)i * lda, B + (size_t)j * ldb, K);
+                float d = alpha * cpu_dot(A + (size_t)i * lda, B + (size_t)j * ldb, K);
                 float *c = C + (size_t)i * ldc + j;
                 *c = (beta == 0.0f ? 0.0f : beta * *c) + d;
             }
@@ -71,7 +60,7 @@ void cpu_gemm_nt(int M, int N, int K, float alpha, const float *A, int lda, cons
 #pragma omp parallel for schedule(static) if (work > 200000)
         for (int j = 0; j < N; j++)
             for (int i = 0; i < M; i++) {
-                float d = alpha * dot8(A + (size_t)i * lda, B + (size_t)j * ldb, K);
+                float d = alpha * cpu_dot(A + (size_t)i * lda, B + (size_t)j * ldb, K);
                 float *c = C + (size_t)i * ldc + j;
                 *c = (beta == 0.0f ? 0.0f : beta * *c) + d;
             }
