@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -104,15 +105,24 @@ class BuildExt(build_ext):
         gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
         build_dir = Path(self.build_temp) / "cuda"
         build_dir.mkdir(parents=True, exist_ok=True)
-        objects = []
+        jobs = []
         for src in _sources("csrc/cuda/*.cu"):
             obj = build_dir / (Path(src).stem + ".o")
             cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "-DFT_WITH_CUDA",
                    "-Icsrc", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC,-Wall,-Wextra,-Werror",
                    "-Werror", "all-warnings", *gencode]
-            print(" ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True, cwd=ROOT)
-            objects.append(str(obj))
+            jobs.append((cmd, str(obj)))
+        # one nvcc per source file, in parallel: the build is dominated by device code generation
+        workers = max(1, min(len(jobs), os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for cmd, _ in jobs:
+                print(" ".join(cmd), flush=True)
+            results = list(pool.map(lambda job: subprocess.run(job[0], cwd=ROOT, capture_output=True, text=True), jobs))
+        for (cmd, _), res in zip(jobs, results):
+            if res.returncode != 0:
+                sys.stderr.write(res.stdout + res.stderr)
+                raise subprocess.CalledProcessError(res.returncode, cmd)
+        objects = [obj for _, obj in jobs]
         cuda_root = Path(nvcc).resolve().parent.parent
         libdirs = [d for d in (cuda_root / "lib64", cuda_root / "lib", cuda_root / "targets" / "x86_64-linux" / "lib")
                    if d.is_dir()]

@@ -19,9 +19,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
+
+try:  # the [test] extra installs them; a bare GPU machine may lack them
+    import nbformat
+    from nbclient import NotebookClient
+except ImportError as e:
+    if os.environ.get("CI", "").lower() == "true":
+        raise
+    pytest.skip(f"notebook tests need nbformat and nbclient ({e})", allow_module_level=True)
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "falcontune_fr.ipynb"

@@ -1,4 +1,5 @@
-/* attention.cu -- qkv split + rotary, and flash-style causal attention on the GPU.
+/* attention.cu -- qkv split + rotary, and flash-style causal attention on the GPU
+ * (FT_CUDA_ATTN=flash; the default cuBLAS path is attention_gemm.cu).
  *
  * Scores are never stored: forward keeps a running max / sum per query over
  * key tiles held in shared memory and saves lse; backward recomputes the
@@ -420,9 +421,12 @@ static attn_p make_p(const ft_attn_args *a)
         else { constexpr int HDM = 256; __VA_ARGS__; }                  \
     } while (0)
 
+/* FT_CUDA_ATTN=gemm (default) runs attention_gemm.cu; flash runs the kernels above. Both save the same
+ * lse, so a forward of one kind and a backward of the other agree. */
 extern "C" ft_status cuda_attention_fwd(ft_backend *base, void *out, float *lse, const void *q, const void *k,
                                         const void *v, const ft_attn_args *a, ft_error *err)
 {
+    if (!CB(base)->attn_flash) return cuda_attention_fwd_gemm(base, out, lse, q, k, v, a, err);
     if (a->hd > 256) return ft_fail(err, FT_EUNSUPPORTED, "CUDA attention supports head_dim <= 256, got %d", a->hd);
     if (a->B <= 0 || a->T <= 0) return FT_OK;
     const attn_p p = make_p(a);
@@ -441,6 +445,7 @@ extern "C" ft_status cuda_attention_bwd(ft_backend *base, void *dq, void *dk, vo
                                         const void *v, const ft_attn_args *a, ft_error *err)
 {
     cuda_backend *be = CB(base);
+    if (!be->attn_flash) return cuda_attention_bwd_gemm(base, dq, dk, dv, dout, out, lse, q, k, v, a, err);
     if (a->hd > 256) return ft_fail(err, FT_EUNSUPPORTED, "CUDA attention supports head_dim <= 256, got %d", a->hd);
     if (a->Tk != a->T || a->cap != a->T)
         return ft_fail(err, FT_EINVAL, "attention backward needs Tk == T == cap (training without cache)");

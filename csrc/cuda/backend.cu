@@ -448,8 +448,24 @@ extern "C" ft_status ft_cuda_backend_create(int device, int act_dtype, ft_backen
         return ft_fail(err, FT_EUNSUPPORTED, "bfloat16 needs compute capability 8.0+ (%s is %d.%d): use float16",
                        prop.name, prop.major, prop.minor);
 
+    /* attention implementation: FT_CUDA_ATTN=gemm (default, cuBLAS tensor cores) or flash */
+    const char *ae = getenv("FT_CUDA_ATTN");
+    int attn_flash = 0;
+    if (ae && ae[0] && strcmp(ae, "gemm") != 0) {
+        if (strcmp(ae, "flash") != 0)
+            return ft_fail(err, FT_EINVAL, "FT_CUDA_ATTN must be 'gemm' or 'flash', got '%s'", ae);
+        attn_flash = 1;
+    }
+    /* f32 score scratch of one attention chunk, MiB (fractions allowed: tests force small chunks) */
+    const char *ce = getenv("FT_CUDA_ATTN_CHUNK_MB");
+    const double chunk_mb = ce && ce[0] ? strtod(ce, NULL) : 64.0;
+    if (!(chunk_mb > 0.0 && chunk_mb <= 65536.0))
+        return ft_fail(err, FT_EINVAL, "FT_CUDA_ATTN_CHUNK_MB must be in (0, 65536], got '%s'", ce);
+
     cuda_backend *be = (cuda_backend *)calloc(1, sizeof *be);
     if (!be) return ft_fail(err, FT_ENOMEM, "out of host memory creating the CUDA backend");
+    be->attn_flash = attn_flash;
+    be->attn_chunk_bytes = (size_t)(chunk_mb * 1048576.0);
     be->alloc_map = calloc(1, sizeof(size_map));
     if (!be->alloc_map) {
         free(be);

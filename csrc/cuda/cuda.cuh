@@ -34,6 +34,8 @@ struct cuda_backend {
     double *red; /* [RED_BLOCKS] partial sums for sumsq */
     double *red_host;
     void *alloc_map; /* pointer -> bytes map (backend.cu) for the memory counters */
+    int attn_flash;  /* FT_CUDA_ATTN=flash: scalar flash kernels instead of the cuBLAS path */
+    size_t attn_chunk_bytes; /* f32 score scratch per attention chunk (FT_CUDA_ATTN_CHUNK_MB) */
 };
 
 struct ft_qlinear {
@@ -41,6 +43,11 @@ struct ft_qlinear {
     f16 *scales;
     float *bias; /* NULL when absent */
     int in, out, bits, groups, zero_offset;
+    /* fused dequant-GEMV (gemv.cu): per column tile arrival counters (zero between calls),
+     * group lookup: gemv_act = 0: every packed word's rows share one group, found as
+     * word_row >> gemv_gshift (gemv_gshift >= 0) or g_idx[word_row * 32/bits]; 1: per row */
+    int *gemv_cnt;
+    int gemv_act, gemv_gshift;
 };
 
 #define RED_BLOCKS 1024
@@ -196,6 +203,12 @@ ft_status cuda_attention_fwd(ft_backend *be, void *out, float *lse, const void *
 ft_status cuda_attention_bwd(ft_backend *be, void *dq, void *dk, void *dv, const void *dout, const void *out,
                              const float *lse, const void *q, const void *k, const void *v, const ft_attn_args *a,
                              ft_error *err);
+/* attention_gemm.cu: the same two ops through cuBLAS batched GEMMs over bounded chunks */
+ft_status cuda_attention_fwd_gemm(ft_backend *be, void *out, float *lse, const void *q, const void *k,
+                                  const void *v, const ft_attn_args *a, ft_error *err);
+ft_status cuda_attention_bwd_gemm(ft_backend *be, void *dq, void *dk, void *dv, const void *dout, const void *out,
+                                  const float *lse, const void *q, const void *k, const void *v,
+                                  const ft_attn_args *a, ft_error *err);
 
 ft_status cuda_lm_logits(ft_backend *be, float *logits, const void *h, const void *W, int n, int V, int D,
                          ft_error *err);
@@ -210,6 +223,12 @@ ft_status cuda_adamw(ft_backend *be, float *p, const float *g, float *m, float *
 ft_status cuda_gather_rows(ft_backend *be, void *dst, const void *src, const int32_t *idx, int n, size_t row_bytes,
                            ft_error *err);
 }
+
+/* gemv.cu: fused dequant-GEMV for few rows (decode). prepare: at qlinear_create (host g_idx);
+ * cuda_qgemv sets *done = 0 (and does nothing) when the GEMV does not apply to this call. */
+ft_status cuda_qgemv_prepare(cuda_backend *be, ft_qlinear *q, const int32_t *host_gidx, ft_error *err);
+ft_status cuda_qgemv(cuda_backend *be, void *y, const void *x, const ft_qlinear *q, int N, int *done,
+                     ft_error *err);
 
 /* row-major GEMM helpers over cuBLAS (column-major): C[M,N] = alpha op(A) op(B) + beta C.
  * ta/tb: 0 = as stored, 1 = transposed. A is [M,K] (or [K,M] when ta), B [K,N] (or [N,K]).

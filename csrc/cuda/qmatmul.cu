@@ -178,6 +178,7 @@ extern "C" void cuda_qlinear_destroy(ft_backend *base, ft_qlinear *q)
     cuda_free_ptr(be, q->scales);
     cuda_free_ptr(be, q->g_idx);
     cuda_free_ptr(be, q->bias);
+    cuda_free_ptr(be, q->gemv_cnt);
     free(q);
 }
 
@@ -219,6 +220,7 @@ extern "C" ft_status cuda_qlinear_create(ft_backend *base, const ft_qlinear_desc
         }
         cuda_free_ptr(be, tmp);
     }
+    if (!st) st = cuda_qgemv_prepare(be, q, (const int32_t *)h->g_idx.data, err);
     if (!st) {
         cudaError_t e = cudaStreamSynchronize(be->stream); /* host arrays may go away after this call */
         if (e != cudaSuccess) st = cuda_fail(err, e, "uploading GPTQ weights");
@@ -245,6 +247,13 @@ extern "C" ft_status cuda_qlinear_fwd(ft_backend *base, void *y, const void *x, 
     if (N <= 0) return FT_OK;
     void *W;
     PROF_T0(be);
+    /* few rows (decode): fused dequant-GEMV reading the packed weights (gemv.cu) */
+    int done = 0;
+    FT_TRY(cuda_qgemv(be, y, x, q, N, &done, err));
+    if (done) {
+        PROF_MARK(be, PR_QGEMM_F);
+        return FT_OK;
+    }
     FT_TRY(dequantize(be, q, &W, err));
     PROF_MARK(be, PR_DEQ);
     const cudaDataType_t t = act_cuda_type(base);
