@@ -20,7 +20,6 @@ Writes <out>/train_<card>_<date>.json and prints a Markdown row set for docs/PER
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as _dt
 import json
 import os
@@ -71,25 +70,19 @@ def make_7b_checkpoint(directory: Path, layers: int = 32) -> Path:
 # --------------------------------------------------------------------------------------------
 # workers (each in its own process)
 
-def _mem_stats(lib):
-    cur, peak, dev = ctypes.c_size_t(), ctypes.c_size_t(), ctypes.c_size_t()
-    lib.ft_cuda_memory_stats(ctypes.byref(cur), ctypes.byref(peak), ctypes.byref(dev), 0)
-    return cur.value, peak.value, dev.value
-
-
 def worker_ours(ckpt: str, mb: int, seq: int, steps: int, warmup: int, dtype: str) -> dict:
     import numpy as np
     import falcontune as ft
     from falcontune import _C
 
-    lib = ctypes.CDLL(_C.__file__)
-    lib.ft_cuda_memory_stats.argtypes = [ctypes.POINTER(ctypes.c_size_t)] * 3 + [ctypes.c_int]
     dev_peak = [0]
     stop = threading.Event()
 
-    def poll():
+    def poll():  # device-wide use (CUDA context included), sampled while the steps run
         while not stop.is_set():
-            dev_peak[0] = max(dev_peak[0], _mem_stats(lib)[2])
+            info = _C.cuda_device_memory()
+            if info:
+                dev_peak[0] = max(dev_peak[0], info[0])
             time.sleep(0.002)
 
     make_7b_checkpoint(Path(ckpt))
@@ -118,7 +111,8 @@ def worker_ours(ckpt: str, mb: int, seq: int, steps: int, warmup: int, dtype: st
             times.append(dt)
     stop.set()
     th.join()
-    cur, peak, dev = _mem_stats(lib)
+    cur, peak = model.engine.memory_stats()
+    dev = (_C.cuda_device_memory() or (0, 0))[0]
     med = statistics.median(times)
     return {"tok_s": round(mb * seq / med, 1), "step_s": round(med, 5), "peak_GiB": round(peak / GiB, 3),
             "device_peak_GiB": round(max(dev_peak[0], dev) / GiB, 3), "load_s": round(load_s, 1),

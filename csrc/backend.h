@@ -141,6 +141,10 @@ typedef struct ft_backend_ops {
     /* dst row i = src row idx[i] (rows of row_bytes); dst and src do not overlap */
     ft_status (*gather_rows)(ft_backend *be, void *dst, const void *src, const int32_t *idx, int n,
                              size_t row_bytes, ft_error *err);
+
+    /* ---- accounting (optional: NULL when the backend does not count) ---- */
+    /* bytes this backend holds now and its high-water mark; reset: mark = now */
+    ft_status (*memory_stats)(ft_backend *be, size_t *current, size_t *peak, int reset, ft_error *err);
 } ft_backend_ops;
 
 struct ft_backend {
@@ -153,6 +157,7 @@ ft_status ft_cpu_backend_create(ft_backend **out, ft_error *err);
 #ifdef FT_WITH_CUDA
 ft_status ft_cuda_backend_create(int device, int act_dtype, ft_backend **out, ft_error *err);
 int ft_cuda_count_devices(void);
+int ft_cuda_mem_info(size_t *used, size_t *total);
 #endif
 
 /* gptq.c: check one quantized linear against the expected shapes and bits. */

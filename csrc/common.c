@@ -79,9 +79,15 @@ float ft_bf16_to_float(uint16_t h)
 #include "backend.h"
 int ft_have_cuda(void) { return 1; }
 int ft_cuda_device_count(void) { return ft_cuda_count_devices(); }
+int ft_cuda_device_memory(size_t *used, size_t *total) { return ft_cuda_mem_info(used, total); }
 #else
 int ft_have_cuda(void) { return 0; }
 int ft_cuda_device_count(void) { return 0; }
+int ft_cuda_device_memory(size_t *used, size_t *total)
+{
+    *used = *total = 0;
+    return -1;
+}
 #endif
 
 /* IEEE binary16, round to nearest even; overflow -> inf */

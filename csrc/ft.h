@@ -191,6 +191,12 @@ float ft_bf16_to_float(uint16_t h);
 /* Build info: 1 when compiled with the CUDA backend. */
 int ft_have_cuda(void);
 int ft_cuda_device_count(void);
+/* Device-wide memory in use and total of the current CUDA device; -1 without CUDA. */
+int ft_cuda_device_memory(size_t *used, size_t *total);
+
+/* Bytes the model's backend holds now and at most since the last reset (0, 0 on the
+ * CPU, which does not count). reset: the high-water mark restarts from now. */
+ft_status ft_memory_stats(ft_model *m, size_t *current, size_t *peak, int reset, ft_error *err);
 
 #ifdef __cplusplus
 }

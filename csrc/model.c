@@ -362,6 +362,13 @@ void ft_model_free(ft_model *m)
 }
 
 const ft_config *ft_model_config(const ft_model *m) { return &m->cfg; }
+
+ft_status ft_memory_stats(ft_model *m, size_t *current, size_t *peak, int reset, ft_error *err)
+{
+    *current = *peak = 0;
+    if (!m->be->ops->memory_stats) return FT_OK;
+    return m->be->ops->memory_stats(m->be, current, peak, reset, err);
+}
 const char *ft_model_device(const ft_model *m) { return m->device; }
 ft_dtype ft_model_act_dtype(const ft_model *m) { return m->be->act_dtype; }
 

@@ -731,6 +731,20 @@ static PyObject *Model_cache_reorder(ModelObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *Model_memory_stats(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"reset", NULL};
+    int reset = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p", kwlist, &reset)) return NULL;
+    if (begin(self)) return NULL;
+    ft_error err = {0};
+    size_t current = 0, peak = 0;
+    ft_status st = ft_memory_stats(self->model, &current, &peak, reset, &err);
+    end(self);
+    if (st) return raise_ft(&err);
+    return Py_BuildValue("(nn)", (Py_ssize_t)current, (Py_ssize_t)peak);
+}
+
 static PyObject *Model_get_device(ModelObject *self, void *closure)
 {
     (void)closure;
@@ -770,6 +784,8 @@ static PyMethodDef Model_methods[] = {
     {"forward_cached", (PyCFunction)Model_forward_cached, METH_VARARGS,
      "forward_cached(ids, mask=None) -> float32 [B, V] logits of the last position"},
     {"cache_reorder", (PyCFunction)Model_cache_reorder, METH_VARARGS, "cache_reorder(src_rows)"},
+    {"memory_stats", (PyCFunction)(void (*)(void))Model_memory_stats, METH_VARARGS | METH_KEYWORDS,
+     "memory_stats(reset=False) -> (bytes held now, high-water mark); (0, 0) on the CPU"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -808,6 +824,18 @@ static PyObject *mod_cuda_device_count(PyObject *self, PyObject *Py_UNUSED(ignor
     n = ft_cuda_device_count();
     Py_END_ALLOW_THREADS
     return PyLong_FromLong(n);
+}
+
+static PyObject *mod_cuda_device_memory(PyObject *self, PyObject *Py_UNUSED(ignored))
+{
+    (void)self;
+    size_t used = 0, total = 0;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ft_cuda_device_memory(&used, &total);
+    Py_END_ALLOW_THREADS
+    if (rc) Py_RETURN_NONE;
+    return Py_BuildValue("(nn)", (Py_ssize_t)used, (Py_ssize_t)total);
 }
 
 static PyObject *mod_sample_token(PyObject *self, PyObject *args, PyObject *kwds)
@@ -915,6 +943,8 @@ static PyMethodDef module_methods[] = {
      "quantize_rtn(weight, bits, group_size) -> (qweight, qzeros, scales, g_idx)"},
     {"have_cuda", mod_have_cuda, METH_NOARGS, "True when built with the CUDA backend."},
     {"cuda_device_count", mod_cuda_device_count, METH_NOARGS, "Number of usable CUDA devices (0 without)."},
+    {"cuda_device_memory", mod_cuda_device_memory, METH_NOARGS,
+     "(bytes in use, total) of the current CUDA device, all processes; None without CUDA."},
     {"sample_token", (PyCFunction)(void (*)(void))mod_sample_token, METH_VARARGS | METH_KEYWORDS,
      "sample_token(logits, prev, repetition_penalty, temperature, top_k, top_p, u) -> id"},
     {NULL, NULL, 0, NULL},

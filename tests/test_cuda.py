@@ -224,3 +224,16 @@ def test_forced_dtypes_and_errors(tmp_path):
         ft.load_model(d, device="cuda", dtype="float32")
     with pytest.raises(Exception):
         ft.load_model(d, device="cuda:99")
+
+
+def test_memory_stats_count_the_backend(falcon7b_layer):
+    m = ft.load_model(falcon7b_layer, device="cuda")
+    cur, peak = m.engine.memory_stats()
+    assert 0 < cur <= peak
+    ids = np.random.default_rng(0).integers(0, m.config.vocab_size, size=(2, 64))
+    m.forward(ids)
+    cur2, peak2 = m.engine.memory_stats()
+    assert peak2 >= cur2 >= cur  # the workspace stays allocated
+    assert m.engine.memory_stats(reset=True)[1] == cur2
+    used, total = ft._C.cuda_device_memory()
+    assert 0 < used <= total

@@ -244,3 +244,10 @@ def test_bad_masks_labels_and_lora_shapes(model_dir):
         m.load_lora_state_dict(sd)
     with pytest.raises(ValueError, match="unknown module"):
         m.add_lora(target_modules=["q_proj"])
+
+
+def test_cpu_memory_stats_are_not_counted(model_dir):
+    m = ft.load_model(model_dir, device="cpu")
+    assert m.engine.memory_stats() == (0, 0)
+    if not ft._C.have_cuda():
+        assert ft._C.cuda_device_memory() is None

@@ -5,8 +5,8 @@
  * A failed allocation (cudaErrorMemoryAllocation) is reported as FT_EDEVMEM
  * and leaves the backend usable: nothing is half-allocated. Memory counters
  * (current and high-water bytes of everything this backend allocated,
- * scratch and the cuBLAS workspace included) are readable through
- * ft_cuda_memory_stats() for benchmarks.
+ * scratch and the cuBLAS workspace included) live in the backend object and
+ * are read through the memory_stats op (model.memory_stats() in Python).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -85,39 +85,35 @@ static size_t map_take(size_map *m, void *p)
     return v;
 }
 
-static size_t g_cur_bytes = 0, g_peak_bytes = 0;
-
-static void count_alloc(size_t bytes)
+static void count_alloc(cuda_backend *be, size_t bytes)
 {
-    size_t cur = __atomic_add_fetch(&g_cur_bytes, bytes, __ATOMIC_SEQ_CST);
-    size_t peak = __atomic_load_n(&g_peak_bytes, __ATOMIC_SEQ_CST);
-    while (cur > peak &&
-           !__atomic_compare_exchange_n(&g_peak_bytes, &peak, cur, 1, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
-    }
+    be->cur_bytes += bytes;
+    if (be->cur_bytes > be->peak_bytes) be->peak_bytes = be->cur_bytes;
 }
 
-/* Exported for benchmarks (ctypes): bytes allocated now and at most since the last reset,
- * over every CUDA backend of the process; device_used: total - free of the current device. */
-extern "C" __attribute__((visibility("default"))) int ft_cuda_memory_stats(size_t *current, size_t *peak,
-                                                                            size_t *device_used, int reset)
+static ft_status op_memory_stats(ft_backend *base, size_t *current, size_t *peak, int reset, ft_error *err)
 {
-    if (current) *current = __atomic_load_n(&g_cur_bytes, __ATOMIC_SEQ_CST);
-    if (peak) *peak = __atomic_load_n(&g_peak_bytes, __ATOMIC_SEQ_CST);
-    if (device_used) {
-        size_t fr = 0, tot = 0;
-        if (cudaMemGetInfo(&fr, &tot) != cudaSuccess) {
-            cudaGetLastError();
-            return -1;
-        }
-        *device_used = tot - fr;
+    (void)err;
+    cuda_backend *be = CB(base);
+    *current = be->cur_bytes;
+    *peak = be->peak_bytes;
+    if (reset) be->peak_bytes = be->cur_bytes;
+    return FT_OK;
+}
+
+/* Device-wide use (every process and context), for benchmarks: total - free. */
+extern "C" int ft_cuda_mem_info(size_t *used, size_t *total)
+{
+    size_t fr = 0, tot = 0;
+    if (cudaMemGetInfo(&fr, &tot) != cudaSuccess) {
+        cudaGetLastError();
+        return -1;
     }
-    if (reset) __atomic_store_n(&g_peak_bytes, __atomic_load_n(&g_cur_bytes, __ATOMIC_SEQ_CST), __ATOMIC_SEQ_CST);
+    *used = tot - fr;
+    *total = tot;
     return 0;
 }
 
-int g_prof_on = 0;
-static double g_prof[PR_N];
-static long g_prof_n[PR_N];
 static const char *const g_prof_names[PR_N] = {
     "dequant", "qlinear gemm fwd", "qlinear gemm bwd", "lora fwd", "lora bwd", "attention fwd",
     "attention bwd dq", "attention bwd dv", "attention bwd dk", "attention bwd group sum", "qkv split",
@@ -133,12 +129,14 @@ double prof_now(cuda_backend *be)
 
 void prof_add(cuda_backend *be, int id, double t0)
 {
-    g_prof[id] += prof_now(be) - t0;
-    g_prof_n[id]++;
+    be->prof_s[id] += prof_now(be) - t0;
+    be->prof_calls[id]++;
 }
 
-static void prof_report(void)
+static void prof_report(cuda_backend *be)
 {
+    const double *g_prof = be->prof_s;
+    const long *g_prof_n = be->prof_calls;
     double tot = 0;
     for (int i = 0; i < PR_N; i++) tot += g_prof[i];
     if (tot <= 0) return;
@@ -147,8 +145,6 @@ static void prof_report(void)
         if (g_prof_n[i])
             fprintf(stderr, "  %-26s %9.3f ms %5.1f%% (%ld calls)\n", g_prof_names[i], 1e3 * g_prof[i],
                     100 * g_prof[i] / tot, g_prof_n[i]);
-    memset(g_prof, 0, sizeof g_prof);
-    memset(g_prof_n, 0, sizeof g_prof_n);
 }
 
 ft_status cuda_fail(ft_error *err, cudaError_t e, const char *what)
@@ -191,7 +187,7 @@ ft_status cuda_malloc(cuda_backend *be, size_t bytes, void **ptr, ft_error *err,
         cudaFree(p);
         return ft_fail(err, FT_ENOMEM, "out of host memory");
     }
-    count_alloc(n);
+    count_alloc(be, n);
     *ptr = p;
     return FT_OK;
 }
@@ -200,7 +196,7 @@ void cuda_free_ptr(cuda_backend *be, void *ptr)
 {
     if (!ptr) return;
     const size_t n = map_take((size_map *)be->alloc_map, ptr);
-    __atomic_sub_fetch(&g_cur_bytes, n, __ATOMIC_SEQ_CST);
+    be->cur_bytes -= n;
     /* cudaFree synchronises the device: pending kernels that use ptr finish first */
     cudaFree(ptr);
     cudaGetLastError();
@@ -362,7 +358,7 @@ static void op_destroy(ft_backend *base)
     cuda_backend *be = CB(base);
     cudaSetDevice(be->device);
     cudaStreamSynchronize(be->stream);
-    if (g_prof_on) prof_report();
+    if (be->prof_on) prof_report(be);
     for (int i = 0; i < SCR_N; i++) cuda_free_ptr(be, be->scratch[i]);
     cuda_free_ptr(be, be->red);
     if (be->blas) cublasDestroy(be->blas);
@@ -411,6 +407,7 @@ static const ft_backend_ops cuda_ops = {
     cuda_sumsq,
     cuda_adamw,
     cuda_gather_rows,
+    op_memory_stats,
 };
 
 extern "C" int ft_cuda_count_devices(void)
@@ -476,7 +473,7 @@ extern "C" ft_status ft_cuda_backend_create(int device, int act_dtype, ft_backen
     be->base.weight_dtype = dt;
     be->device = device;
     const char *pe = getenv("FT_CUDA_PROFILE");
-    g_prof_on = pe && pe[0] == '1';
+    be->prof_on = pe && pe[0] == '1';
     ft_status st = FT_OK;
     cudaError_t e = cudaStreamCreateWithFlags(&be->stream, cudaStreamNonBlocking);
     if (e != cudaSuccess) st = cuda_fail(err, e, "creating a CUDA stream");

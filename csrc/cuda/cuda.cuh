@@ -20,6 +20,11 @@
 typedef __nv_bfloat16 bf16;
 typedef __half f16;
 
+/* Optional per-op timing (FT_CUDA_PROFILE=1): synchronises around each timed region
+ * and prints a table to stderr when the backend is destroyed. For finding hot spots only. */
+enum { PR_DEQ, PR_QGEMM_F, PR_QGEMM_B, PR_LORA_F, PR_LORA_B, PR_ATT_F, PR_ATT_DQ, PR_ATT_DV, PR_ATT_DK,
+       PR_ATT_SUM, PR_QKV, PR_LN, PR_ELEM, PR_LM, PR_CE, PR_OPT, PR_N };
+
 /* scratch slots: each a device buffer grown on demand, reused call after call */
 enum { SCR_DEQ = 0, SCR_LORA0, SCR_LORA1, SCR_LORA2, SCR_ATTN, SCR_MISC, SCR_N };
 
@@ -34,6 +39,10 @@ struct cuda_backend {
     double *red; /* [RED_BLOCKS] partial sums for sumsq */
     double *red_host;
     void *alloc_map; /* pointer -> bytes map (backend.cu) for the memory counters */
+    size_t cur_bytes, peak_bytes; /* this backend's device allocations: now, and the high-water mark */
+    int prof_on;                  /* FT_CUDA_PROFILE=1 */
+    double prof_s[PR_N];          /* seconds per op family */
+    long prof_calls[PR_N];
     int attn_flash;  /* FT_CUDA_ATTN=flash: scalar flash kernels instead of the cuBLAS path */
     size_t attn_chunk_bytes; /* f32 score scratch per attention chunk (FT_CUDA_ATTN_CHUNK_MB) */
 };
@@ -152,17 +161,12 @@ __device__ __forceinline__ float block_max(float v, float *sh)
     return warp_max(v);
 }
 
-/* Optional per-op timing (FT_CUDA_PROFILE=1): synchronises around each timed region
- * and prints a table to stderr when the backend is destroyed. For finding hot spots only. */
-enum { PR_DEQ, PR_QGEMM_F, PR_QGEMM_B, PR_LORA_F, PR_LORA_B, PR_ATT_F, PR_ATT_DQ, PR_ATT_DV, PR_ATT_DK,
-       PR_ATT_SUM, PR_QKV, PR_LN, PR_ELEM, PR_LM, PR_CE, PR_OPT, PR_N };
-extern int g_prof_on;
 double prof_now(cuda_backend *be);
 void prof_add(cuda_backend *be, int id, double t0);
-#define PROF_T0(be) double prof_t0_ = g_prof_on ? prof_now(be) : 0.0
+#define PROF_T0(be) double prof_t0_ = (be)->prof_on ? prof_now(be) : 0.0
 #define PROF_MARK(be, id)                          \
     do {                                           \
-        if (g_prof_on) {                           \
+        if ((be)->prof_on) {                       \
             prof_add(be, id, prof_t0_);            \
             prof_t0_ = prof_now(be);               \
         }                                          \
