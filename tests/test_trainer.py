@@ -358,3 +358,32 @@ def test_merge_matches_ours_and_loads_in_transformers(tiny: dict[str, Path], tmp
         with torch.no_grad():
             theirs = hf(torch.tensor(ids)).logits.numpy()
         assert np.linalg.norm(ours - theirs) / np.linalg.norm(ours) < 5e-3
+
+
+def test_disk_full_during_a_checkpoint_keeps_earlier_ones(tiny: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC while writing checkpoint-4: a clear OSError, checkpoint-2 intact and resumable,
+    nothing half-written left in the output directory."""
+    import errno
+
+    from falcontune import lora_io
+
+    real = lora_io.save_safetensors
+    calls = {"n": 0}
+
+    def full_after_first(path: Any, *a: Any, **k: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(lora_io, "save_safetensors", full_after_first)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        _run(tiny, out, epochs=2, save_steps=2)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".checkpoint", "checkpoint"))) == ["checkpoint-2"]
+    monkeypatch.setattr(lora_io, "save_safetensors", real)
+    state = ckpt.load_checkpoint(out / "checkpoint-2")
+    assert state is not None
+    res = _run(tiny, out, epochs=2, save_steps=2, resume_checkpoint=str(out / "checkpoint-2"))
+    assert (res.adapter_dir / "adapter_model.safetensors").is_file()
