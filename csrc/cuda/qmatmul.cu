@@ -189,8 +189,9 @@ extern "C" ft_status cuda_qlinear_fwd(ft_backend *base, void *y, const void *x, 
     FT_TRY(dequantize(be, q, &W, err));
     PROF_MARK(be, PR_DEQ);
     const cudaDataType_t t = act_cuda_type(base);
-    /* y[N,out] = x[N,in] W[in,out]. (dequantize_t + a "TN" product was tried: its uncoalesced
-     * column writes cost more than the layout saved; kept for a coalesced rewrite.) */
+    /* y[N,out] = x[N,in] W[in,out]. (A transposed dequantization + "TN" product was tried: its
+     * uncoalesced column writes cost more than the layout saved; a tiled, coalesced transpose is
+     * the next thing to try.) */
     FT_TRY(gemm_rm(be, 0, 0, N, q->out, q->in, 1.0f, x, t, q->in, W, t, q->out, 0.0f, y, t, q->out, err));
     PROF_MARK(be, PR_QGEMM_F);
     if (q->bias) {
