@@ -98,6 +98,30 @@ static unsigned ag_blocks(size_t rows) { return (unsigned)((rows + AG_WARPS - 1)
 /* ------------------------------------------------------------------------ */
 /* row kernels: one warp per score row; lane l covers columns 4l + 128k      */
 
+/* p[0..Tk) = exp(score - ls) (act) of one row held by a warp; 0 where masked, beyond the causal
+ * limit ro.n, or for a fully masked row (ls = -inf). Forward and backward write P the same way. */
+template <typename T>
+__device__ __forceinline__ void ag_write_probs(T *p, const float *s, float ls, const ag_p &a, const ag_row &ro,
+                                               const int32_t *km, const int32_t *kp, float slope, int lane)
+{
+    for (int j = 4 * lane; j < a.Tk; j += 128) {
+        act4<T> o;
+        if (j < ro.n && ls != -INFINITY) {
+            const float4 v = *(const float4 *)(s + j);
+            const float d[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float x = ag_score(a, km, kp, slope, ro.n, j + e, d[e]);
+                o.v[e] = cv<T>(x == -INFINITY ? 0.0f : expf(x - ls));
+            }
+        } else {
+#pragma unroll
+            for (int e = 0; e < 4; e++) o.v[e] = cv<T>(0.0f);
+        }
+        *(act4<T> *)(p + j) = o;
+    }
+}
+
 /* forward softmax: P[w, 0..Tk) (act), lse of the row. Reads S only where causally visible. */
 template <typename T>
 __global__ void __launch_bounds__(32 * AG_WARPS) ag_softmax_fwd(T *P, float *lse, const float *S, int nrows, ag_p a)
@@ -132,22 +156,7 @@ __global__ void __launch_bounds__(32 * AG_WARPS) ag_softmax_fwd(T *P, float *lse
     if (lane == 0) lse[ro.qrow] = ls;
 
     /* pass 2: P = exp(x - lse); zero for masked, non-causal and fully masked rows */
-    for (int j = 4 * lane; j < a.Tk; j += 128) {
-        act4<T> o;
-        if (j < ro.n && ls != -INFINITY) {
-            const float4 v = *(const float4 *)(s + j);
-            const float d[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const float x = ag_score(a, km, kp, slope, ro.n, j + e, d[e]);
-                o.v[e] = cv<T>(x == -INFINITY ? 0.0f : expf(x - ls));
-            }
-        } else {
-#pragma unroll
-            for (int e = 0; e < 4; e++) o.v[e] = cv<T>(0.0f);
-        }
-        *(act4<T> *)(p + j) = o;
-    }
+    ag_write_probs(p, s, ls, a, ro, km, kp, slope, lane);
 }
 
 /* backward: P[w, 0..Tk) = exp(x - lse) (act) from the recomputed S */
@@ -162,22 +171,7 @@ __global__ void __launch_bounds__(32 * AG_WARPS) ag_probs_bwd(T *P, const float 
     const int32_t *km = a.kmask + (size_t)ro.b * a.Tk, *kp = a.kpos + (size_t)ro.b * a.Tk;
     const float slope = a.slopes ? a.slopes[ro.h] : 0.0f;
     const float ls = lse[ro.qrow];
-    for (int j = 4 * lane; j < a.Tk; j += 128) {
-        act4<T> o;
-        if (j < ro.n && ls != -INFINITY) {
-            const float4 v = *(const float4 *)(s + j);
-            const float d[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const float x = ag_score(a, km, kp, slope, ro.n, j + e, d[e]);
-                o.v[e] = cv<T>(x == -INFINITY ? 0.0f : expf(x - ls));
-            }
-        } else {
-#pragma unroll
-            for (int e = 0; e < 4; e++) o.v[e] = cv<T>(0.0f);
-        }
-        *(act4<T> *)(p + j) = o;
-    }
+    ag_write_probs(p, s, ls, a, ro, km, kp, slope, lane);
 }
 
 /* backward: X[w, j] = P (dP - D_w) in place, for the causally visible columns (P is 0 beyond) */
