@@ -145,6 +145,10 @@ ft_status ft_forward(ft_model *m, const int32_t *ids, const int32_t *mask, int B
 ft_status ft_forward_backward(ft_model *m, const int32_t *ids, const int32_t *labels,
                               const int32_t *mask, int B, int T, float grad_scale,
                               double *loss, int64_t *n_tokens, ft_error *err);
+/* The same loss without gradients, dropout or a LoRA requirement (evaluation): the logits
+ * never leave the device. */
+ft_status ft_forward_loss(ft_model *m, const int32_t *ids, const int32_t *labels, const int32_t *mask, int B,
+                          int T, double *loss, int64_t *n_tokens, ft_error *err);
 
 /* ---- optimizer ----------------------------------------------------------- */
 typedef struct ft_adamw_params {

@@ -900,13 +900,16 @@ ft_status ft_forward(ft_model *m, const int32_t *ids, const int32_t *mask, int B
     return FT_OK;
 }
 
-ft_status ft_forward_backward(ft_model *m, const int32_t *ids, const int32_t *labels, const int32_t *mask, int B,
-                              int T, float grad_scale, double *loss, int64_t *n_tokens, ft_error *err)
+/* The loss of a batch, and with `backward` its LoRA gradients. Without backward nothing is
+ * kept for a backward pass, no dropout is drawn and no LoRA is needed (evaluation). */
+static ft_status loss_step(ft_model *m, const int32_t *ids, const int32_t *labels, const int32_t *mask, int B, int T,
+                           float grad_scale, int backward, double *loss, int64_t *n_tokens, ft_error *err)
 {
     const ft_config *c = &m->cfg;
     const ft_backend_ops *op = m->be->ops;
     CALL(check_ids(m, ids, mask, B, T, T, err));
-    if (!m->lora_r) return ft_fail(err, FT_ESTATE, "forward_backward needs a LoRA adapter (call add_lora first)");
+    if (backward && !m->lora_r)
+        return ft_fail(err, FT_ESTATE, "forward_backward needs a LoRA adapter (call add_lora first)");
     if (!isfinite(grad_scale)) return ft_fail(err, FT_EINVAL, "grad_scale must be finite");
     const int N = B * T, V = c->vocab_size, D = c->hidden, L = c->n_layer;
 
@@ -931,21 +934,28 @@ ft_status ft_forward_backward(ft_model *m, const int32_t *ids, const int32_t *la
         free(tgt);
         return FT_OK;
     }
-    ft_status st = ensure_workspace(m, N, 1, err);
+    ft_status st = ensure_workspace(m, N, backward, err);
     workspace *ws = &m->ws;
     step_ctx s;
     if (!st) st = prepare_step(m, &s, ids, mask, B, T, err);
     if (!st) st = op->upload(m->be, ws->tgt, tgt, (size_t)N * sizeof(int32_t), err);
     free(tgt);
     if (st) return st;
-    s.train = m->training;
-    s.seed = ft_mix64(m->rng_seed ^ ft_mix64(m->rng_counter));
-    m->rng_counter++;
-
-    CALL(run_layers(m, &s, err));
+    if (backward) {
+        s.train = m->training;
+        s.seed = ft_mix64(m->rng_seed ^ ft_mix64(m->rng_counter));
+        m->rng_counter++;
+        st = run_layers(m, &s, err);
+    } else { /* evaluation: the shared activation set, whatever the workspace holds */
+        const int was_train = ws->train;
+        ws->train = 0;
+        st = run_layers(m, &s, err);
+        ws->train = was_train;
+    }
+    if (st) return st;
 
     /* head + loss in row chunks: logits -> dlogits in place -> dhf (into da1) */
-    const float gmul = grad_scale / (float)n_valid;
+    const float gmul = backward ? grad_scale / (float)n_valid : 0.0f;
     double sum = 0.0;
     float *row_loss = malloc((size_t)ws->chunk * sizeof(float));
     if (!row_loss) return ft_fail(err, FT_ENOMEM, "out of host memory");
@@ -955,13 +965,14 @@ ft_status ft_forward_backward(ft_model *m, const int32_t *ids, const int32_t *la
         char *dh = (char *)ws->da1 + act_bytes(m, (size_t)r0 * D);
         st = op->lm_logits(m->be, ws->logits, h, m->lm_head, n, V, D, err);
         if (!st) st = op->cross_entropy(m->be, ws->logits, ws->row_loss, ws->tgt + r0, n, V, gmul, err);
-        if (!st) st = op->lm_bwd(m->be, dh, ws->logits, m->lm_head, n, V, D, err);
+        if (!st && backward) st = op->lm_bwd(m->be, dh, ws->logits, m->lm_head, n, V, D, err);
         if (!st) st = op->download(m->be, row_loss, ws->row_loss, (size_t)n * sizeof(float), err);
         for (int i = 0; i < n && !st; i++) sum += row_loss[i];
     }
     free(row_loss);
     if (st) return st;
     *loss = sum / (double)n_valid;
+    if (!backward) return FT_OK;
 
     /* dres = ln_f'(dhf) */
     CALL(op->zero(m->be, ws->dres, act_bytes(m, (size_t)N * D), err));
@@ -975,6 +986,18 @@ ft_status ft_forward_backward(ft_model *m, const int32_t *ids, const int32_t *la
         CALL(layer_backward(m, &s, l, A, ws->xs[l], l > m->lora_min_layer, err));
     }
     return op->sync(m->be, err);
+}
+
+ft_status ft_forward_backward(ft_model *m, const int32_t *ids, const int32_t *labels, const int32_t *mask, int B,
+                              int T, float grad_scale, double *loss, int64_t *n_tokens, ft_error *err)
+{
+    return loss_step(m, ids, labels, mask, B, T, grad_scale, 1, loss, n_tokens, err);
+}
+
+ft_status ft_forward_loss(ft_model *m, const int32_t *ids, const int32_t *labels, const int32_t *mask, int B, int T,
+                          double *loss, int64_t *n_tokens, ft_error *err)
+{
+    return loss_step(m, ids, labels, mask, B, T, 1.0f, 0, loss, n_tokens, err);
 }
 
 /* ------------------------------------------------------------------------ */

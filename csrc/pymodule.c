@@ -605,11 +605,13 @@ fail:
 
 static PyObject *Model_forward(ModelObject *self, PyObject *args) { return logits_call(self, args, 0); }
 
-static PyObject *Model_forward_backward(ModelObject *self, PyObject *args)
+/* forward_backward (backward = 1) and forward_loss (0) share their argument handling */
+static PyObject *loss_call(ModelObject *self, PyObject *args, int backward)
 {
     PyObject *ids_obj, *labels_obj, *mask_obj = Py_None;
     float grad_scale = 1.0f;
-    if (!PyArg_ParseTuple(args, "OO|Of", &ids_obj, &labels_obj, &mask_obj, &grad_scale)) return NULL;
+    if (!PyArg_ParseTuple(args, backward ? "OO|Of" : "OO|O", &ids_obj, &labels_obj, &mask_obj, &grad_scale))
+        return NULL;
     if (begin(self)) return NULL;
     PyArrayObject *ids = NULL, *mask = NULL, *labels = NULL;
     PyObject *ret = NULL;
@@ -626,8 +628,10 @@ static PyObject *Model_forward_backward(ModelObject *self, PyObject *args)
     double loss = 0.0;
     int64_t n = 0;
     Py_BEGIN_ALLOW_THREADS
-    st = ft_forward_backward(self->model, PyArray_DATA(ids), PyArray_DATA(labels), mask ? PyArray_DATA(mask) : NULL,
-                             B, T, grad_scale, &loss, &n, &err);
+    st = backward ? ft_forward_backward(self->model, PyArray_DATA(ids), PyArray_DATA(labels),
+                                        mask ? PyArray_DATA(mask) : NULL, B, T, grad_scale, &loss, &n, &err)
+                  : ft_forward_loss(self->model, PyArray_DATA(ids), PyArray_DATA(labels),
+                                    mask ? PyArray_DATA(mask) : NULL, B, T, &loss, &n, &err);
     Py_END_ALLOW_THREADS
     if (st) {
         raise_ft(&err);
@@ -641,6 +645,9 @@ done:
     Py_XDECREF(labels);
     return ret;
 }
+
+static PyObject *Model_forward_backward(ModelObject *self, PyObject *args) { return loss_call(self, args, 1); }
+static PyObject *Model_forward_loss(ModelObject *self, PyObject *args) { return loss_call(self, args, 0); }
 
 static PyObject *Model_adamw_step(ModelObject *self, PyObject *args, PyObject *kwds)
 {
@@ -775,6 +782,8 @@ static PyMethodDef Model_methods[] = {
     {"forward", (PyCFunction)Model_forward, METH_VARARGS, "forward(ids, mask=None) -> float32 [B, T, V]"},
     {"forward_backward", (PyCFunction)Model_forward_backward, METH_VARARGS,
      "forward_backward(ids, labels, mask=None, grad_scale=1.0) -> (loss, n_tokens)"},
+    {"forward_loss", (PyCFunction)Model_forward_loss, METH_VARARGS,
+     "forward_loss(ids, labels, mask=None) -> (loss, n_tokens): the loss without gradients or dropout"},
     {"adamw_step", (PyCFunction)(void (*)(void))Model_adamw_step, METH_VARARGS | METH_KEYWORDS,
      "adamw_step(lr, beta1, beta2, eps, weight_decay, max_grad_norm, grad_scale, step) -> grad norm"},
     {"grad_norm", (PyCFunction)Model_grad_norm, METH_NOARGS, "L2 norm of the LoRA gradients"},

@@ -457,6 +457,13 @@ class FalconModel:
                                                 _opt_2d(attention_mask), float(grad_scale))
         return float(loss)
 
+    def loss(self, input_ids: Any, labels: Any, attention_mask: Any = None) -> tuple[float, int]:
+        """(mean loss over labels != -100, number of such tokens) without gradients or dropout:
+        evaluation; the logits stay on the device."""
+        loss, n = self._engine.forward_loss(_as_2d(input_ids, "input_ids"), _as_2d(labels, "labels"),
+                                            _opt_2d(attention_mask))
+        return float(loss), int(n)
+
     def forward_backward_count(self, input_ids: Any, labels: Any, attention_mask: Any = None,
                                grad_scale: float = 1.0) -> tuple[float, int]:
         """As forward_backward, also returning the number of predicted tokens."""

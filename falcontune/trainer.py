@@ -184,20 +184,6 @@ def prepare_data(dataset: PathLike, records: list[dict[str, str]], tokenizer: An
     return _Data(train=train, val=val, n_records=len(records), fingerprint=_file_sha256(Path(dataset)))
 
 
-def _nll(logits: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
-    """Summed token cross-entropy of shifted labels (position t predicts labels[t+1])."""
-    y = labels[:, 1:]
-    mask = y != -100
-    sel = logits[:, :-1][mask]
-    tgt = y[mask]
-    if tgt.size == 0:
-        return 0.0, 0
-    top = sel.max(axis=1)
-    lse = np.log(np.exp(sel - top[:, None]).sum(axis=1, dtype=np.float64)) + top
-    picked = np.take_along_axis(sel, tgt[:, None], axis=1)[:, 0]
-    return float((lse - picked).sum()), int(tgt.size)
-
-
 def evaluate(model: Any, ds: TokenizedDataset, batch_size: int, pad_id: int) -> tuple[float, float, int]:
     """(mean eval loss over label tokens, runtime in s, number of batches)."""
     t0 = time.perf_counter()
@@ -208,8 +194,8 @@ def evaluate(model: Any, ds: TokenizedDataset, batch_size: int, pad_id: int) -> 
     try:
         for idx in batches:
             b = collate(ds, idx, pad_id)
-            s, n = _nll(model.forward(b["input_ids"], b["attention_mask"]), b["labels"])
-            total, count = total + s, count + n
+            mean, n = model.loss(b["input_ids"], b["labels"], b["attention_mask"])
+            total, count = total + mean * n, count + n
     finally:
         model.train(was_training)
     return (total / count if count else float("nan")), time.perf_counter() - t0, len(batches)

@@ -237,3 +237,13 @@ def test_memory_stats_count_the_backend(falcon7b_layer):
     assert m.engine.memory_stats(reset=True)[1] == cur2
     used, total = ft._C.cuda_device_memory()
     assert 0 < used <= total
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_forward_loss_matches_cpu(tmp_path, dtype):
+    d = testing.make_checkpoint(tmp_path, preset="tiny-40b", bits=4, group_size=32, seed=5)
+    cpu, gpu = make_pair(d, dtype)
+    ids, mask, labels = batch(cpu.config.vocab_size, 3, 40)
+    (lc, nc), (lg, ng) = cpu.loss(ids, labels, mask), gpu.loss(ids, labels, mask)
+    assert nc == ng and abs(lg - lc) <= 1e-2 * max(1.0, abs(lc))
+    assert all(not v.any() for v in gpu.lora_grad_dict().values())  # no gradient was taken

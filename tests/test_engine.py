@@ -251,3 +251,23 @@ def test_cpu_memory_stats_are_not_counted(model_dir):
     assert m.engine.memory_stats() == (0, 0)
     if not ft._C.have_cuda():
         assert ft._C.cuda_device_memory() is None
+
+
+def test_forward_loss_is_the_eval_loss_without_side_effects(model_dir):
+    rng = np.random.default_rng(13)
+    m = ft.load_model(model_dir, device="cpu")
+    ids, labels, mask = _batch(rng, m.config.vocab_size)
+    loss0, n0 = m.loss(ids, labels, mask)  # no LoRA needed
+    assert n0 == int((labels[:, 1:] != -100).sum())
+    m.add_lora(r=2, alpha=4, dropout=0.5, target_modules=ALL)
+    _random_lora(m, rng)
+    m.train()  # dropout on for training, never for the loss
+    rng_state = m.engine.get_rng()
+    m.zero_grad()
+    a, n = m.loss(ids, labels, mask)
+    b, _ = m.loss(ids, labels, mask)
+    assert a == b and n == n0
+    assert m.engine.get_rng() == rng_state
+    assert all(not v.any() for v in m.lora_grad_dict().values())
+    m.eval()
+    assert abs(m.forward_backward(ids, labels, mask) - a) <= 1e-6 * abs(a)
