@@ -862,13 +862,15 @@ static ft_status prepare_step(ft_model *m, step_ctx *s, const int32_t *ids, cons
     return st;
 }
 
-static ft_status run_layers(ft_model *m, const step_ctx *s, ft_error *err)
+/* Embedding, layers, ln_f. save: keep each layer's activations for backward (a training
+ * workspace); otherwise every layer reuses the shared set (inference, evaluation). */
+static ft_status run_layers(ft_model *m, const step_ctx *s, int save, ft_error *err)
 {
     workspace *ws = &m->ws;
     const int L = m->cfg.n_layer;
     CALL(m->be->ops->embed(m->be, ws->xs[0], ws->ids, m->embed, s->N, m->cfg.hidden, err));
     for (int l = 0; l < L; l++) {
-        layer_acts *A = ws->train ? &ws->acts[l] : &ws->shared;
+        layer_acts *A = save ? &ws->acts[l] : &ws->shared;
         CALL(layer_forward(m, s, l, A, ws->xs[l], ws->xs[l + 1], NULL, NULL, err));
     }
     return m->be->ops->layernorm_fwd(m->be, ws->hf, ws->meanf, ws->rstdf, ws->xs[L], m->lnf_w, m->lnf_b, s->N,
@@ -883,13 +885,8 @@ ft_status ft_forward(ft_model *m, const int32_t *ids, const int32_t *mask, int B
     step_ctx s;
     CALL(prepare_step(m, &s, ids, mask, B, T, err));
     s.train = 0;
-    /* inference reuses the shared activation set whatever the workspace holds */
     workspace *ws = &m->ws;
-    const int was_train = ws->train;
-    ws->train = 0;
-    ft_status st = run_layers(m, &s, err);
-    ws->train = was_train;
-    if (st) return st;
+    CALL(run_layers(m, &s, 0, err));
     const int V = m->cfg.vocab_size, D = m->cfg.hidden;
     for (int r0 = 0; r0 < s.N; r0 += ws->chunk) {
         const int n = s.N - r0 < ws->chunk ? s.N - r0 : ws->chunk;
@@ -945,14 +942,8 @@ static ft_status loss_step(ft_model *m, const int32_t *ids, const int32_t *label
         s.train = m->training;
         s.seed = ft_mix64(m->rng_seed ^ ft_mix64(m->rng_counter));
         m->rng_counter++;
-        st = run_layers(m, &s, err);
-    } else { /* evaluation: the shared activation set, whatever the workspace holds */
-        const int was_train = ws->train;
-        ws->train = 0;
-        st = run_layers(m, &s, err);
-        ws->train = was_train;
     }
-    if (st) return st;
+    CALL(run_layers(m, &s, backward, err));
 
     /* head + loss in row chunks: logits -> dlogits in place -> dhf (into da1) */
     const float gmul = backward ? grad_scale / (float)n_valid : 0.0f;
@@ -1122,13 +1113,9 @@ ft_status ft_forward_cached(ft_model *m, const int32_t *ids, const int32_t *mask
     memset(&s, 0, sizeof s);
     s.B = B; s.T = T; s.N = N; s.Tk = Tk; s.cap = kc->cap; s.past = kc->len;
     s.kmask = kc->kmask; s.kpos = kc->kpos; s.pos = ws->pos;
-    const int was_train = ws->train;
-    ws->train = 0;
-    st = op->embed(m->be, ws->xs[0], ws->ids, m->embed, N, D, err);
-    for (int l = 0; l < L && !st; l++)
-        st = layer_forward(m, &s, l, &ws->shared, ws->xs[l], ws->xs[l + 1], kc->k[l], kc->v[l], err);
-    ws->train = was_train;
-    if (st) return st;
+    CALL(op->embed(m->be, ws->xs[0], ws->ids, m->embed, N, D, err));
+    for (int l = 0; l < L; l++)
+        CALL(layer_forward(m, &s, l, &ws->shared, ws->xs[l], ws->xs[l + 1], kc->k[l], kc->v[l], err));
     /* last position of each row -> ln_f -> logits [B, V] */
     CALL(op->gather_rows(m->be, ws->ytmp, ws->xs[L], kc->gather_idx, B, act_bytes(m, D), err));
     CALL(op->layernorm_fwd(m->be, ws->hf, ws->meanf, ws->rstdf, ws->ytmp, m->lnf_w, m->lnf_b, B, D, c->ln_eps, err));
