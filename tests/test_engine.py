@@ -24,6 +24,13 @@ def _random_lora(model, rng, scale=0.1):
     return sd
 
 
+def _lora_model(model_dir, rng, r=2, alpha=4, dropout=0.0, targets=ALL, scale=0.1, seed=0):
+    """A CPU model with an adapter of random nonzero A and B (B = 0 would hide gradient paths)."""
+    m = ft.load_model(model_dir, device="cpu")
+    m.add_lora(r=r, alpha=alpha, dropout=dropout, target_modules=targets, seed=seed)
+    return m, _random_lora(m, rng, scale=scale)
+
+
 def _batch(rng, vocab, B=2, T=9):
     ids = rng.integers(0, vocab, size=(B, T))
     mask = np.ones_like(ids)
@@ -36,9 +43,7 @@ def _batch(rng, vocab, B=2, T=9):
 
 def test_finite_differences(model_dir):
     rng = np.random.default_rng(1)
-    m = ft.load_model(model_dir, device="cpu")
-    m.add_lora(r=4, alpha=8, dropout=0.0, target_modules=ALL)
-    sd = _random_lora(m, rng)
+    m, sd = _lora_model(model_dir, rng, r=4, alpha=8)
     ids, labels, mask = _batch(rng, m.config.vocab_size)
     m.zero_grad()
     m.forward_backward(ids, labels, mask)
@@ -62,16 +67,13 @@ def test_finite_differences(model_dir):
 
 
 def test_checkpointing_gives_same_gradients(model_dir):
-    rng = np.random.default_rng(2)
-    ids, labels, mask = _batch(rng, 256)
     results = []
     for ratio in (0.0, 0.5, 1.0):
-        m = ft.load_model(model_dir, device="cpu")
-        m.add_lora(r=4, alpha=8, dropout=0.1, target_modules=ALL, seed=3)
-        _random_lora(m, np.random.default_rng(4))
+        m, _ = _lora_model(model_dir, np.random.default_rng(4), r=4, alpha=8, dropout=0.1, seed=3)
+        ids, labels, mask = _batch(np.random.default_rng(2), m.config.vocab_size)
         m.train()
         m.set_gradient_checkpointing(ratio)
-        loss = m.forward_backward(ids % m.config.vocab_size, labels % m.config.vocab_size * (labels >= 0) - 100 * (labels < 0), mask)
+        loss = m.forward_backward(ids, labels, mask)
         results.append((loss, m.lora_grad_dict()))
     for loss, g in results[1:]:
         assert loss == results[0][0]
@@ -106,9 +108,7 @@ def test_training_is_deterministic_and_dropout_is_seeded(model_dir):
 
 def test_eval_mode_has_no_dropout(model_dir):
     rng = np.random.default_rng(6)
-    m = ft.load_model(model_dir, device="cpu")
-    m.add_lora(r=4, alpha=8, dropout=0.5, target_modules=ALL)
-    _random_lora(m, rng)
+    m, _ = _lora_model(model_dir, rng, r=4, alpha=8, dropout=0.5)
     ids, labels, mask = _batch(rng, m.config.vocab_size)
     m.eval()
     a = m.forward_backward(ids, labels, mask)
@@ -122,9 +122,7 @@ def test_eval_mode_has_no_dropout(model_dir):
 
 def test_forward_matches_loss_and_padding_is_ignored(model_dir):
     rng = np.random.default_rng(8)
-    m = ft.load_model(model_dir, device="cpu")
-    m.add_lora(r=2, alpha=4, dropout=0.0, target_modules=ALL)
-    _random_lora(m, rng)
+    m, _ = _lora_model(model_dir, rng)
     ids, labels, mask = _batch(rng, m.config.vocab_size)
     logits = m.forward(ids, mask).astype(np.float64)
     z = logits[:, :-1]
@@ -154,9 +152,7 @@ def test_left_padding_matches_unpadded(model_dir):
 
 def test_generation_cache_equals_recompute(model_dir):
     rng = np.random.default_rng(10)
-    m = ft.load_model(model_dir, device="cpu")
-    m.add_lora(r=2, alpha=4, dropout=0.0, target_modules=ALL)
-    _random_lora(m, rng, scale=0.3)
+    m, _ = _lora_model(model_dir, rng, scale=0.3)
     ids = rng.integers(0, m.config.vocab_size, size=(2, 5))
     mask = np.ones_like(ids)
     mask[0, :2] = 0
@@ -170,9 +166,7 @@ def test_generation_cache_equals_recompute(model_dir):
 
 def test_adamw_matches_torch_formula(model_dir):
     rng = np.random.default_rng(11)
-    m = ft.load_model(model_dir, device="cpu")
-    m.add_lora(r=2, alpha=4, dropout=0.0, target_modules=["dense"])
-    p0 = _random_lora(m, rng)
+    m, p0 = _lora_model(model_dir, rng, targets=["dense"])
     ids, labels, mask = _batch(rng, m.config.vocab_size)
     lr, b1, b2, eps, wd = 1e-2, 0.9, 0.99, 1e-6, 0.1
     opt = ft.AdamW(m, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
@@ -196,9 +190,7 @@ def test_adamw_matches_torch_formula(model_dir):
 
 def test_grad_clipping(model_dir):
     rng = np.random.default_rng(12)
-    m = ft.load_model(model_dir, device="cpu")
-    m.add_lora(r=2, alpha=4, dropout=0.0, target_modules=ALL)
-    _random_lora(m, rng)
+    m, _ = _lora_model(model_dir, rng)
     ids, labels, mask = _batch(rng, m.config.vocab_size)
     m.forward_backward(ids, labels, mask, grad_scale=1000.0)
     g = m.lora_grad_dict()
