@@ -33,8 +33,9 @@ typedef struct ft_attn_args {
     int cap;         /* key/value buffer length per (b, kv head) >= Tk */
     int hd;
     float scale;          /* 1/sqrt(hd) */
-    const int32_t *kmask; /* i32 [B, Tk]: 1 where the key is a real token */
-    const int32_t *kpos;  /* i32 [B, Tk]: alibi position of each key */
+    int kstride;          /* row stride of kmask / kpos (>= Tk: the cache keeps rows of cap) */
+    const int32_t *kmask; /* i32 [B, kstride], first Tk used: 1 where the key is a real token */
+    const int32_t *kpos;  /* i32 [B, kstride], first Tk used: alibi position of each key */
     const float *slopes;  /* f32 [H] alibi slopes, NULL: no alibi */
 } ft_attn_args;
 
@@ -127,6 +128,9 @@ typedef struct ft_backend_ops {
      * grad_scale != 0, logits are overwritten with grad_scale * dCE/dlogits. */
     ft_status (*cross_entropy)(ft_backend *be, float *logits, float *row_loss, const int32_t *target,
                                int n, int V, float grad_scale, ft_error *err);
+    /* out[i] (i32) = the index of the largest of logits[i, :V]; the lowest index among equal
+     * maxima; a NaN counts as the largest (as numpy.argmax) */
+    ft_status (*argmax_rows)(ft_backend *be, const float *logits, int n, int V, int32_t *out, ft_error *err);
     /* dh[n,D] (=) dlogits[n,V] W[V,D] */
     ft_status (*lm_bwd)(ft_backend *be, void *dh, const float *dlogits, const void *W, int n, int V,
                         int D, ft_error *err);

@@ -170,6 +170,12 @@ int ft_cache_len(const ft_model *m);
  * Writes logits of the last position of each row: [B, V]. */
 ft_status ft_forward_cached(ft_model *m, const int32_t *ids, const int32_t *mask, int B, int T,
                             float *last_logits, ft_error *err);
+/* Appends one token per row (generation): ids int32 [B], mask int32 [B] (1: a real token,
+ * 0: padding; NULL: all ones). Only the new token's key data is uploaded. Exactly one of
+ * last_logits ([B, V] logits of the new tokens) and out_ids ([B] greedy argmax of those
+ * logits, computed on the device: ties go to the lowest id) is non-NULL. */
+ft_status ft_decode_step(ft_model *m, const int32_t *ids, const int32_t *mask, int B, float *last_logits,
+                         int32_t *out_ids, ft_error *err);
 /* Row b of the cache becomes old row src[b] (beam search). */
 ft_status ft_cache_reorder(ft_model *m, const int32_t *src, int B, ft_error *err);
 

@@ -60,8 +60,9 @@ typedef struct kv_cache {
     int B, cap, len;
     void **k, **v; /* [L] each [B,KV,cap,hd] */
     void *tmp;     /* [B,KV,cap,hd] for reordering */
-    int32_t *kmask, *kpos; /* [B,cap] */
+    int32_t *kmask, *kpos; /* [B,cap]: key mask and alibi position of each cached token */
     int32_t *gather_idx;   /* [B] */
+    int32_t *seen;         /* host [B]: real (mask 1) tokens cached per row = next position */
 } kv_cache;
 
 struct ft_model {
@@ -655,6 +656,7 @@ static ft_status ensure_workspace(ft_model *m, int N, int train, ft_error *err)
 typedef struct step_ctx {
     int B, T, N;
     int Tk, cap, past;   /* attention keys */
+    int kstride;         /* row stride of kmask / kpos */
     const int32_t *kmask, *kpos, *pos; /* backend arrays */
     int train;           /* dropout active */
     uint64_t seed;       /* this step's dropout seed */
@@ -705,7 +707,7 @@ static void attn_args(const ft_model *m, const step_ctx *s, ft_attn_args *a)
     a->B = s->B; a->H = c->n_head; a->KV = c->n_kv_head; a->T = s->T;
     a->Tk = s->Tk; a->cap = s->cap; a->hd = c->head_dim;
     a->scale = 1.0f / sqrtf((float)c->head_dim);
-    a->kmask = s->kmask; a->kpos = s->kpos; a->slopes = m->slopes;
+    a->kstride = s->kstride; a->kmask = s->kmask; a->kpos = s->kpos; a->slopes = m->slopes;
 }
 
 static void qkv_args(const ft_model *m, const step_ctx *s, ft_qkv_args *a)
@@ -857,7 +859,7 @@ static ft_status prepare_step(ft_model *m, step_ctx *s, const int32_t *ids, cons
     if (!st) st = m->be->ops->upload(m->be, ws->kpos, host + 2 * N, N * sizeof(int32_t), err);
     free(host);
     memset(s, 0, sizeof *s);
-    s->B = B; s->T = T; s->N = (int)N; s->Tk = T; s->cap = T; s->past = 0;
+    s->B = B; s->T = T; s->N = (int)N; s->Tk = T; s->cap = T; s->past = 0; s->kstride = T;
     s->kmask = ws->kmask; s->kpos = ws->kpos; s->pos = ws->pos;
     return st;
 }
@@ -1040,6 +1042,7 @@ void ft_cache_free(ft_model *m)
     if (kc->kmask) be->ops->free(be, kc->kmask);
     if (kc->kpos) be->ops->free(be, kc->kpos);
     if (kc->gather_idx) be->ops->free(be, kc->gather_idx);
+    free(kc->seen);
     memset(kc, 0, sizeof *kc);
 }
 
@@ -1054,12 +1057,14 @@ ft_status ft_cache_init(ft_model *m, int B, int capacity, ft_error *err)
     const size_t kv_bytes = act_bytes(m, (size_t)B * c->n_kv_head * capacity * c->head_dim);
     kc->k = calloc((size_t)c->n_layer, sizeof(void *));
     kc->v = calloc((size_t)c->n_layer, sizeof(void *));
-    ft_status st = (!kc->k || !kc->v) ? ft_fail(err, FT_ENOMEM, "out of host memory") : FT_OK;
+    kc->seen = calloc((size_t)B, sizeof(int32_t));
+    ft_status st = (!kc->k || !kc->v || !kc->seen) ? ft_fail(err, FT_ENOMEM, "out of host memory") : FT_OK;
     for (int l = 0; l < c->n_layer && !st; l++) {
         st = m->be->ops->alloc(m->be, kv_bytes, &kc->k[l], err);
         if (!st) st = m->be->ops->alloc(m->be, kv_bytes, &kc->v[l], err);
     }
-    if (!st) st = m->be->ops->alloc(m->be, kv_bytes, &kc->tmp, err);
+    const size_t mask_bytes = (size_t)B * capacity * sizeof(int32_t); /* tmp also reorders the masks */
+    if (!st) st = m->be->ops->alloc(m->be, kv_bytes > mask_bytes ? kv_bytes : mask_bytes, &kc->tmp, err);
     if (!st) st = m->be->ops->alloc(m->be, (size_t)B * capacity * sizeof(int32_t), (void **)&kc->kmask, err);
     if (!st) st = m->be->ops->alloc(m->be, (size_t)B * capacity * sizeof(int32_t), (void **)&kc->kpos, err);
     if (!st) st = m->be->ops->alloc(m->be, (size_t)B * sizeof(int32_t), (void **)&kc->gather_idx, err);
@@ -1076,6 +1081,26 @@ ft_status ft_cache_init(ft_model *m, int B, int capacity, ft_error *err)
     return FT_OK;
 }
 
+/* ln_f and the lm head over x[B, D] (act): host logits [B, V], or with out_ids the argmax of
+ * each row, found on the device (only B ids cross to the host). */
+static ft_status head_rows(ft_model *m, const void *x, int B, float *logits, int32_t *out_ids, ft_error *err)
+{
+    const ft_config *c = &m->cfg;
+    const ft_backend_ops *op = m->be->ops;
+    workspace *ws = &m->ws;
+    const int D = c->hidden, V = c->vocab_size;
+    CALL(op->layernorm_fwd(m->be, ws->hf, ws->meanf, ws->rstdf, x, m->lnf_w, m->lnf_b, B, D, c->ln_eps, err));
+    for (int r0 = 0; r0 < B; r0 += ws->chunk) {
+        const int n = B - r0 < ws->chunk ? B - r0 : ws->chunk;
+        CALL(op->lm_logits(m->be, ws->logits, (const char *)ws->hf + act_bytes(m, (size_t)r0 * D), m->lm_head, n, V,
+                           D, err));
+        if (out_ids) CALL(op->argmax_rows(m->be, ws->logits, n, V, ws->tgt + r0, err));
+        else CALL(op->download(m->be, logits + (size_t)r0 * V, ws->logits, (size_t)n * V * sizeof(float), err));
+    }
+    if (out_ids) return op->download(m->be, out_ids, ws->tgt, (size_t)B * sizeof(int32_t), err);
+    return FT_OK;
+}
+
 ft_status ft_forward_cached(ft_model *m, const int32_t *ids, const int32_t *mask, int B, int T, float *last_logits,
                             ft_error *err)
 {
@@ -1088,7 +1113,7 @@ ft_status ft_forward_cached(ft_model *m, const int32_t *ids, const int32_t *mask
     if (Tk > kc->cap)
         return ft_fail(err, FT_EINVAL, "KV cache full: %d + %d tokens exceed its capacity %d", kc->len, T, kc->cap);
     CALL(check_ids(m, ids, mask, B, T, Tk, err));
-    const int N = B * T, D = c->hidden, V = c->vocab_size, L = c->n_layer;
+    const int N = B * T, D = c->hidden, L = c->n_layer;
     CALL(ensure_workspace(m, N, 0, err));
     workspace *ws = &m->ws;
 
@@ -1102,31 +1127,86 @@ ft_status ft_forward_cached(ft_model *m, const int32_t *ids, const int32_t *mask
     ft_status st = op->upload(m->be, ws->ids, ids, (size_t)N * sizeof(int32_t), err);
     if (!st) st = op->upload(m->be, ws->pos, pos, (size_t)N * sizeof(int32_t), err);
     for (int b = 0; b < B && !st; b++) {
-        st = op->upload(m->be, kc->kmask + (size_t)b * Tk, kmask + (size_t)b * Tk, (size_t)Tk * sizeof(int32_t), err);
-        if (!st) st = op->upload(m->be, kc->kpos + (size_t)b * Tk, kpos + (size_t)b * Tk, (size_t)Tk * sizeof(int32_t), err);
+        const size_t row = (size_t)b * kc->cap;
+        st = op->upload(m->be, kc->kmask + row, kmask + (size_t)b * Tk, (size_t)Tk * sizeof(int32_t), err);
+        if (!st) st = op->upload(m->be, kc->kpos + row, kpos + (size_t)b * Tk, (size_t)Tk * sizeof(int32_t), err);
     }
     if (!st) st = op->upload(m->be, kc->gather_idx, last, (size_t)B * sizeof(int32_t), err);
+    for (int b = 0; b < B; b++) { /* real tokens of row b so far: the next token's position */
+        int32_t n = 0;
+        for (int j = 0; j < Tk; j++) n += kmask[(size_t)b * Tk + j];
+        kc->seen[b] = n;
+    }
     free(host);
     if (st) return st;
 
     step_ctx s;
     memset(&s, 0, sizeof s);
-    s.B = B; s.T = T; s.N = N; s.Tk = Tk; s.cap = kc->cap; s.past = kc->len;
+    s.B = B; s.T = T; s.N = N; s.Tk = Tk; s.cap = kc->cap; s.past = kc->len; s.kstride = kc->cap;
     s.kmask = kc->kmask; s.kpos = kc->kpos; s.pos = ws->pos;
     CALL(op->embed(m->be, ws->xs[0], ws->ids, m->embed, N, D, err));
     for (int l = 0; l < L; l++)
         CALL(layer_forward(m, &s, l, &ws->shared, ws->xs[l], ws->xs[l + 1], kc->k[l], kc->v[l], err));
     /* last position of each row -> ln_f -> logits [B, V] */
     CALL(op->gather_rows(m->be, ws->ytmp, ws->xs[L], kc->gather_idx, B, act_bytes(m, D), err));
-    CALL(op->layernorm_fwd(m->be, ws->hf, ws->meanf, ws->rstdf, ws->ytmp, m->lnf_w, m->lnf_b, B, D, c->ln_eps, err));
-    for (int r0 = 0; r0 < B; r0 += ws->chunk) {
-        const int n = B - r0 < ws->chunk ? B - r0 : ws->chunk;
-        CALL(op->lm_logits(m->be, ws->logits, (const char *)ws->hf + act_bytes(m, (size_t)r0 * D), m->lm_head, n, V,
-                           D, err));
-        CALL(op->download(m->be, last_logits + (size_t)r0 * V, ws->logits, (size_t)n * V * sizeof(float), err));
-    }
+    CALL(head_rows(m, ws->ytmp, B, last_logits, NULL, err));
     kc->len = Tk;
     return FT_OK;
+}
+
+/* One token per row appended to the cache. Only the new key's mask and position are uploaded
+ * (the cache keeps [B, cap] rows), not the whole history as forward_cached does. */
+ft_status ft_decode_step(ft_model *m, const int32_t *ids, const int32_t *mask, int B, float *last_logits,
+                         int32_t *out_ids, ft_error *err)
+{
+    const ft_config *c = &m->cfg;
+    const ft_backend_ops *op = m->be->ops;
+    kv_cache *kc = &m->cache;
+    if (!kc->k) return ft_fail(err, FT_ESTATE, "no KV cache: call cache_init first");
+    if (B != kc->B) return ft_fail(err, FT_EINVAL, "batch %d does not match the cache's %d", B, kc->B);
+    if (kc->len + 1 > kc->cap)
+        return ft_fail(err, FT_EINVAL, "KV cache full: %d + 1 tokens exceed its capacity %d", kc->len, kc->cap);
+    if (!last_logits == !out_ids) return ft_fail(err, FT_EINVAL, "decode_step: ask for logits or for ids");
+    CALL(check_ids(m, ids, mask, B, 1, 1, err));
+    const int L = c->n_layer, past = kc->len;
+    CALL(ensure_workspace(m, B, 0, err));
+    workspace *ws = &m->ws;
+
+    /* new token of row b: position seen[b]; its key: mask[b], alibi position seen[b] (0 if padding) */
+    int32_t *host = malloc(3 * (size_t)B * sizeof(int32_t));
+    if (!host) return ft_fail(err, FT_ENOMEM, "out of host memory");
+    int32_t *pos = host, *km = host + B, *kp = host + 2 * B;
+    for (int b = 0; b < B; b++) {
+        pos[b] = kc->seen[b];
+        km[b] = mask ? mask[b] : 1;
+        kp[b] = km[b] ? kc->seen[b] : 0;
+    }
+    ft_status st = op->upload(m->be, ws->ids, ids, (size_t)B * sizeof(int32_t), err);
+    if (!st) st = op->upload(m->be, ws->pos, pos, (size_t)B * sizeof(int32_t), err);
+    for (int b = 0; b < B && !st; b++) {
+        const size_t at = (size_t)b * kc->cap + past;
+        st = op->upload(m->be, kc->kmask + at, km + b, sizeof(int32_t), err);
+        if (!st) st = op->upload(m->be, kc->kpos + at, kp + b, sizeof(int32_t), err);
+    }
+    if (st) {
+        free(host);
+        return st;
+    }
+
+    step_ctx s;
+    memset(&s, 0, sizeof s);
+    s.B = B; s.T = 1; s.N = B; s.Tk = past + 1; s.cap = kc->cap; s.past = past; s.kstride = kc->cap;
+    s.kmask = kc->kmask; s.kpos = kc->kpos; s.pos = ws->pos;
+    st = op->embed(m->be, ws->xs[0], ws->ids, m->embed, B, c->hidden, err);
+    for (int l = 0; l < L && !st; l++)
+        st = layer_forward(m, &s, l, &ws->shared, ws->xs[l], ws->xs[l + 1], kc->k[l], kc->v[l], err);
+    if (!st) st = head_rows(m, ws->xs[L], B, last_logits, out_ids, err);
+    if (!st) { /* committed only when the step went through */
+        for (int b = 0; b < B; b++) kc->seen[b] += km[b];
+        kc->len = past + 1;
+    }
+    free(host);
+    return st;
 }
 
 ft_status ft_cache_reorder(ft_model *m, const int32_t *src, int B, ft_error *err)
@@ -1142,14 +1222,28 @@ ft_status ft_cache_reorder(ft_model *m, const int32_t *src, int B, ft_error *err
     if (!ident) return ft_fail(err, FT_ENOMEM, "out of host memory");
     for (int b = 0; b < B; b++) ident[b] = b;
     ft_status st = FT_OK;
-    for (int l = 0; l < c->n_layer && !st; l++) {
-        void *bufs[2] = {kc->k[l], kc->v[l]};
+    /* every layer's k and v, then the key masks and positions ([B, cap] int32: tmp holds them) */
+    for (int l = 0; l <= c->n_layer && !st; l++) {
+        void *bufs[2];
+        size_t rb = row;
+        if (l < c->n_layer) {
+            bufs[0] = kc->k[l];
+            bufs[1] = kc->v[l];
+        } else {
+            bufs[0] = kc->kmask;
+            bufs[1] = kc->kpos;
+            rb = (size_t)kc->cap * sizeof(int32_t);
+        }
         for (int i = 0; i < 2 && !st; i++) {
             st = m->be->ops->upload(m->be, kc->gather_idx, src, (size_t)B * sizeof(int32_t), err);
-            if (!st) st = m->be->ops->gather_rows(m->be, kc->tmp, bufs[i], kc->gather_idx, B, row, err);
+            if (!st) st = m->be->ops->gather_rows(m->be, kc->tmp, bufs[i], kc->gather_idx, B, rb, err);
             if (!st) st = m->be->ops->upload(m->be, kc->gather_idx, ident, (size_t)B * sizeof(int32_t), err);
-            if (!st) st = m->be->ops->gather_rows(m->be, bufs[i], kc->tmp, kc->gather_idx, B, row, err);
+            if (!st) st = m->be->ops->gather_rows(m->be, bufs[i], kc->tmp, kc->gather_idx, B, rb, err);
         }
+    }
+    if (!st) { /* host counters follow their rows */
+        for (int b = 0; b < B; b++) ident[b] = kc->seen[src[b]];
+        memcpy(kc->seen, ident, (size_t)B * sizeof(int32_t));
     }
     free(ident);
     return st;

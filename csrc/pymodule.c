@@ -716,6 +716,67 @@ static PyObject *Model_cache_len(ModelObject *self, PyObject *Py_UNUSED(ignored)
 
 static PyObject *Model_forward_cached(ModelObject *self, PyObject *args) { return logits_call(self, args, 1); }
 
+/* decode_step(ids [B], mask=None [B], argmax=False): one token per row through the cache;
+ * float32 logits [B, V], or with argmax=True the int64 greedy ids [B] (argmax on the device) */
+static PyObject *Model_decode_step(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"ids", "mask", "argmax", NULL};
+    PyObject *ids_obj, *mask_obj = Py_None;
+    int want_ids = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|Op", kwlist, &ids_obj, &mask_obj, &want_ids)) return NULL;
+    if (begin(self)) return NULL;
+    PyArrayObject *ids = NULL, *mask = NULL;
+    PyObject *out = NULL, *ids32 = NULL;
+    ids = int32_array(ids_obj, 1, "ids", 0);
+    if (!ids) goto fail;
+    const int B = (int)PyArray_DIM(ids, 0);
+    if (B <= 0 || PyArray_DIM(ids, 0) > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "ids: expected a non-empty [batch] array (one new token per row)");
+        goto fail;
+    }
+    if (mask_obj != Py_None) {
+        mask = int32_array(mask_obj, 1, "mask", 1);
+        if (!mask) goto fail;
+        if (PyArray_DIM(mask, 0) != B) {
+            PyErr_Format(PyExc_ValueError, "mask: expected shape (%d,), got (%zd,)", B, (Py_ssize_t)PyArray_DIM(mask, 0));
+            goto fail;
+        }
+    }
+    const int V = ft_model_config(self->model)->vocab_size;
+    npy_intp shape[2] = {B, V};
+    if (want_ids) ids32 = PyArray_SimpleNew(1, shape, NPY_INT32);
+    else out = PyArray_SimpleNew(2, shape, NPY_FLOAT32);
+    if (!ids32 && !out) goto fail;
+    ft_error err = {0};
+    ft_status st;
+    const int32_t *mask_data = mask ? PyArray_DATA(mask) : NULL;
+    float *logits = out ? PyArray_DATA((PyArrayObject *)out) : NULL;
+    int32_t *next = ids32 ? PyArray_DATA((PyArrayObject *)ids32) : NULL;
+    Py_BEGIN_ALLOW_THREADS
+    st = ft_decode_step(self->model, PyArray_DATA(ids), mask_data, B, logits, next, &err);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        raise_ft(&err);
+        goto fail;
+    }
+    if (ids32) {
+        out = PyArray_Cast((PyArrayObject *)ids32, NPY_INT64);
+        if (!out) goto fail;
+        Py_DECREF(ids32);
+    }
+    end(self);
+    Py_DECREF(ids);
+    Py_XDECREF(mask);
+    return out;
+fail:
+    end(self);
+    Py_XDECREF(ids);
+    Py_XDECREF(mask);
+    Py_XDECREF(out);
+    Py_XDECREF(ids32);
+    return NULL;
+}
+
 static PyObject *Model_cache_reorder(ModelObject *self, PyObject *args)
 {
     PyObject *src_obj;
@@ -793,6 +854,9 @@ static PyMethodDef Model_methods[] = {
     {"forward_cached", (PyCFunction)Model_forward_cached, METH_VARARGS,
      "forward_cached(ids, mask=None) -> float32 [B, V] logits of the last position"},
     {"cache_reorder", (PyCFunction)Model_cache_reorder, METH_VARARGS, "cache_reorder(src_rows)"},
+    {"decode_step", (PyCFunction)(void (*)(void))Model_decode_step, METH_VARARGS | METH_KEYWORDS,
+     "decode_step(ids, mask=None, argmax=False) -> float32 [B, V] logits of the new tokens, or with "
+     "argmax=True int64 [B] greedy ids (found on the device)"},
     {"memory_stats", (PyCFunction)(void (*)(void))Model_memory_stats, METH_VARARGS | METH_KEYWORDS,
      "memory_stats(reset=False) -> (bytes held now, high-water mark); (0, 0) on the CPU"},
     {NULL, NULL, 0, NULL},

@@ -2,7 +2,9 @@
 repetition penalty, stop strings and streaming, with or without the KV cache.
 
 The engine computes each step's logits; choosing the next token happens on the
-host (falcontune._C.sample_token for sampling), which costs O(V) per row.
+host (falcontune._C.sample_token for sampling), which costs O(V) per row. Greedy decoding
+without a repetition penalty takes the argmax on the device instead: only the ids of the
+new tokens come back, not [B, V] logits.
 """
 from __future__ import annotations
 
@@ -29,9 +31,13 @@ class _Stepper:
         return self.engine.forward(ids, mask)[:, -1, :]
 
     def next(self, ids: np.ndarray, mask: np.ndarray, new: np.ndarray) -> np.ndarray:
-        if self.use_cache:
-            return self.engine.forward_cached(new[:, None], mask)
+        if self.use_cache:  # generated tokens are real tokens: their mask is 1
+            return self.engine.decode_step(new)
         return self.engine.forward(ids, mask)[:, -1, :]
+
+    def next_greedy(self, new: np.ndarray) -> np.ndarray:
+        """The greedy ids after feeding `new` (cache only): argmax on the device."""
+        return self.engine.decode_step(new, argmax=True)
 
     def reorder(self, rows: np.ndarray) -> None:
         if self.use_cache:
@@ -117,14 +123,19 @@ def generate_ids(model: Any, input_ids: Any, max_new_tokens: int = 32, do_sample
     rng = np.random.default_rng(seed)
     stepper = _Stepper(model, use_cache, B, T + max_new_tokens)
     done = np.zeros(B, dtype=bool)
+    device_argmax = use_cache and not do_sample and repetition_penalty == 1.0
+    greedy_next: Optional[np.ndarray] = None
     try:
         logits = stepper.first(ids, mask)
         for _ in range(max_new_tokens):
-            logits = np.array(logits, dtype=np.float32)
-            if do_sample:
+            if greedy_next is not None:
+                nxt = greedy_next
+            elif do_sample:
+                logits = np.array(logits, dtype=np.float32)
                 nxt = np.array([_C.sample_token(logits[b], ids[b], repetition_penalty, temperature, top_k, top_p,
                                                 float(rng.random())) for b in range(B)], dtype=np.int64)
             else:
+                logits = np.array(logits, dtype=np.float32)
                 _apply_repetition_penalty(logits, ids, repetition_penalty)
                 nxt = logits.argmax(axis=-1).astype(np.int64)
             nxt = np.where(done, pad_token_id, nxt)
@@ -136,7 +147,10 @@ def generate_ids(model: Any, input_ids: Any, max_new_tokens: int = 32, do_sample
                 break
             if done.all():
                 break
-            logits = stepper.next(ids, mask, nxt)
+            if device_argmax:
+                greedy_next = stepper.next_greedy(nxt)
+            else:
+                logits = stepper.next(ids, mask, nxt)
     finally:
         stepper.close()
     return ids

@@ -137,3 +137,65 @@ def test_attention_gemm_deterministic(tmp_path, monkeypatch):
     assert out[0][0] == out[1][0]
     for k in out[0][1]:
         np.testing.assert_array_equal(out[0][1][k], out[1][1][k])
+
+
+# decode attention (csrc/cuda/attention_decode.cu): T == 1 with the cache, one or several key splits
+DECODE = [
+    ("tiny", {}, "bfloat16"),                                                            # hd 16, kv 1
+    ("tiny-40b", {}, "float16"),                                                         # hd 16, kv 2
+    ("tiny-rw", dict(hidden_size=256, num_attention_heads=2, num_kv_heads=2), "bfloat16"),  # hd 128, alibi
+    ("tiny-40b", dict(hidden_size=512, num_attention_heads=4, num_kv_heads=2), "float16"),  # hd 128, kv 2
+    ("tiny", dict(hidden_size=512, num_attention_heads=2, num_kv_heads=2), "float16"),   # hd 256: general path
+]
+
+
+@pytest.mark.parametrize("preset,kw,dtype", DECODE)
+def test_decode_attention_matches_general_and_cpu(tmp_path, monkeypatch, preset, kw, dtype):
+    """Prompt of 40 tokens, then single-token steps up to 300 keys: one to five key splits of 64;
+    left padding on row 0 (masked keys), a padded step on row 2 (its key is masked for later steps). The decode kernel (default) against FT_CUDA_ATTN_DECODE=0 (the general path) and the CPU."""
+    d = testing.make_checkpoint(tmp_path / "m", preset=preset, bits=4, group_size=32, **kw)
+    cpu, gpu = make_pair(d, dtype)
+    V = cpu.config.vocab_size
+    B, P, T = 3, 40, 300
+    rng = np.random.default_rng(21)
+    ids = rng.integers(0, V, size=(B, T)).astype(np.int64)
+    mask = np.ones((B, T), np.int64)
+    mask[0, :17] = 0
+    mask[2, 100] = 0
+    checks = (P, 63, 64, 65, 100, 101, 128, 129, 256, 257, T - 1)
+    full = cpu.forward(ids, mask)
+    monkeypatch.setenv("FT_CUDA_ATTN_DECODE", "0")  # read when the backend is created
+    _, general = make_pair(d, dtype)  # the same adapter (seeded)
+    monkeypatch.delenv("FT_CUDA_ATTN_DECODE")
+    out = {}
+    for flag, e in (("1", gpu.engine), ("0", general.engine)):
+        e.cache_init(B, T)
+        e.forward_cached(ids[:, :P], mask[:, :P])
+        got = {}
+        for t in range(P, T):
+            last = e.forward_cached(ids[:, t:t + 1], mask[:, :t + 1])
+            if t in checks:
+                got[t] = np.array(last)
+        e.cache_free()
+        out[flag] = got
+    for t in checks:
+        if t == P:
+            continue
+        assert np.isfinite(out["1"][t]).all(), t
+        assert rel(out["1"][t], out["0"][t]) < 1e-2, (t, rel(out["1"][t], out["0"][t]))
+        assert rel(out["1"][t], full[:, t]) < 2e-2, (t, rel(out["1"][t], full[:, t]))
+
+
+def test_decode_attention_deterministic(tmp_path):
+    d = testing.make_checkpoint(tmp_path / "m", preset="tiny-40b", bits=4, group_size=32)
+    gpu = ft.load_model(d, device="cuda")
+    ids = np.random.default_rng(2).integers(0, gpu.config.vocab_size, size=(2, 700)).astype(np.int64)
+    runs = []
+    for _ in range(2):
+        e = gpu.engine
+        e.cache_init(2, 700)
+        e.forward_cached(ids[:, :600], None)
+        runs.append([np.array(e.forward_cached(ids[:, t:t + 1], None)) for t in range(600, 700, 7)])
+        e.cache_free()
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)

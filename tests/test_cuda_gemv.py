@@ -1,8 +1,11 @@
 """Fused dequant-GEMV (csrc/cuda/gemv.cu): qlinear_fwd with N <= 8 rows on CUDA vs the CPU reference.
 
 Forward passes with B*T <= 8 rows run every quantized linear through the GEMV; FT_CUDA_GEMV=0 switches
-back to dequantize + cuBLAS (the env var is read at each call). Tolerances as tests/test_cuda.py:
+back to dequantize + cuBLAS. Tolerances as tests/test_cuda.py:
 logits relative error (norm) < 2e-2.
+
+The backend reads FT_CUDA_GEMV when it is created (ft.load_model): `gemv_off` loads a second GPU model
+with the GEMV disabled, the dequantize + cuBLAS reference.
 """
 from __future__ import annotations
 
@@ -34,9 +37,15 @@ def load_pair(d, dtype, lora=False):
     return cpu, gpu
 
 
-def gpu_forward(gpu, ids, gemv, monkeypatch):
-    monkeypatch.setenv("FT_CUDA_GEMV", "1" if gemv else "0")
-    return gpu.forward(ids)
+def gemv_off(d, dtype, monkeypatch, lora=False):
+    """The same checkpoint on the GPU with the GEMV disabled (dequantize + cuBLAS)."""
+    monkeypatch.setenv("FT_CUDA_GEMV", "0")
+    gpu = ft.load_model(d, device="cuda", dtype=dtype)
+    monkeypatch.delenv("FT_CUDA_GEMV")
+    if lora:
+        gpu.add_lora(r=4, alpha=8, dropout=0.0, target_modules=ALL)
+        gpu.load_lora_state_dict(testing.random_lora(gpu.config, 4, ALL, seed=3))
+    return gpu
 
 
 VARIANTS = [
@@ -62,18 +71,19 @@ def test_gemv_rows_match_cpu(tmp_path, monkeypatch, preset, bits, group, desc_ac
     d = testing.make_checkpoint(tmp_path / "m", preset=preset, bits=bits, group_size=group, desc_act=desc_act,
                                 checkpoint_format=fmt, seed=bits)
     cpu, gpu = load_pair(d, dtype, lora=(bits == 4))
+    ref_gpu = gemv_off(d, dtype, monkeypatch, lora=(bits == 4))
     rng = np.random.default_rng(bits)
     ids = rng.integers(0, cpu.config.vocab_size, size=(1, 8)).astype(np.int64)
     for n in range(1, 9):  # N = n rows per qlinear_fwd
         ref = cpu.forward(ids[:, :n])
-        on = gpu_forward(gpu, ids[:, :n], True, monkeypatch)
-        off = gpu_forward(gpu, ids[:, :n], False, monkeypatch)
+        on = gpu.forward(ids[:, :n])
+        off = ref_gpu.forward(ids[:, :n])
         assert np.isfinite(on).all()
         assert rel(on, ref) < 2e-2, (n, rel(on, ref))
         assert rel(on, off) < 2e-2, (n, rel(on, off))
     # B rows of one token each, and B*T = 8 over two rows
     ids2 = rng.integers(0, cpu.config.vocab_size, size=(2, 4)).astype(np.int64)
-    assert rel(gpu_forward(gpu, ids2, True, monkeypatch), cpu.forward(ids2)) < 2e-2
+    assert rel(gpu.forward(ids2), cpu.forward(ids2)) < 2e-2
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -142,6 +152,7 @@ def falcon7b_layer(tmp_path_factory):
 
 def test_gemv_falcon7b_widths(falcon7b_layer, monkeypatch):
     cpu, gpu = load_pair(falcon7b_layer, "bfloat16")
+    ref_gpu = gemv_off(falcon7b_layer, "bfloat16", monkeypatch)
     c = cpu.config
     # the overrides took effect on top of the 7B preset
     assert (c.num_hidden_layers, c.vocab_size, c.hidden_size) == (1, 1024, 4544)
@@ -149,8 +160,8 @@ def test_gemv_falcon7b_widths(falcon7b_layer, monkeypatch):
     ids = rng.integers(0, 1024, size=(1, 8)).astype(np.int64)
     for n in (1, 2, 5, 8):
         ref = cpu.forward(ids[:, :n])
-        on = gpu_forward(gpu, ids[:, :n], True, monkeypatch)
-        off = gpu_forward(gpu, ids[:, :n], False, monkeypatch)
+        on = gpu.forward(ids[:, :n])
+        off = ref_gpu.forward(ids[:, :n])
         assert rel(on, ref) < 2e-2, (n, rel(on, ref))
         assert rel(on, off) < 2e-2, (n, rel(on, off))
     # decode through the KV cache, batch 2

@@ -164,6 +164,59 @@ def test_generation_cache_equals_recompute(model_dir):
         np.testing.assert_array_equal(a[:, :5], ids)
 
 
+def test_decode_step_matches_full_forward(model_dir):
+    """decode_step (one token per row, only the new key's mask uploaded) against the full forward:
+    a left-padded row, a padded step inside a row, a beam-style reorder, and the device argmax."""
+    rng = np.random.default_rng(12)
+    m, _ = _lora_model(model_dir, rng, scale=0.3)
+    e = m.engine
+    B, P, T = 3, 5, 12
+    ids = rng.integers(0, m.config.vocab_size, size=(B, T))
+    mask = np.ones_like(ids)
+    mask[0, :2] = 0     # left padding in the prompt
+    mask[2, 8] = 0      # a padded step: its key stays masked for the later steps
+    full = m.forward(ids, mask)
+    e.cache_init(B, T)
+    first = e.forward_cached(ids[:, :P], mask[:, :P])
+    np.testing.assert_allclose(first, full[:, P - 1], rtol=1e-4, atol=1e-4)
+    for t in range(P, T):
+        logits = e.decode_step(ids[:, t], mask[:, t])
+        rows = mask[:, t] == 1  # a padded query's own output is not compared
+        np.testing.assert_allclose(logits[rows], full[rows, t], rtol=1e-4, atol=1e-4)
+    assert e.cache_len() == T
+    e.cache_free()
+    # greedy ids from the device argmax equal numpy's argmax of the logits
+    e.cache_init(B, T)
+    e.forward_cached(ids[:, :P], mask[:, :P])
+    e.cache_reorder(np.array([2, 0, 1], np.int32))  # rows move with their key masks and positions
+    perm = [2, 0, 1]
+    ref = m.forward(np.concatenate([ids[perm, :P], ids[perm, P:P + 1]], 1),
+                    np.concatenate([mask[perm, :P], np.ones((B, 1), int)], 1))[:, -1]
+    got = e.decode_step(ids[perm, P], argmax=True)
+    assert got.dtype == np.int64 and got.shape == (B,)
+    np.testing.assert_array_equal(got, ref.argmax(-1))
+    e.cache_free()
+
+
+def test_decode_step_rejects_bad_input(model_dir):
+    m = ft.load_model(model_dir, device="cpu")
+    e = m.engine
+    with pytest.raises(Exception, match="cache"):
+        e.decode_step(np.array([1]))
+    e.cache_init(2, 3)
+    e.forward_cached(np.array([[1, 2], [3, 4]]), None)
+    with pytest.raises(ValueError, match="batch"):
+        e.decode_step(np.array([1]))
+    with pytest.raises(ValueError, match="vocabulary"):
+        e.decode_step(np.array([1, m.config.vocab_size]))
+    with pytest.raises(ValueError, match="0 or 1"):
+        e.decode_step(np.array([1, 2]), np.array([1, 2]))
+    e.decode_step(np.array([1, 2]))
+    with pytest.raises(ValueError, match="full"):
+        e.decode_step(np.array([1, 2]))
+    e.cache_free()
+
+
 def test_adamw_matches_torch_formula(model_dir):
     rng = np.random.default_rng(11)
     m, p0 = _lora_model(model_dir, rng, targets=["dense"])

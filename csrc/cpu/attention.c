@@ -108,8 +108,8 @@ static attn_view view_of(const ft_attn_args *a, const float *q, const float *k, 
     w.q = q + ((size_t)b * a->H + h) * a->T * a->hd;
     w.k = k + ((size_t)b * a->KV + g) * a->cap * a->hd;
     w.v = v + ((size_t)b * a->KV + g) * a->cap * a->hd;
-    w.kmask = a->kmask + (size_t)b * a->Tk;
-    w.kpos = a->kpos + (size_t)b * a->Tk;
+    w.kmask = a->kmask + (size_t)b * a->kstride;
+    w.kpos = a->kpos + (size_t)b * a->kstride;
     w.slope = a->slopes ? a->slopes[h] : 0.0f;
     w.first_q_pos = a->Tk - a->T;
     return w;
@@ -222,7 +222,7 @@ ft_status cpu_attention_bwd(ft_backend *be, void *dq_, void *dk_, void *dv_, con
         float *dkr = dk + (size_t)bgj * hd, *dvr = dv + (size_t)bgj * hd;
         memset(dkr, 0, hd * sizeof(float));
         memset(dvr, 0, hd * sizeof(float));
-        if (!a->kmask[(size_t)b * a->Tk + j]) continue;
+        if (!a->kmask[(size_t)b * a->kstride + j]) continue;
         for (int h = g * gs; h < (g + 1) * gs; h++) {
             attn_view w = view_of(a, q, k, v, b, h);
             const float *vr = w.v + (size_t)j * hd;

@@ -118,6 +118,7 @@ static const ft_backend_ops cpu_ops = {
     .attention_bwd = cpu_attention_bwd,
     .lm_logits = cpu_lm_logits,
     .cross_entropy = cpu_cross_entropy,
+    .argmax_rows = cpu_argmax_rows,
     .lm_bwd = cpu_lm_bwd,
     .sumsq = cpu_sumsq,
     .adamw = cpu_adamw,

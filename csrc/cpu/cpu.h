@@ -82,6 +82,7 @@ ft_status cpu_cross_entropy(ft_backend *be, float *logits, float *row_loss, cons
                             int V, float grad_scale, ft_error *err);
 ft_status cpu_lm_bwd(ft_backend *be, void *dh, const float *dlogits, const void *W, int n, int V, int D,
                      ft_error *err);
+ft_status cpu_argmax_rows(ft_backend *be, const float *logits, int n, int V, int32_t *out, ft_error *err);
 
 ft_status cpu_sumsq(ft_backend *be, const float *x, size_t n, double *out, ft_error *err);
 ft_status cpu_adamw(ft_backend *be, float *p, const float *g, float *m, float *v, size_t n, float lr,

@@ -40,6 +40,19 @@ ft_status cpu_cross_entropy(ft_backend *be, float *logits, float *row_loss, cons
     return FT_OK;
 }
 
+ft_status cpu_argmax_rows(ft_backend *be, const float *logits, int n, int V, int32_t *out, ft_error *err)
+{
+    (void)be; (void)err;
+    for (int i = 0; i < n; i++) {
+        const float *z = logits + (size_t)i * V;
+        int best = 0;
+        for (int c = 1; c < V && !isnan(z[best]); c++)
+            if (isnan(z[c]) || z[c] > z[best]) best = c;
+        out[i] = best;
+    }
+    return FT_OK;
+}
+
 ft_status cpu_lm_bwd(ft_backend *be, void *dh, const float *dlogits, const void *W, int n, int V, int D,
                      ft_error *err)
 {

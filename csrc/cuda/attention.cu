@@ -20,17 +20,22 @@
 /* ------------------------------------------------------------------------ */
 /* qkv split + rotary                                                        */
 
-/* one block per token row; cos/sin of the row's position in shared memory */
+/* Block (row, c): token row `row`, head slots [c*spb, c*spb + spb) of the H query heads, KV
+ * key heads (rotated) and KV value heads (copied); cos/sin of the row's position in shared
+ * memory. Training has thousands of rows: one chunk per row (spb = all slots) computes the
+ * table once per row. Decode has B rows: chunks of 4 slots spread a row over ~20 blocks, where
+ * one block looping over every slot of the row took ~10 us. */
 template <typename T>
 __global__ void qkv_split_kernel(T *q, T *k, T *v, const T *qkv, const int32_t *cols, const int32_t *pos, int T_,
-                                 int H, int KV, int hd, int width, int cap, int past, int rope, float theta, int dir,
+                                 int H, int KV, int hd, int width, int cap, int past, int rope, float theta, int spb,
                                  int backward)
 {
     extern __shared__ float tab[]; /* cs[hd/2], sn[hd/2] */
     const int bt = blockIdx.x, b = bt / T_, t = bt % T_;
     const int half = hd / 2;
+    const int s0 = blockIdx.y * spb, s1 = min(H + 2 * KV, s0 + spb);
     float *cs = tab, *sn = tab + half;
-    if (rope) {
+    if (rope && s0 < H + KV) {
         for (int i = threadIdx.x; i < half; i += blockDim.x) {
             const float inv = (float)(1.0 / pow((double)theta, (2.0 * i) / hd));
             const double ang = (double)((float)pos[bt] * inv);
@@ -40,9 +45,11 @@ __global__ void qkv_split_kernel(T *q, T *k, T *v, const T *qkv, const int32_t *
         __syncthreads();
     }
     T *row = (T *)qkv + (size_t)bt * width; /* written only when backward */
-    const int nrot = (H + KV) * half;       /* rotated pairs: q heads then k heads */
+    /* rotated pairs of the q and k slots in [s0, s1) */
+    const int r1 = min(s1, H + KV);
+    const int nrot = (r1 > s0 ? r1 - s0 : 0) * half;
     for (int e = threadIdx.x; e < nrot; e += blockDim.x) {
-        const int slot = e / half, i = e % half;
+        const int slot = s0 + e / half, i = e % half;
         T *src_dst; /* the q/k buffer row */
         if (slot < H) src_dst = q + (((size_t)b * H + slot) * T_ + t) * hd;
         else src_dst = k + (((size_t)b * KV + (slot - H)) * cap + past + t) * hd;
@@ -69,46 +76,47 @@ __global__ void qkv_split_kernel(T *q, T *k, T *v, const T *qkv, const int32_t *
             }
         }
     }
-    for (int e = threadIdx.x; e < KV * hd; e += blockDim.x) {
-        const int g = e / hd, d = e % hd;
-        T *vv = v + (((size_t)b * KV + g) * cap + past + t) * hd + d;
-        T *r = row + cols[H + KV + g] + d;
+    /* value slots in [s0, s1): plain copies */
+    const int v0 = max(s0, H + KV);
+    const int ncopy = (s1 > v0 ? s1 - v0 : 0) * hd;
+    for (int e = threadIdx.x; e < ncopy; e += blockDim.x) {
+        const int gq = v0 - H - KV + e / hd, d = e % hd;
+        T *vv = v + (((size_t)b * KV + gq) * cap + past + t) * hd + d;
+        T *r = row + cols[H + KV + gq] + d;
         if (!backward) *vv = *r;
         else *r = *vv;
     }
-    (void)dir;
+}
+
+static ft_status qkv_split_launch(ft_backend *base, void *q, void *k, void *v, const void *qkv, const ft_qkv_args *a,
+                                  int backward, ft_error *err)
+{
+    const int rows = a->B * a->T;
+    if (rows <= 0) return FT_OK;
+    const size_t sh = (size_t)a->hd * sizeof(float);
+    const int slots = a->H + 2 * a->KV;
+    const int spb = rows >= 512 ? slots : 4;
+    const dim3 grid(rows, (slots + spb - 1) / spb);
+    PROF_T0(CB(base));
+    ACT_DISPATCH(base, T,
+                 qkv_split_kernel<T><<<grid, 128, sh, CB(base)->stream>>>(
+                     (T *)q, (T *)k, (T *)v, (const T *)qkv, a->cols, a->pos, a->T, a->H, a->KV, a->hd, a->qkv_width,
+                     a->cap, a->past, a->rope, a->theta, spb, backward));
+    LAUNCH_CHECK(backward ? "qkv split backward" : "qkv split");
+    PROF_MARK(CB(base), PR_QKV);
+    return FT_OK;
 }
 
 extern "C" ft_status cuda_qkv_split_fwd(ft_backend *base, void *q, void *k, void *v, const void *qkv,
                                         const ft_qkv_args *a, ft_error *err)
 {
-    const int rows = a->B * a->T;
-    if (rows <= 0) return FT_OK;
-    const size_t sh = (size_t)a->hd * sizeof(float);
-    PROF_T0(CB(base));
-    ACT_DISPATCH(base, T,
-                 qkv_split_kernel<T><<<rows, 128, sh, CB(base)->stream>>>(
-                     (T *)q, (T *)k, (T *)v, (const T *)qkv, a->cols, a->pos, a->T, a->H, a->KV, a->hd, a->qkv_width,
-                     a->cap, a->past, a->rope, a->theta, 1, 0));
-    LAUNCH_CHECK("qkv split");
-    PROF_MARK(CB(base), PR_QKV);
-    return FT_OK;
+    return qkv_split_launch(base, q, k, v, qkv, a, 0, err);
 }
 
 extern "C" ft_status cuda_qkv_split_bwd(ft_backend *base, void *dqkv, const void *dq, const void *dk,
                                         const void *dv, const ft_qkv_args *a, ft_error *err)
 {
-    const int rows = a->B * a->T;
-    if (rows <= 0) return FT_OK;
-    const size_t sh = (size_t)a->hd * sizeof(float);
-    PROF_T0(CB(base));
-    ACT_DISPATCH(base, T,
-                 qkv_split_kernel<T><<<rows, 128, sh, CB(base)->stream>>>(
-                     (T *)dq, (T *)dk, (T *)dv, (const T *)dqkv, a->cols, a->pos, a->T, a->H, a->KV, a->hd,
-                     a->qkv_width, a->cap, a->past, a->rope, a->theta, -1, 1));
-    LAUNCH_CHECK("qkv split backward");
-    PROF_MARK(CB(base), PR_QKV);
-    return FT_OK;
+    return qkv_split_launch(base, (void *)dq, (void *)dk, (void *)dv, dqkv, a, 1, err);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -164,6 +172,7 @@ __device__ __forceinline__ void load_tile(float *sm, const T *src, int r0, int n
 struct attn_p {
     int B, H, KV, T, Tk, cap, hd;
     float scale;
+    int kstride; /* row stride of kmask / kpos */
     const int32_t *kmask, *kpos;
     const float *slopes;
 };
@@ -184,7 +193,7 @@ __global__ void __launch_bounds__(BQ) attn_fwd_kernel(T *out, float *lse, const 
     const float slope = a.slopes ? a.slopes[h] : 0.0f;
     const T *kb = k + ((size_t)b * a.KV + g) * a.cap * a.hd;
     const T *vb = v + ((size_t)b * a.KV + g) * a.cap * a.hd;
-    const int32_t *kmb = a.kmask + (size_t)b * a.Tk, *kpb = a.kpos + (size_t)b * a.Tk;
+    const int32_t *kmb = a.kmask + (size_t)b * a.kstride, *kpb = a.kpos + (size_t)b * a.kstride;
 
     float qr[HDM], o[HDM];
     if (valid) load_row<T, HDM>(qr, q + ((size_t)bh * a.T + t) * a.hd, a.hd);
@@ -267,7 +276,7 @@ __global__ void __launch_bounds__(BQ) attn_dq_kernel(T *dq, float *Dt, const T *
     const float slope = a.slopes ? a.slopes[h] : 0.0f;
     const T *kb = k + ((size_t)b * a.KV + g) * a.cap * a.hd;
     const T *vb = v + ((size_t)b * a.KV + g) * a.cap * a.hd;
-    const int32_t *kmb = a.kmask + (size_t)b * a.Tk, *kpb = a.kpos + (size_t)b * a.Tk;
+    const int32_t *kmb = a.kmask + (size_t)b * a.kstride, *kpb = a.kpos + (size_t)b * a.kstride;
 
     float qr[HDM], go[HDM], acc[HDM];
     float L = -INFINITY, D = 0.0f;
@@ -336,8 +345,8 @@ __global__ void __launch_bounds__(BQ) attn_dkv_kernel(float *dst, const T *dout,
     const bool valid = j < a.T;
     const float slope = a.slopes ? a.slopes[h] : 0.0f;
     const size_t krow = (((size_t)b * a.KV + g) * a.cap + j) * a.hd;
-    const bool live = valid && a.kmask[(size_t)b * a.Tk + j];
-    const float kpj = valid ? (float)a.kpos[(size_t)b * a.Tk + j] : 0.0f;
+    const bool live = valid && a.kmask[(size_t)b * a.kstride + j];
+    const float kpj = valid ? (float)a.kpos[(size_t)b * a.kstride + j] : 0.0f;
 
     float kr[HDM], vr[HDM], acc[HDM];
     if (live) {
@@ -409,7 +418,7 @@ static attn_p make_p(const ft_attn_args *a)
 {
     attn_p p;
     p.B = a->B; p.H = a->H; p.KV = a->KV; p.T = a->T; p.Tk = a->Tk; p.cap = a->cap; p.hd = a->hd;
-    p.scale = a->scale; p.kmask = a->kmask; p.kpos = a->kpos; p.slopes = a->slopes;
+    p.scale = a->scale; p.kstride = a->kstride; p.kmask = a->kmask; p.kpos = a->kpos; p.slopes = a->slopes;
     return p;
 }
 
@@ -426,6 +435,9 @@ static attn_p make_p(const ft_attn_args *a)
 extern "C" ft_status cuda_attention_fwd(ft_backend *base, void *out, float *lse, const void *q, const void *k,
                                         const void *v, const ft_attn_args *a, ft_error *err)
 {
+    int done;
+    FT_TRY(cuda_attention_decode(CB(base), out, lse, q, k, v, a, &done, err));
+    if (done) return FT_OK;
     if (!CB(base)->attn_flash) return cuda_attention_fwd_gemm(base, out, lse, q, k, v, a, err);
     if (a->hd > 256) return ft_fail(err, FT_EUNSUPPORTED, "CUDA attention supports head_dim <= 256, got %d", a->hd);
     if (a->B <= 0 || a->T <= 0) return FT_OK;

@@ -53,7 +53,8 @@ struct ag_p {
     int rows_item; /* gs * T */
     int i0, r0, R; /* chunk: items i0.., rows r0 .. r0+R of each item */
     float scale;
-    const int32_t *kmask, *kpos; /* [B, Tk] */
+    int kstride;                 /* row stride of kmask / kpos */
+    const int32_t *kmask, *kpos; /* [B, kstride] */
     const float *slopes;         /* [H] or NULL */
 };
 
@@ -131,7 +132,7 @@ __global__ void __launch_bounds__(32 * AG_WARPS) ag_softmax_fwd(T *P, float *lse
     const ag_row ro = ag_row_of(a, w);
     const float *s = S + (size_t)w * a.ldS;
     T *p = P + (size_t)w * a.ldS;
-    const int32_t *km = a.kmask + (size_t)ro.b * a.Tk, *kp = a.kpos + (size_t)ro.b * a.Tk;
+    const int32_t *km = a.kmask + (size_t)ro.b * a.kstride, *kp = a.kpos + (size_t)ro.b * a.kstride;
     const float slope = a.slopes ? a.slopes[ro.h] : 0.0f;
 
     /* pass 1: online max / sum per lane, merged over the warp */
@@ -168,7 +169,7 @@ __global__ void __launch_bounds__(32 * AG_WARPS) ag_probs_bwd(T *P, const float 
     const ag_row ro = ag_row_of(a, w);
     const float *s = S + (size_t)w * a.ldS;
     T *p = P + (size_t)w * a.ldS;
-    const int32_t *km = a.kmask + (size_t)ro.b * a.Tk, *kp = a.kpos + (size_t)ro.b * a.Tk;
+    const int32_t *km = a.kmask + (size_t)ro.b * a.kstride, *kp = a.kpos + (size_t)ro.b * a.kstride;
     const float slope = a.slopes ? a.slopes[ro.h] : 0.0f;
     const float ls = lse[ro.qrow];
     ag_write_probs(p, s, ls, a, ro, km, kp, slope, lane);
@@ -298,7 +299,7 @@ static ag_p make_ag(const ft_attn_args *a, const ag_plan &pl)
     p.H = a->H; p.KV = a->KV; p.gs = a->H / a->KV; p.T = a->T; p.Tk = a->Tk; p.hd = a->hd; p.ldS = pl.ldS;
     p.rows_item = pl.rows_item;
     p.i0 = 0; p.r0 = 0; p.R = 1;
-    p.scale = a->scale; p.kmask = a->kmask; p.kpos = a->kpos; p.slopes = a->slopes;
+    p.scale = a->scale; p.kstride = a->kstride; p.kmask = a->kmask; p.kpos = a->kpos; p.slopes = a->slopes;
     return p;
 }
 

@@ -361,6 +361,7 @@ static void op_destroy(ft_backend *base)
     if (be->prof_on) prof_report(be);
     for (int i = 0; i < SCR_N; i++) cuda_free_ptr(be, be->scratch[i]);
     cuda_free_ptr(be, be->red);
+    cuda_free_ptr(be, be->attn_cnt);
     if (be->blas) cublasDestroy(be->blas);
     cuda_free_ptr(be, be->blas_ws);
     if (be->stream) cudaStreamDestroy(be->stream);
@@ -403,6 +404,7 @@ static const ft_backend_ops cuda_ops = {
     cuda_attention_bwd,
     cuda_lm_logits,
     cuda_cross_entropy,
+    cuda_argmax_rows,
     cuda_lm_bwd,
     cuda_sumsq,
     cuda_adamw,
@@ -472,6 +474,12 @@ extern "C" ft_status ft_cuda_backend_create(int device, int act_dtype, ft_backen
     be->base.act_dtype = dt;
     be->base.weight_dtype = dt;
     be->device = device;
+    be->cc_major = prop.major;
+    be->sms = prop.multiProcessorCount;
+    /* switches for A/B tests, read once here (not per call: ~400 ops per decoded token) */
+    const char *ge = getenv("FT_CUDA_GEMV"), *de = getenv("FT_CUDA_ATTN_DECODE");
+    be->gemv_on = !(ge && !strcmp(ge, "0"));
+    be->attn_decode_on = !(de && !strcmp(de, "0"));
     const char *pe = getenv("FT_CUDA_PROFILE");
     be->prof_on = pe && pe[0] == '1';
     ft_status st = FT_OK;

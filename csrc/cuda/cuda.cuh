@@ -45,6 +45,11 @@ struct cuda_backend {
     long prof_calls[PR_N];
     int attn_flash;  /* FT_CUDA_ATTN=flash: scalar flash kernels instead of the cuBLAS path */
     size_t attn_chunk_bytes; /* f32 score scratch per attention chunk (FT_CUDA_ATTN_CHUNK_MB) */
+    int *attn_cnt;   /* decode attention: arrival counter per (row, head), zero between calls */
+    int attn_cnt_n;
+    int cc_major, sms; /* compute capability major, multiprocessors */
+    int gemv_on;       /* FT_CUDA_GEMV != 0: fused dequant-GEMV for N <= 8 rows */
+    int attn_decode_on; /* FT_CUDA_ATTN_DECODE != 0: one-launch attention for T == 1 */
 };
 
 struct ft_qlinear {
@@ -220,6 +225,7 @@ ft_status cuda_cross_entropy(ft_backend *be, float *logits, float *row_loss, con
                              float grad_scale, ft_error *err);
 ft_status cuda_lm_bwd(ft_backend *be, void *dh, const float *dlogits, const void *W, int n, int V, int D,
                       ft_error *err);
+ft_status cuda_argmax_rows(ft_backend *be, const float *logits, int n, int V, int32_t *out, ft_error *err);
 
 ft_status cuda_sumsq(ft_backend *be, const float *x, size_t n, double *out, ft_error *err);
 ft_status cuda_adamw(ft_backend *be, float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
@@ -233,6 +239,9 @@ ft_status cuda_gather_rows(ft_backend *be, void *dst, const void *src, const int
 ft_status cuda_qgemv_prepare(cuda_backend *be, ft_qlinear *q, const int32_t *host_gidx, ft_error *err);
 ft_status cuda_qgemv(cuda_backend *be, void *y, const void *x, const ft_qlinear *q, int N, int *done,
                      ft_error *err);
+/* attention_decode.cu: attention_fwd for T == 1 in one launch; *done = 0 when it does not apply */
+ft_status cuda_attention_decode(cuda_backend *be, void *out, float *lse, const void *q, const void *k, const void *v,
+                                const ft_attn_args *a, int *done, ft_error *err);
 
 /* row-major GEMM helpers over cuBLAS (column-major): C[M,N] = alpha op(A) op(B) + beta C.
  * ta/tb: 0 = as stored, 1 = transposed. A is [M,K] (or [K,M] when ta), B [K,N] (or [N,K]).

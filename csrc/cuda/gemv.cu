@@ -25,8 +25,6 @@
  * last block of a column tile to finish (an arrival counter per tile, reset by that block)
  * sums the splits in order, adds the bias and writes y: deterministic, one launch.
  */
-#include <stdlib.h>
-#include <string.h>
 
 #include "cuda.cuh"
 
@@ -321,27 +319,6 @@ qgemv_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__restri
     if (threadIdx.x == 0) cnt[blockIdx.x] = 0; /* every split has arrived: ready for the next call */
 }
 
-struct dev_info {
-    int major, sms;
-};
-dev_info g_dev[64];
-
-dev_info device_info(int dev)
-{
-    if (dev < 0 || dev >= 64) return dev_info{0, 0};
-    if (!g_dev[dev].major) {
-        int major = 0, sms = 0;
-        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-            cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-            cudaGetLastError();
-            return dev_info{0, 0};
-        }
-        g_dev[dev].sms = sms;
-        g_dev[dev].major = major;
-    }
-    return g_dev[dev];
-}
-
 template <typename T, int BITS>
 void launch_bits(dim3 grid, cudaStream_t st, bool act, void *y, const void *x, const ft_qlinear *q, float *part, int N,
                  int kc)
@@ -402,19 +379,19 @@ ft_status cuda_qgemv(cuda_backend *be, void *y, const void *x, const ft_qlinear 
 {
     *done = 0;
     if (N < 1 || N > 8 || !q->gemv_cnt) return FT_OK;
-    const char *env = getenv("FT_CUDA_GEMV");
-    if (env && !strcmp(env, "0")) return FT_OK;
+    if (!be->gemv_on) return FT_OK;
     const int bits = q->bits, per = 32 / bits;
     /* vector loads: x rows of `in` act values at 16 bytes (8 at 8 bits), y rows at 8 bytes */
     const size_t xalign = bits == 8 ? 8 : 16;
     if (q->out % 4 || q->in % per || (q->in * 2) % xalign || (uintptr_t)x % xalign || (uintptr_t)y % 8) return FT_OK;
-    const dev_info di = device_info(be->device);
-    if (di.major < 8) return FT_OK; /* mma.sync bf16/f16 m16n8k16 needs sm_80 */
+    if (be->cc_major < 8) return FT_OK; /* mma.sync bf16/f16 m16n8k16 needs sm_80 */
 
     const int tiles = (q->out + GV_COLS - 1) / GV_COLS;
     const int KW = q->in / per;
-    /* about 4 blocks (16 warps) per SM in one wave; each warp takes >= 16 word rows */
-    const int target = 4 * di.sms;
+    /* about 4 blocks (16 warps) per SM in one wave; each warp takes >= 16 word rows. Measured on an
+     * H200 (bench/decode_profile.py): 5 or 6 blocks per SM, or capping registers for 6 or 8 resident
+     * blocks, did not help; the kernel is bound by load latency at ~1.6 TB/s (see docs/PERF.md). */
+    const int target = 4 * be->sms;
     int splits = (target + tiles - 1) / tiles;
     const int max_splits = (KW + 4 * GV_U - 1) / (4 * GV_U);
     if (splits > max_splits) splits = max_splits;

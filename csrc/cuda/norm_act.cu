@@ -20,7 +20,8 @@ extern "C" ft_status cuda_embed(ft_backend *base, void *out, const int32_t *ids,
     return FT_OK;
 }
 
-/* one block per row: mean, then the centred sum of squares (two passes, like the CPU) */
+/* one block per row: mean, then the centred sum of squares (two passes, like the CPU).
+ * Generic form: any D; three strided passes over the row. */
 template <typename T>
 __global__ void layernorm_fwd_kernel(T *y, float *mean, float *rstd, const T *x, const T *g, const T *b, int D,
                                      float eps)
@@ -47,14 +48,90 @@ __global__ void layernorm_fwd_kernel(T *y, float *mean, float *rstd, const T *x,
     }
 }
 
+/* D % 8 == 0, D <= 8 * VPT * blockDim.x: the row is read once, 16 bytes per load, all loads in
+ * flight together, and kept in registers for both statistics and the output. The strided form
+ * above issues its loads one dependent iteration at a time: ~13 us for one 4544-wide row (decode)
+ * against ~2 us here. Same formulas, f32. */
+template <typename T, int VPT>
+__global__ void layernorm_fwd_vec_kernel(T *y, float *mean, float *rstd, const T *x, const T *g, const T *b, int D,
+                                         float eps)
+{
+    __shared__ float sh[32];
+    const size_t row = blockIdx.x;
+    const int nv = D / 8; /* 16-byte vectors in the row */
+    const uint4 *xr = (const uint4 *)(x + row * D);
+    float v[VPT][8];
+    float s = 0.0f;
+#pragma unroll
+    for (int u = 0; u < VPT; u++) {
+        const int i = threadIdx.x + u * blockDim.x;
+        uint4 w = make_uint4(0u, 0u, 0u, 0u);
+        if (i < nv) w = xr[i];
+        const T *e = (const T *)&w;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            v[u][k] = ld<T>(e[k]);
+            s += v[u][k];
+        }
+    }
+    const float mu = block_sum(s, sh) / D;
+    float ss = 0.0f;
+#pragma unroll
+    for (int u = 0; u < VPT; u++)
+        if (threadIdx.x + u * blockDim.x < nv)
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                const float d = v[u][k] - mu;
+                ss += d * d;
+            }
+    ss = block_sum(ss, sh);
+    const float rs = (float)(1.0 / sqrt((double)ss / D + (double)eps));
+#pragma unroll
+    for (int u = 0; u < VPT; u++) {
+        const int i = threadIdx.x + u * blockDim.x;
+        if (i >= nv) continue;
+        const uint4 gw = ((const uint4 *)g)[i], bw = ((const uint4 *)b)[i];
+        const T *ge = (const T *)&gw, *be = (const T *)&bw;
+        uint4 o;
+        T *oe = (T *)&o;
+#pragma unroll
+        for (int k = 0; k < 8; k++) oe[k] = cv<T>((v[u][k] - mu) * rs * ld<T>(ge[k]) + ld<T>(be[k]));
+        ((uint4 *)(y + row * D))[i] = o;
+    }
+    if (threadIdx.x == 0) {
+        mean[row] = mu;
+        rstd[row] = rs;
+    }
+}
+
 extern "C" ft_status cuda_layernorm_fwd(ft_backend *base, void *y, float *mean, float *rstd, const void *x,
                                         const void *g, const void *b, int N, int D, float eps, ft_error *err)
 {
     if (N <= 0) return FT_OK;
     PROF_T0(CB(base));
-    ACT_DISPATCH(base, T,
-                 layernorm_fwd_kernel<T><<<N, 256, 0, CB(base)->stream>>>((T *)y, mean, rstd, (const T *)x,
-                                                                          (const T *)g, (const T *)b, D, eps));
+    cudaStream_t st = CB(base)->stream;
+    const int nv = D / 8;
+    const bool aligned = D % 8 == 0 && ((uintptr_t)x | (uintptr_t)y | (uintptr_t)g | (uintptr_t)b) % 16 == 0;
+    if (aligned && nv <= 4 * 1024) {
+        const int vpt = nv <= 1024 ? 1 : nv <= 2048 ? 2 : 4;
+        int threads = (nv + vpt - 1) / vpt;
+        threads = (threads + 31) / 32 * 32;
+        ACT_DISPATCH(base, T, {
+            if (vpt == 1)
+                layernorm_fwd_vec_kernel<T, 1><<<N, threads, 0, st>>>((T *)y, mean, rstd, (const T *)x, (const T *)g,
+                                                                      (const T *)b, D, eps);
+            else if (vpt == 2)
+                layernorm_fwd_vec_kernel<T, 2><<<N, threads, 0, st>>>((T *)y, mean, rstd, (const T *)x, (const T *)g,
+                                                                      (const T *)b, D, eps);
+            else
+                layernorm_fwd_vec_kernel<T, 4><<<N, threads, 0, st>>>((T *)y, mean, rstd, (const T *)x, (const T *)g,
+                                                                      (const T *)b, D, eps);
+        });
+    } else {
+        ACT_DISPATCH(base, T,
+                     layernorm_fwd_kernel<T><<<N, 256, 0, st>>>((T *)y, mean, rstd, (const T *)x, (const T *)g,
+                                                                (const T *)b, D, eps));
+    }
     LAUNCH_CHECK("layernorm");
     PROF_MARK(CB(base), PR_LN);
     return FT_OK;
