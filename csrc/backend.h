@@ -37,6 +37,8 @@ typedef struct ft_attn_args {
     const int32_t *kmask; /* i32 [B, kstride], first Tk used: 1 where the key is a real token */
     const int32_t *kpos;  /* i32 [B, kstride], first Tk used: alibi position of each key */
     const float *slopes;  /* f32 [H] alibi slopes, NULL: no alibi */
+    const int32_t *tk_dev; /* i32 [1] or NULL: Tk read on the device (T == 1 only; Tk above then
+                            * unused, keys bounded by cap) so a captured graph can be replayed */
 } ft_attn_args;
 
 typedef struct ft_qkv_args {
@@ -46,6 +48,7 @@ typedef struct ft_qkv_args {
     const int32_t *pos;  /* i32 [B, T] rotary positions */
     int rope;            /* 0: no rotary (alibi models) */
     float theta;
+    const int32_t *past_dev; /* i32 [1] or NULL: past read on the device (graph replay) */
 } ft_qkv_args;
 
 typedef struct ft_backend_ops {
@@ -145,6 +148,17 @@ typedef struct ft_backend_ops {
     /* dst row i = src row idx[i] (rows of row_bytes); dst and src do not overlap */
     ft_status (*gather_rows)(ft_backend *be, void *dst, const void *src, const int32_t *idx, int n,
                              size_t row_bytes, ft_error *err);
+
+    /* ---- graphs (optional: NULL when the backend has none) ---- */
+    /* Ops enqueued between capture_begin and capture_end are recorded, not run; capture_end
+     * returns the replayable graph (NULL after a failed op: the capture is discarded). Scratch
+     * memory a captured op uses must not move before the graph is replayed:
+     * scratch_generation changes whenever it does. */
+    ft_status (*capture_begin)(ft_backend *be, ft_error *err);
+    ft_status (*capture_end)(ft_backend *be, int keep, void **graph, ft_error *err);
+    ft_status (*graph_launch)(ft_backend *be, void *graph, ft_error *err);
+    void (*graph_destroy)(ft_backend *be, void *graph);
+    uint64_t (*scratch_generation)(ft_backend *be);
 
     /* ---- accounting (optional: NULL when the backend does not count) ---- */
     /* bytes this backend holds now and its high-water mark; reset: mark = now */

@@ -63,6 +63,15 @@ typedef struct kv_cache {
     int32_t *kmask, *kpos; /* [B,cap]: key mask and alibi position of each cached token */
     int32_t *gather_idx;   /* [B] */
     int32_t *seen;         /* host [B]: real (mask 1) tokens cached per row = next position */
+    int32_t *step_dev;     /* [2]: past, Tk of the current decode step, read by the kernels */
+    /* decode_step replayed as a backend graph, per kind (0: logits, 1: argmax). A graph is valid
+     * while the workspace block and the backend's scratch generation are those it was captured
+     * with; warm_gen: generation after an uncaptured run of that kind (capture needs one first,
+     * so that every scratch buffer the step uses already exists). */
+    void *graph[2];
+    void *graph_ws[2];
+    uint64_t graph_gen[2], warm_gen[2];
+    int warm[2]; /* 0: not run yet, 1: ran uncaptured at warm_gen, -1: no graphs (off or capture failed) */
 } kv_cache;
 
 struct ft_model {
@@ -658,6 +667,7 @@ typedef struct step_ctx {
     int Tk, cap, past;   /* attention keys */
     int kstride;         /* row stride of kmask / kpos */
     const int32_t *kmask, *kpos, *pos; /* backend arrays */
+    const int32_t *past_dev, *tk_dev;  /* decode steps: past and Tk in backend memory (graph replay) */
     int train;           /* dropout active */
     uint64_t seed;       /* this step's dropout seed */
 } step_ctx;
@@ -708,6 +718,7 @@ static void attn_args(const ft_model *m, const step_ctx *s, ft_attn_args *a)
     a->Tk = s->Tk; a->cap = s->cap; a->hd = c->head_dim;
     a->scale = 1.0f / sqrtf((float)c->head_dim);
     a->kstride = s->kstride; a->kmask = s->kmask; a->kpos = s->kpos; a->slopes = m->slopes;
+    a->tk_dev = s->tk_dev;
 }
 
 static void qkv_args(const ft_model *m, const step_ctx *s, ft_qkv_args *a)
@@ -716,6 +727,7 @@ static void qkv_args(const ft_model *m, const step_ctx *s, ft_qkv_args *a)
     a->B = s->B; a->T = s->T; a->H = c->n_head; a->KV = c->n_kv_head; a->hd = c->head_dim;
     a->qkv_width = m->qkv_width; a->cap = s->cap; a->past = s->past;
     a->cols = m->qkv_cols; a->pos = s->pos; a->rope = !c->alibi; a->theta = c->rope_theta;
+    a->past_dev = s->past_dev;
 }
 
 /* y[N,D] = layer l (x[N,D]). k/v go to kbuf/vbuf (cache) when given, else to A. */
@@ -1042,6 +1054,9 @@ void ft_cache_free(ft_model *m)
     if (kc->kmask) be->ops->free(be, kc->kmask);
     if (kc->kpos) be->ops->free(be, kc->kpos);
     if (kc->gather_idx) be->ops->free(be, kc->gather_idx);
+    if (kc->step_dev) be->ops->free(be, kc->step_dev);
+    for (int i = 0; i < 2; i++)
+        if (kc->graph[i]) be->ops->graph_destroy(be, kc->graph[i]);
     free(kc->seen);
     memset(kc, 0, sizeof *kc);
 }
@@ -1068,6 +1083,7 @@ ft_status ft_cache_init(ft_model *m, int B, int capacity, ft_error *err)
     if (!st) st = m->be->ops->alloc(m->be, (size_t)B * capacity * sizeof(int32_t), (void **)&kc->kmask, err);
     if (!st) st = m->be->ops->alloc(m->be, (size_t)B * capacity * sizeof(int32_t), (void **)&kc->kpos, err);
     if (!st) st = m->be->ops->alloc(m->be, (size_t)B * sizeof(int32_t), (void **)&kc->gather_idx, err);
+    if (!st) st = m->be->ops->alloc(m->be, 2 * sizeof(int32_t), (void **)&kc->step_dev, err);
     if (st) {
         ft_cache_free(m);
         if (st == FT_EDEVMEM || st == FT_ENOMEM)
@@ -1154,6 +1170,78 @@ ft_status ft_forward_cached(ft_model *m, const int32_t *ids, const int32_t *mask
     return FT_OK;
 }
 
+enum { HEAD_LOGITS = 0, HEAD_ARGMAX = 1, HEAD_NONE = 2 };
+
+/* The device work of one decode step (the step's ids, positions, key column and {past, Tk} are
+ * already uploaded): embedding, layers, then per `head`: ln_f + lm head into ws->logits
+ * (B <= ws->chunk), the same plus the greedy ids into ws->tgt, or nothing (the caller runs
+ * head_rows). Past and Tk are read on the device, so the same launches serve every step: a
+ * captured graph of them is replayed. */
+static ft_status decode_body(ft_model *m, int B, int head, ft_error *err)
+{
+    const ft_config *c = &m->cfg;
+    const ft_backend_ops *op = m->be->ops;
+    kv_cache *kc = &m->cache;
+    workspace *ws = &m->ws;
+    step_ctx s;
+    memset(&s, 0, sizeof s);
+    s.B = B; s.T = 1; s.N = B; s.Tk = kc->len + 1; s.cap = kc->cap; s.past = kc->len; s.kstride = kc->cap;
+    s.kmask = kc->kmask; s.kpos = kc->kpos; s.pos = ws->pos;
+    s.past_dev = kc->step_dev;
+    s.tk_dev = kc->step_dev + 1;
+    CALL(op->embed(m->be, ws->xs[0], ws->ids, m->embed, B, c->hidden, err));
+    for (int l = 0; l < c->n_layer; l++)
+        CALL(layer_forward(m, &s, l, &ws->shared, ws->xs[l], ws->xs[l + 1], kc->k[l], kc->v[l], err));
+    if (head == HEAD_NONE) return FT_OK;
+    CALL(op->layernorm_fwd(m->be, ws->hf, ws->meanf, ws->rstdf, ws->xs[c->n_layer], m->lnf_w, m->lnf_b, B, c->hidden,
+                           c->ln_eps, err));
+    for (int r0 = 0; r0 < B; r0 += ws->chunk) { /* one chunk unless argmax over many rows */
+        const int n = B - r0 < ws->chunk ? B - r0 : ws->chunk;
+        CALL(op->lm_logits(m->be, ws->logits, (const char *)ws->hf + act_bytes(m, (size_t)r0 * c->hidden), m->lm_head,
+                           n, c->vocab_size, c->hidden, err));
+        if (head == HEAD_ARGMAX) CALL(op->argmax_rows(m->be, ws->logits, n, c->vocab_size, ws->tgt + r0, err));
+    }
+    return FT_OK;
+}
+
+/* decode_body, replayed from a graph where the backend has them: the first step of a kind runs
+ * directly (it creates every scratch buffer), the second is captured, later ones replay it. */
+static ft_status decode_run(ft_model *m, int B, int head, ft_error *err)
+{
+    const ft_backend_ops *op = m->be->ops;
+    kv_cache *kc = &m->cache;
+    const int k = head;
+    if (!op->capture_begin || head == HEAD_NONE || kc->warm[k] < 0) return decode_body(m, B, head, err);
+    const uint64_t gen = op->scratch_generation(m->be);
+    if (kc->graph[k] && (kc->graph_gen[k] != gen || kc->graph_ws[k] != m->ws.block)) {
+        op->graph_destroy(m->be, kc->graph[k]); /* its buffers moved */
+        kc->graph[k] = NULL;
+        kc->warm[k] = 0;
+    }
+    if (!kc->graph[k]) {
+        if (!kc->warm[k] || kc->warm_gen[k] != gen) {
+            CALL(decode_body(m, B, head, err));
+            kc->warm[k] = 1;
+            kc->warm_gen[k] = op->scratch_generation(m->be);
+            return FT_OK;
+        }
+        ft_error cerr = {0};
+        void *g = NULL;
+        if (op->capture_begin(m->be, &cerr) == FT_OK) {
+            const ft_status body = decode_body(m, B, head, &cerr);
+            if (op->capture_end(m->be, body == FT_OK, &g, &cerr) != FT_OK) g = NULL;
+        }
+        if (!g) { /* no graph (off, or capture failed): run directly from now on */
+            kc->warm[k] = -1;
+            return decode_body(m, B, head, err);
+        }
+        kc->graph[k] = g;
+        kc->graph_gen[k] = op->scratch_generation(m->be);
+        kc->graph_ws[k] = m->ws.block;
+    }
+    return op->graph_launch(m->be, kc->graph[k], err);
+}
+
 /* One token per row appended to the cache. Only the new key's mask and position are uploaded
  * (the cache keeps [B, cap] rows), not the whole history as forward_cached does. */
 ft_status ft_decode_step(ft_model *m, const int32_t *ids, const int32_t *mask, int B, float *last_logits,
@@ -1168,7 +1256,7 @@ ft_status ft_decode_step(ft_model *m, const int32_t *ids, const int32_t *mask, i
         return ft_fail(err, FT_EINVAL, "KV cache full: %d + 1 tokens exceed its capacity %d", kc->len, kc->cap);
     if (!last_logits == !out_ids) return ft_fail(err, FT_EINVAL, "decode_step: ask for logits or for ids");
     CALL(check_ids(m, ids, mask, B, 1, 1, err));
-    const int L = c->n_layer, past = kc->len;
+    const int past = kc->len;
     CALL(ensure_workspace(m, B, 0, err));
     workspace *ws = &m->ws;
 
@@ -1193,14 +1281,14 @@ ft_status ft_decode_step(ft_model *m, const int32_t *ids, const int32_t *mask, i
         return st;
     }
 
-    step_ctx s;
-    memset(&s, 0, sizeof s);
-    s.B = B; s.T = 1; s.N = B; s.Tk = past + 1; s.cap = kc->cap; s.past = past; s.kstride = kc->cap;
-    s.kmask = kc->kmask; s.kpos = kc->kpos; s.pos = ws->pos;
-    st = op->embed(m->be, ws->xs[0], ws->ids, m->embed, B, c->hidden, err);
-    for (int l = 0; l < L && !st; l++)
-        st = layer_forward(m, &s, l, &ws->shared, ws->xs[l], ws->xs[l + 1], kc->k[l], kc->v[l], err);
-    if (!st) st = head_rows(m, ws->xs[L], B, last_logits, out_ids, err);
+    const int32_t step[2] = {past, past + 1};
+    const int head = out_ids ? HEAD_ARGMAX : B <= ws->chunk ? HEAD_LOGITS : HEAD_NONE;
+    st = op->upload(m->be, kc->step_dev, step, sizeof step, err);
+    if (!st) st = decode_run(m, B, head, err);
+    if (!st && head == HEAD_ARGMAX) st = op->download(m->be, out_ids, ws->tgt, (size_t)B * sizeof(int32_t), err);
+    if (!st && head == HEAD_LOGITS)
+        st = op->download(m->be, last_logits, ws->logits, (size_t)B * c->vocab_size * sizeof(float), err);
+    if (!st && head == HEAD_NONE) st = head_rows(m, ws->xs[c->n_layer], B, last_logits, NULL, err);
     if (!st) { /* committed only when the step went through */
         for (int b = 0; b < B; b++) kc->seen[b] += km[b];
         kc->len = past + 1;

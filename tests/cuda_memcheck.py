@@ -45,8 +45,9 @@ def main() -> int:
             last = e.forward_cached(ids[:, :1], np.concatenate([mask, np.ones((2, 1), mask.dtype)], 1))
             e.cache_reorder(np.array([1, 0], np.int32))
             last = e.decode_step(ids[:, 1], np.array([1, 0]))           # one token per row, a padded one
-            nxt = e.decode_step(ids[:, 2], argmax=True)                  # device argmax
-            assert nxt.shape == (2,) and (0 <= nxt).all() and (nxt < 1024).all()
+            for t in range(2, 6):  # device argmax: run, captured as a graph, then replayed
+                nxt = e.decode_step(ids[:, t], argmax=True)
+                assert nxt.shape == (2,) and (0 <= nxt).all() and (nxt < 1024).all()
             e.cache_free()
             print(dtype, "loss", loss, "logits finite", bool(np.isfinite(logits).all()),
                   "cached finite", bool(np.isfinite(last).all()), flush=True)

@@ -27,9 +27,10 @@
  * one block looping over every slot of the row took ~10 us. */
 template <typename T>
 __global__ void qkv_split_kernel(T *q, T *k, T *v, const T *qkv, const int32_t *cols, const int32_t *pos, int T_,
-                                 int H, int KV, int hd, int width, int cap, int past, int rope, float theta, int spb,
-                                 int backward)
+                                 int H, int KV, int hd, int width, int cap, int past_arg, const int32_t *past_dev,
+                                 int rope, float theta, int spb, int backward)
 {
+    const int past = past_dev ? *past_dev : past_arg;
     extern __shared__ float tab[]; /* cs[hd/2], sn[hd/2] */
     const int bt = blockIdx.x, b = bt / T_, t = bt % T_;
     const int half = hd / 2;
@@ -101,7 +102,7 @@ static ft_status qkv_split_launch(ft_backend *base, void *q, void *k, void *v, c
     ACT_DISPATCH(base, T,
                  qkv_split_kernel<T><<<grid, 128, sh, CB(base)->stream>>>(
                      (T *)q, (T *)k, (T *)v, (const T *)qkv, a->cols, a->pos, a->T, a->H, a->KV, a->hd, a->qkv_width,
-                     a->cap, a->past, a->rope, a->theta, spb, backward));
+                     a->cap, a->past, a->past_dev, a->rope, a->theta, spb, backward));
     LAUNCH_CHECK(backward ? "qkv split backward" : "qkv split");
     PROF_MARK(CB(base), PR_QKV);
     return FT_OK;
@@ -438,6 +439,10 @@ extern "C" ft_status cuda_attention_fwd(ft_backend *base, void *out, float *lse,
     int done;
     FT_TRY(cuda_attention_decode(CB(base), out, lse, q, k, v, a, &done, err));
     if (done) return FT_OK;
+    /* the paths below size their work from the host's Tk: fine when run directly, wrong in a
+     * graph replayed at later steps (the caller then runs its steps uncaptured) */
+    if (a->tk_dev && CB(base)->capturing)
+        return ft_fail(err, FT_EUNSUPPORTED, "attention with Tk on the device needs the decode kernel");
     if (!CB(base)->attn_flash) return cuda_attention_fwd_gemm(base, out, lse, q, k, v, a, err);
     if (a->hd > 256) return ft_fail(err, FT_EUNSUPPORTED, "CUDA attention supports head_dim <= 256, got %d", a->hd);
     if (a->B <= 0 || a->T <= 0) return FT_OK;

@@ -29,6 +29,7 @@ constexpr int AD_PAD = 8;               /* shared row padding (elements): rows s
 
 struct ad_p {
     int H, KV, Tk, cap, hd, splits, kstride;
+    const int32_t *tk_dev; /* Tk on the device (graph replay), or NULL */
     float scale;
     const int32_t *kmask, *kpos;
     const float *slopes;
@@ -47,7 +48,8 @@ attn_decode_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__rest
     __shared__ int s_last;
     const int bh = blockIdx.x, b = bh / a.H, h = bh % a.H, g = h / (a.H / a.KV);
     const int s = blockIdx.y;
-    const int j0 = s * AD_KEYS, nk = min(a.Tk - j0, AD_KEYS);
+    const int Tk = a.tk_dev ? *a.tk_dev : a.Tk;
+    const int j0 = s * AD_KEYS, nk = max(0, min(Tk - j0, AD_KEYS)); /* 0: a split past Tk (graphs) */
     const int hd = a.hd, tid = threadIdx.x, ld_row = hd + AD_PAD;
     T *Ks = (T *)ad_smem, *Vs = Ks + (size_t)AD_KEYS * ld_row;
     const T *kb = k + (((size_t)b * a.KV + g) * a.cap + j0) * hd;
@@ -173,7 +175,8 @@ ft_status cuda_attention_decode(cuda_backend *be, void *out, float *lse, const v
     if (((uintptr_t)k | (uintptr_t)v) % 16) return FT_OK;
     if (!be->attn_decode_on) return FT_OK;
     const int bhn = a->B * a->H;
-    const int splits = (a->Tk + AD_KEYS - 1) / AD_KEYS;
+    /* with Tk on the device the grid covers the whole cache: splits past Tk only report -inf */
+    const int splits = ((a->tk_dev ? a->cap : a->Tk) + AD_KEYS - 1) / AD_KEYS;
     if (bhn <= 0 || splits <= 0) return FT_OK;
     if (splits > 65535) return FT_OK;
     float *part = NULL;
@@ -182,6 +185,8 @@ ft_status cuda_attention_decode(cuda_backend *be, void *out, float *lse, const v
         FT_TRY(cuda_scratch(be, SCR_ATTN, (size_t)bhn * splits * (a->hd + 2) * sizeof(float), &pv, err));
         part = (float *)pv;
         if (bhn > be->attn_cnt_n) { /* arrival counters: zero between calls */
+            if (be->capturing) return ft_fail(err, FT_ESTATE, "attention counters would grow during graph capture");
+            be->scratch_gen++;
             cuda_free_ptr(be, be->attn_cnt);
             be->attn_cnt = NULL;
             be->attn_cnt_n = 0;
@@ -195,6 +200,7 @@ ft_status cuda_attention_decode(cuda_backend *be, void *out, float *lse, const v
     ad_p p;
     p.H = a->H; p.KV = a->KV; p.Tk = a->Tk; p.cap = a->cap; p.hd = a->hd; p.splits = splits;
     p.kstride = a->kstride;
+    p.tk_dev = a->tk_dev;
     p.scale = a->scale; p.kmask = a->kmask; p.kpos = a->kpos; p.slopes = a->slopes;
     PROF_T0(be);
     const dim3 grid(bhn, splits);

@@ -91,6 +91,57 @@ static void count_alloc(cuda_backend *be, size_t bytes)
     if (be->cur_bytes > be->peak_bytes) be->peak_bytes = be->cur_bytes;
 }
 
+/* ---- graphs: a decode step is ~400 launches; replaying them as one graph removes most of the
+ * gaps between kernels ---- */
+
+static ft_status op_capture_begin(ft_backend *base, ft_error *err)
+{
+    cuda_backend *be = CB(base);
+    if (!be->graphs_on) return ft_fail(err, FT_EUNSUPPORTED, "CUDA graphs are off (FT_CUDA_GRAPHS=0)");
+    CUDA_TRY(cudaStreamBeginCapture(be->stream, cudaStreamCaptureModeThreadLocal), "beginning a graph capture");
+    be->capturing = 1;
+    return FT_OK;
+}
+
+static ft_status op_capture_end(ft_backend *base, int keep, void **graph, ft_error *err)
+{
+    cuda_backend *be = CB(base);
+    *graph = NULL;
+    be->capturing = 0;
+    cudaGraph_t g = NULL;
+    cudaError_t e = cudaStreamEndCapture(be->stream, &g);
+    if (e != cudaSuccess || !keep || !g) {
+        if (g) cudaGraphDestroy(g);
+        cudaGetLastError();
+        return keep ? cuda_fail(err, e == cudaSuccess ? cudaErrorStreamCaptureInvalidated : e, "ending a graph capture")
+                    : FT_OK;
+    }
+    cudaGraphExec_t x = NULL;
+    e = cudaGraphInstantiate(&x, g, 0);
+    cudaGraphDestroy(g);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        return cuda_fail(err, e, "instantiating a CUDA graph");
+    }
+    *graph = (void *)x;
+    return FT_OK;
+}
+
+static ft_status op_graph_launch(ft_backend *base, void *graph, ft_error *err)
+{
+    CUDA_TRY(cudaGraphLaunch((cudaGraphExec_t)graph, CB(base)->stream), "launching a CUDA graph");
+    return FT_OK;
+}
+
+static void op_graph_destroy(ft_backend *base, void *graph)
+{
+    (void)base;
+    if (graph) cudaGraphExecDestroy((cudaGraphExec_t)graph);
+    cudaGetLastError();
+}
+
+static uint64_t op_scratch_generation(ft_backend *base) { return CB(base)->scratch_gen; }
+
 static ft_status op_memory_stats(ft_backend *base, size_t *current, size_t *peak, int reset, ft_error *err)
 {
     (void)err;
@@ -167,6 +218,8 @@ ft_status cublas_fail(ft_error *err, cublasStatus_t s, const char *what)
 ft_status cuda_malloc(cuda_backend *be, size_t bytes, void **ptr, ft_error *err, const char *what)
 {
     *ptr = NULL;
+    if (be->capturing) /* a captured graph would keep a pointer the next step may not own */
+        return ft_fail(err, FT_ESTATE, "allocating %s during graph capture", what);
     size_t n = bytes ? (bytes + 255) & ~(size_t)255 : 256;
     void *p = NULL;
     cudaError_t e = cudaMalloc(&p, n);
@@ -205,6 +258,8 @@ void cuda_free_ptr(cuda_backend *be, void *ptr)
 ft_status cuda_scratch(cuda_backend *be, int slot, size_t bytes, void **ptr, ft_error *err)
 {
     if (bytes > be->scratch_bytes[slot]) {
+        if (be->capturing) return ft_fail(err, FT_ESTATE, "scratch memory would grow during graph capture");
+        be->scratch_gen++;
         cuda_free_ptr(be, be->scratch[slot]);
         be->scratch[slot] = NULL;
         be->scratch_bytes[slot] = 0;
@@ -409,6 +464,11 @@ static const ft_backend_ops cuda_ops = {
     cuda_sumsq,
     cuda_adamw,
     cuda_gather_rows,
+    op_capture_begin,
+    op_capture_end,
+    op_graph_launch,
+    op_graph_destroy,
+    op_scratch_generation,
     op_memory_stats,
 };
 
@@ -480,8 +540,11 @@ extern "C" ft_status ft_cuda_backend_create(int device, int act_dtype, ft_backen
     const char *ge = getenv("FT_CUDA_GEMV"), *de = getenv("FT_CUDA_ATTN_DECODE");
     be->gemv_on = !(ge && !strcmp(ge, "0"));
     be->attn_decode_on = !(de && !strcmp(de, "0"));
+    const char *gre = getenv("FT_CUDA_GRAPHS");
+    be->graphs_on = !(gre && !strcmp(gre, "0"));
     const char *pe = getenv("FT_CUDA_PROFILE");
     be->prof_on = pe && pe[0] == '1';
+    if (be->prof_on) be->graphs_on = 0; /* the profiler synchronises around ops: not capturable */
     ft_status st = FT_OK;
     cudaError_t e = cudaStreamCreateWithFlags(&be->stream, cudaStreamNonBlocking);
     if (e != cudaSuccess) st = cuda_fail(err, e, "creating a CUDA stream");

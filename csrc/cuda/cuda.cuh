@@ -50,6 +50,9 @@ struct cuda_backend {
     int cc_major, sms; /* compute capability major, multiprocessors */
     int gemv_on;       /* FT_CUDA_GEMV != 0: fused dequant-GEMV for N <= 8 rows */
     int attn_decode_on; /* FT_CUDA_ATTN_DECODE != 0: one-launch attention for T == 1 */
+    int graphs_on;      /* FT_CUDA_GRAPHS != 0: capture_begin works (decode steps replay graphs) */
+    int capturing;      /* between capture_begin and capture_end: no allocation may happen */
+    uint64_t scratch_gen; /* bumped whenever a scratch buffer (or the attention counters) moves */
 };
 
 struct ft_qlinear {
