@@ -6,6 +6,7 @@
 #   benchours -> bench/train_bench.py --no-hf
 #   cudatests -> every test marked cuda (needs .devdata/ = a copy of ../shared/data, carried)
 #   decode -> bench/decode_bench.py (ours + HF bf16 generate)   ($OUT/decode.log, $OUT/decode_*.json)
+#   profile -> bench/decode_profile.py (per-kernel time of a decode step)   ($OUT/decode_profile.txt)
 # Logs land in $OUT (the device tool's output folder); default ./device_out.
 set -o pipefail
 OUT=${OUT:-./device_out}
@@ -25,6 +26,7 @@ for what in "$@"; do
     bench) timeout ${BENCH_TIMEOUT:-420} python3 bench/train_bench.py --out "$OUT" --ckpt /tmp/ft7b ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | grep -v "^\s*$" | tail -30 ;;
     cudatests) FALCONTUNE_SHARED_DATA=$PWD/.devdata FT_7B_CKPT=/tmp/ft7b timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -m cuda -p no:cacheprovider tests/ ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/cudatests.log" | tail -40 ;;
     decode) timeout ${DECODE_TIMEOUT:-300} python3 bench/decode_bench.py --out "$OUT" --ckpt /tmp/ft7b ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode.log" | tail -20 ;;
+    profile) timeout ${DECODE_TIMEOUT:-200} python3 bench/decode_profile.py --out "$OUT" --ckpt /tmp/ft7b 2>&1 | grep -vi warn | tail -40 ;;
     benchours) timeout ${BENCH_TIMEOUT:-300} python3 bench/train_bench.py --no-hf --out "$OUT" --ckpt /tmp/ft7b ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -30 ;;
   esac
 done
