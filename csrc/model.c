@@ -385,6 +385,8 @@ ft_dtype ft_model_act_dtype(const ft_model *m) { return m->be->act_dtype; }
 /* ------------------------------------------------------------------------ */
 /* LoRA                                                                      */
 
+static void cache_drop_graphs(ft_model *m);
+
 ft_status ft_lora_init(ft_model *m, int r, float alpha, float dropout, unsigned target_mask, ft_error *err)
 {
     const ft_config *c = &m->cfg;
@@ -423,11 +425,13 @@ ft_status ft_lora_init(ft_model *m, int r, float alpha, float dropout, unsigned 
     m->lora_dropout = dropout;
     m->lora_targets = target_mask;
     m->lora_min_layer = 0;
+    cache_drop_graphs(m); /* captured decode steps hold the old adapter's buffers and scale */
     return FT_OK;
 }
 
 void ft_lora_remove(ft_model *m)
 {
+    cache_drop_graphs(m);
     for (int s = 0; s < 4; s++) {
         if (m->lora_buf[s]) m->be->ops->free(m->be, m->lora_buf[s]);
         m->lora_buf[s] = NULL;
@@ -1039,6 +1043,18 @@ ft_status ft_adamw_step(ft_model *m, const ft_adamw_params *p, double *grad_norm
 
 /* ------------------------------------------------------------------------ */
 /* generation with a KV cache                                                */
+
+/* Captured decode steps keep the pointers and arguments they were recorded with: dropped when
+ * the adapter changes. The next steps run directly, then capture again. */
+static void cache_drop_graphs(ft_model *m)
+{
+    kv_cache *kc = &m->cache;
+    for (int i = 0; i < 2; i++) {
+        if (kc->graph[i]) m->be->ops->graph_destroy(m->be, kc->graph[i]);
+        kc->graph[i] = NULL;
+        if (kc->warm[i] > 0) kc->warm[i] = 0;
+    }
+}
 
 void ft_cache_free(ft_model *m)
 {

@@ -292,3 +292,28 @@ def test_decode_step_graphs_match_cpu(tmp_path, monkeypatch, preset, dtype):
         out[name] = got
     for a, b in zip(out["graph"], out["direct"]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_decode_step_graph_dropped_when_adapter_changes(tmp_path):
+    """A new adapter (new buffers, another scale) between decode steps: the captured graph is
+    dropped and later steps use the new adapter, as the CPU does."""
+    d = testing.make_checkpoint(tmp_path / "m", preset="tiny", bits=4, group_size=32)
+    cpu, gpu = make_pair(d, "bfloat16")
+    rng = np.random.default_rng(41)
+    ids = rng.integers(0, cpu.config.vocab_size, size=(2, 30)).astype(np.int64)
+    for m in (cpu, gpu):
+        m.engine.cache_init(2, 32)
+        m.engine.forward_cached(ids[:, :10], None)
+    for t in range(10, 16):  # run, capture, replay
+        gpu.engine.decode_step(ids[:, t])
+        cpu.engine.decode_step(ids[:, t])
+    sd = testing.random_lora(cpu.config, 8, ("query_key_value", "dense"), seed=9)
+    for m in (cpu, gpu):
+        m.add_lora(r=8, alpha=32, dropout=0.0, target_modules=("query_key_value", "dense"))
+        m.load_lora_state_dict(sd)
+    for t in range(16, 22):
+        a = gpu.engine.decode_step(ids[:, t])
+        b = cpu.engine.decode_step(ids[:, t])
+        assert rel(a, b) < 2e-2, (t, rel(a, b))
+    for m in (cpu, gpu):
+        m.engine.cache_free()
