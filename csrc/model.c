@@ -1113,9 +1113,8 @@ ft_status ft_cache_init(ft_model *m, int B, int capacity, ft_error *err)
     return FT_OK;
 }
 
-/* ln_f and the lm head over x[B, D] (act): host logits [B, V], or with out_ids the argmax of
- * each row, found on the device (only B ids cross to the host). */
-static ft_status head_rows(ft_model *m, const void *x, int B, float *logits, int32_t *out_ids, ft_error *err)
+/* ln_f and the lm head over x[B, D] (act) -> host logits [B, V], in row chunks of ws->chunk */
+static ft_status head_rows(ft_model *m, const void *x, int B, float *logits, ft_error *err)
 {
     const ft_config *c = &m->cfg;
     const ft_backend_ops *op = m->be->ops;
@@ -1126,10 +1125,8 @@ static ft_status head_rows(ft_model *m, const void *x, int B, float *logits, int
         const int n = B - r0 < ws->chunk ? B - r0 : ws->chunk;
         CALL(op->lm_logits(m->be, ws->logits, (const char *)ws->hf + act_bytes(m, (size_t)r0 * D), m->lm_head, n, V,
                            D, err));
-        if (out_ids) CALL(op->argmax_rows(m->be, ws->logits, n, V, ws->tgt + r0, err));
-        else CALL(op->download(m->be, logits + (size_t)r0 * V, ws->logits, (size_t)n * V * sizeof(float), err));
+        CALL(op->download(m->be, logits + (size_t)r0 * V, ws->logits, (size_t)n * V * sizeof(float), err));
     }
-    if (out_ids) return op->download(m->be, out_ids, ws->tgt, (size_t)B * sizeof(int32_t), err);
     return FT_OK;
 }
 
@@ -1181,7 +1178,7 @@ ft_status ft_forward_cached(ft_model *m, const int32_t *ids, const int32_t *mask
         CALL(layer_forward(m, &s, l, &ws->shared, ws->xs[l], ws->xs[l + 1], kc->k[l], kc->v[l], err));
     /* last position of each row -> ln_f -> logits [B, V] */
     CALL(op->gather_rows(m->be, ws->ytmp, ws->xs[L], kc->gather_idx, B, act_bytes(m, D), err));
-    CALL(head_rows(m, ws->ytmp, B, last_logits, NULL, err));
+    CALL(head_rows(m, ws->ytmp, B, last_logits, err));
     kc->len = Tk;
     return FT_OK;
 }
@@ -1304,7 +1301,7 @@ ft_status ft_decode_step(ft_model *m, const int32_t *ids, const int32_t *mask, i
     if (!st && head == HEAD_ARGMAX) st = op->download(m->be, out_ids, ws->tgt, (size_t)B * sizeof(int32_t), err);
     if (!st && head == HEAD_LOGITS)
         st = op->download(m->be, last_logits, ws->logits, (size_t)B * c->vocab_size * sizeof(float), err);
-    if (!st && head == HEAD_NONE) st = head_rows(m, ws->xs[c->n_layer], B, last_logits, NULL, err);
+    if (!st && head == HEAD_NONE) st = head_rows(m, ws->xs[c->n_layer], B, last_logits, err);
     if (!st) { /* committed only when the step went through */
         for (int b = 0; b < B; b++) kc->seen[b] += km[b];
         kc->len = past + 1;
