@@ -843,8 +843,10 @@ static ft_status check_ids(const ft_model *m, const int32_t *ids, const int32_t 
 }
 
 /* Positions of the last T of Tk tokens per row = count of real tokens before
- * each; alibi key positions likewise (0 on padding). Host arrays. */
-static void positions(const int32_t *mask, int B, int T, int Tk, int32_t *pos, int32_t *kmask, int32_t *kpos)
+ * each; alibi key positions likewise (0 on padding); row_real[b] (when given) = real tokens of
+ * row b, the position of its next token. Host arrays. */
+static void positions(const int32_t *mask, int B, int T, int Tk, int32_t *pos, int32_t *kmask, int32_t *kpos,
+                      int32_t *row_real)
 {
     for (int b = 0; b < B; b++) {
         int32_t seen = 0;
@@ -857,6 +859,7 @@ static void positions(const int32_t *mask, int B, int T, int Tk, int32_t *pos, i
             if (j >= Tk - T) pos[(size_t)b * T + j - (Tk - T)] = seen;
             seen += mj;
         }
+        if (row_real) row_real[b] = seen;
     }
 }
 
@@ -868,7 +871,7 @@ static ft_status prepare_step(ft_model *m, step_ctx *s, const int32_t *ids, cons
     const size_t N = (size_t)B * T;
     int32_t *host = malloc(3 * N * sizeof(int32_t));
     if (!host) return ft_fail(err, FT_ENOMEM, "out of host memory");
-    positions(mask, B, T, T, host, host + N, host + 2 * N);
+    positions(mask, B, T, T, host, host + N, host + 2 * N, NULL);
     ft_status st = m->be->ops->upload(m->be, ws->ids, ids, N * sizeof(int32_t), err);
     if (!st) st = m->be->ops->upload(m->be, ws->pos, host, N * sizeof(int32_t), err);
     if (!st) st = m->be->ops->upload(m->be, ws->kmask, host + N, N * sizeof(int32_t), err);
@@ -1150,7 +1153,7 @@ ft_status ft_forward_cached(ft_model *m, const int32_t *ids, const int32_t *mask
     int32_t *host = malloc(((size_t)N + 2 * (size_t)B * Tk + B) * sizeof(int32_t));
     if (!host) return ft_fail(err, FT_ENOMEM, "out of host memory");
     int32_t *pos = host, *kmask = host + N, *kpos = kmask + (size_t)B * Tk, *last = kpos + (size_t)B * Tk;
-    positions(mask, B, T, Tk, pos, kmask, kpos);
+    positions(mask, B, T, Tk, pos, kmask, kpos, kc->seen);
     for (int b = 0; b < B; b++) last[b] = b * T + T - 1;
     /* the cache's mask/pos rows are [B, cap]: upload row by row at stride cap */
     ft_status st = op->upload(m->be, ws->ids, ids, (size_t)N * sizeof(int32_t), err);
@@ -1161,11 +1164,6 @@ ft_status ft_forward_cached(ft_model *m, const int32_t *ids, const int32_t *mask
         if (!st) st = op->upload(m->be, kc->kpos + row, kpos + (size_t)b * Tk, (size_t)Tk * sizeof(int32_t), err);
     }
     if (!st) st = op->upload(m->be, kc->gather_idx, last, (size_t)B * sizeof(int32_t), err);
-    for (int b = 0; b < B; b++) { /* real tokens of row b so far: the next token's position */
-        int32_t n = 0;
-        for (int j = 0; j < Tk; j++) n += kmask[(size_t)b * Tk + j];
-        kc->seen[b] = n;
-    }
     free(host);
     if (st) return st;
 
