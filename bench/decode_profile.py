@@ -47,19 +47,6 @@ def main() -> None:
     torch.cuda.init()
     ids = np.random.default_rng(0).integers(100, 60000, size=(args.batch, 32))
     lines = [f"batch {args.batch}, {args.steps} new tokens (+ 32-token prompt)"]
-    # the floor for one kernel reading the bytes of one 7B linear: torch's reduction over as many bytes
-    for mb in (10.6, 41.3):
-        a = torch.empty(int(mb * 1e6 / 4), dtype=torch.int32, device="cuda").random_(0, 1 << 20)
-        for _ in range(3):
-            a.sum()
-        t0e, t1e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0e.record()
-        for _ in range(20):
-            a.sum()
-        t1e.record()
-        torch.cuda.synchronize()
-        us = t0e.elapsed_time(t1e) / 20 * 1e3
-        lines.append(f"read floor: {mb} MB summed by torch in {us:.2f} us ({mb * 1e6 / us / 1e6:.2f} TB/s)")
     for env in (args.env.split(";") if args.env else [""]):
         pairs = [kv.split("=", 1) for kv in env.split(",") if kv]
         for k, v in pairs:

@@ -15,26 +15,24 @@ import pytest
 import falcontune as ft
 from falcontune import testing
 
+from test_cuda import rel
+
 pytestmark = pytest.mark.cuda
 
 ALL = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 
-def rel(a, b):
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+def with_lora(models, lora):
+    if lora:
+        sd = testing.random_lora(models[0].config, 4, ALL, seed=3)
+        for m in models:
+            m.add_lora(r=4, alpha=8, dropout=0.0, target_modules=ALL)
+            m.load_lora_state_dict(sd)
+    return models
 
 
 def load_pair(d, dtype, lora=False):
-    cpu = ft.load_model(d, device="cpu")
-    gpu = ft.load_model(d, device="cuda", dtype=dtype)
-    if lora:
-        sd = testing.random_lora(cpu.config, 4, ALL, seed=3)
-        for m in (cpu, gpu):
-            m.add_lora(r=4, alpha=8, dropout=0.0, target_modules=ALL)
-            m.load_lora_state_dict(sd)
-    return cpu, gpu
+    return with_lora((ft.load_model(d, device="cpu"), ft.load_model(d, device="cuda", dtype=dtype)), lora)
 
 
 def gemv_off(d, dtype, monkeypatch, lora=False):
@@ -42,10 +40,7 @@ def gemv_off(d, dtype, monkeypatch, lora=False):
     monkeypatch.setenv("FT_CUDA_GEMV", "0")
     gpu = ft.load_model(d, device="cuda", dtype=dtype)
     monkeypatch.delenv("FT_CUDA_GEMV")
-    if lora:
-        gpu.add_lora(r=4, alpha=8, dropout=0.0, target_modules=ALL)
-        gpu.load_lora_state_dict(testing.random_lora(gpu.config, 4, ALL, seed=3))
-    return gpu
+    return with_lora((gpu,), lora)[0]
 
 
 VARIANTS = [
