@@ -1,0 +1,105 @@
+/* forward.c -- what every step shares: input checks, token positions, the layer stack, the head;
+ * and the plain forward (ft_forward: logits of every position, no cache).
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "model_internal.h"
+
+ft_status check_ids(const ft_model *m, const int32_t *ids, const int32_t *mask, int B, int T, int mask_T,
+                    ft_error *err)
+{
+    if (B <= 0 || T <= 0) return ft_fail(err, FT_EINVAL, "input_ids: expected a non-empty [batch, tokens] array");
+    if ((int64_t)B * T > (1 << 26)) return ft_fail(err, FT_EINVAL, "input_ids: too many tokens (%d x %d)", B, T);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            int32_t id = ids[(size_t)b * T + t];
+            if (id < 0 || id >= m->cfg.vocab_size)
+                return ft_fail(err, FT_EINVAL, "input_ids[%d, %d] = %d is outside the vocabulary [0, %d)", b, t,
+                               (int)id, m->cfg.vocab_size);
+        }
+    if (mask)
+        for (size_t i = 0; i < (size_t)B * mask_T; i++)
+            if (mask[i] != 0 && mask[i] != 1)
+                return ft_fail(err, FT_EINVAL, "attention_mask: expected 0 or 1, got %d at [%zu, %zu]",
+                               (int)mask[i], i / mask_T, i % mask_T);
+    return FT_OK;
+}
+
+/* A token's position counts the real tokens before it, so left and right padding both work. */
+void token_positions(const int32_t *mask, int B, int T, int Tk, int32_t *pos, int32_t *kmask, int32_t *kpos,
+                     int32_t *row_real)
+{
+    for (int b = 0; b < B; b++) {
+        int32_t seen = 0;
+        for (int j = 0; j < Tk; j++) {
+            int32_t mj = mask ? mask[(size_t)b * Tk + j] : 1;
+            if (kmask) {
+                kmask[(size_t)b * Tk + j] = mj;
+                kpos[(size_t)b * Tk + j] = mj ? seen : 0;
+            }
+            if (j >= Tk - T) pos[(size_t)b * T + j - (Tk - T)] = seen;
+            seen += mj;
+        }
+        if (row_real) row_real[b] = seen;
+    }
+}
+
+ft_status prepare_step(ft_model *m, step_ctx *s, const int32_t *ids, const int32_t *mask, int B, int T,
+                       ft_error *err)
+{
+    workspace *ws = &m->ws;
+    const size_t N = (size_t)B * T;
+    int32_t *host = malloc(3 * N * sizeof(int32_t));
+    if (!host) return ft_fail(err, FT_ENOMEM, "out of host memory");
+    token_positions(mask, B, T, T, host, host + N, host + 2 * N, NULL);
+    ft_status st = m->be->ops->upload(m->be, ws->ids, ids, N * sizeof(int32_t), err);
+    if (!st) st = m->be->ops->upload(m->be, ws->pos, host, N * sizeof(int32_t), err);
+    if (!st) st = m->be->ops->upload(m->be, ws->kmask, host + N, N * sizeof(int32_t), err);
+    if (!st) st = m->be->ops->upload(m->be, ws->kpos, host + 2 * N, N * sizeof(int32_t), err);
+    free(host);
+    memset(s, 0, sizeof *s);
+    s->B = B; s->T = T; s->N = (int)N; s->Tk = T; s->cap = T; s->past = 0; s->kstride = T;
+    s->kmask = ws->kmask; s->kpos = ws->kpos; s->pos = ws->pos;
+    return st;
+}
+
+/* save: keep each layer's activations for backward (a training workspace); otherwise every layer
+ * reuses the shared set (inference, evaluation). */
+ft_status run_layers(ft_model *m, const step_ctx *s, int save, ft_error *err)
+{
+    workspace *ws = &m->ws;
+    const int L = m->cfg.n_layer;
+    CALL(m->be->ops->embed(m->be, ws->xs[0], ws->ids, m->embed, s->N, m->cfg.hidden, err));
+    for (int l = 0; l < L; l++) {
+        layer_acts *A = save ? &ws->acts[l] : &ws->shared;
+        CALL(layer_forward(m, s, l, A, ws->xs[l], ws->xs[l + 1], NULL, NULL, err));
+    }
+    return m->be->ops->layernorm_fwd(m->be, ws->hf, ws->meanf, ws->rstdf, ws->xs[L], m->lnf_w, m->lnf_b, s->N,
+                                     m->cfg.hidden, m->cfg.ln_eps, err);
+}
+
+ft_status head_logits(ft_model *m, const void *h, int n, float *logits, ft_error *err)
+{
+    workspace *ws = &m->ws;
+    const int V = m->cfg.vocab_size, D = m->cfg.hidden;
+    for (int r0 = 0; r0 < n; r0 += ws->chunk) {
+        const int rows = n - r0 < ws->chunk ? n - r0 : ws->chunk;
+        const char *hr = (const char *)h + act_bytes(m, (size_t)r0 * D);
+        CALL(m->be->ops->lm_logits(m->be, ws->logits, hr, m->lm_head, rows, V, D, err));
+        CALL(m->be->ops->download(m->be, logits + (size_t)r0 * V, ws->logits, (size_t)rows * V * sizeof(float), err));
+    }
+    return FT_OK;
+}
+
+ft_status ft_forward(ft_model *m, const int32_t *ids, const int32_t *mask, int B, int T, float *logits,
+                     ft_error *err)
+{
+    CALL(check_ids(m, ids, mask, B, T, T, err));
+    CALL(workspace_ensure(m, B * T, 0, err));
+    step_ctx s;
+    CALL(prepare_step(m, &s, ids, mask, B, T, err));
+    s.train = 0;
+    CALL(run_layers(m, &s, 0, err));
+    return head_logits(m, m->ws.hf, s.N, logits, err);
+}

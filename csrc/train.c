@@ -1,0 +1,144 @@
+/* train.c -- the training step: loss (and its LoRA gradients), evaluation loss, gradient norm,
+ * AdamW; the dropout stream and training mode.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "model_internal.h"
+#include "rng.h"
+
+void ft_set_training(ft_model *m, int training) { m->training = training != 0; }
+void ft_set_rng(ft_model *m, uint64_t seed, uint64_t counter)
+{
+    m->rng_seed = seed;
+    m->rng_counter = counter;
+}
+void ft_get_rng(const ft_model *m, uint64_t *seed, uint64_t *counter)
+{
+    *seed = m->rng_seed;
+    *counter = m->rng_counter;
+}
+
+/* The loss of a batch, and with `backward` its LoRA gradients. Without backward nothing is
+ * kept for a backward pass, no dropout is drawn and no LoRA is needed (evaluation). */
+static ft_status loss_step(ft_model *m, const int32_t *ids, const int32_t *labels, const int32_t *mask, int B, int T,
+                           float grad_scale, int backward, double *loss, int64_t *n_tokens, ft_error *err)
+{
+    const ft_config *c = &m->cfg;
+    const ft_backend_ops *op = m->be->ops;
+    CALL(check_ids(m, ids, mask, B, T, T, err));
+    if (backward && !m->lora_r)
+        return ft_fail(err, FT_ESTATE, "forward_backward needs a LoRA adapter (call add_lora first)");
+    if (!isfinite(grad_scale)) return ft_fail(err, FT_EINVAL, "grad_scale must be finite");
+    const int N = B * T, V = c->vocab_size, D = c->hidden, L = c->n_layer;
+
+    /* targets: position t predicts labels[t + 1] */
+    int32_t *tgt = malloc((size_t)N * sizeof(int32_t));
+    if (!tgt) return ft_fail(err, FT_ENOMEM, "out of host memory");
+    int64_t n_valid = 0;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            int32_t y = t + 1 < T ? labels[(size_t)b * T + t + 1] : -100;
+            if (y != -100 && (y < 0 || y >= V)) {
+                free(tgt);
+                return ft_fail(err, FT_EINVAL, "labels[%d, %d] = %d: expected -100 or an id in [0, %d)", b, t + 1,
+                               (int)y, V);
+            }
+            tgt[(size_t)b * T + t] = y < 0 ? -1 : y;
+            n_valid += y >= 0;
+        }
+    *loss = 0.0;
+    *n_tokens = n_valid;
+    if (n_valid == 0) { /* nothing to learn from: no gradient, loss 0 */
+        free(tgt);
+        return FT_OK;
+    }
+    ft_status st = workspace_ensure(m, N, backward, err);
+    workspace *ws = &m->ws;
+    step_ctx s;
+    if (!st) st = prepare_step(m, &s, ids, mask, B, T, err);
+    if (!st) st = op->upload(m->be, ws->tgt, tgt, (size_t)N * sizeof(int32_t), err);
+    free(tgt);
+    if (st) return st;
+    if (backward) {
+        s.train = m->training;
+        s.seed = ft_mix64(m->rng_seed ^ ft_mix64(m->rng_counter));
+        m->rng_counter++;
+    }
+    CALL(run_layers(m, &s, backward, err));
+
+    /* head + loss in row chunks: logits -> dlogits in place -> dhf (into da1) */
+    const float gmul = backward ? grad_scale / (float)n_valid : 0.0f;
+    double sum = 0.0;
+    float *row_loss = malloc((size_t)ws->chunk * sizeof(float));
+    if (!row_loss) return ft_fail(err, FT_ENOMEM, "out of host memory");
+    for (int r0 = 0; r0 < N && !st; r0 += ws->chunk) {
+        const int n = N - r0 < ws->chunk ? N - r0 : ws->chunk;
+        const char *h = (const char *)ws->hf + act_bytes(m, (size_t)r0 * D);
+        char *dh = (char *)ws->da1 + act_bytes(m, (size_t)r0 * D);
+        st = op->lm_logits(m->be, ws->logits, h, m->lm_head, n, V, D, err);
+        if (!st) st = op->cross_entropy(m->be, ws->logits, ws->row_loss, ws->tgt + r0, n, V, gmul, err);
+        if (!st && backward) st = op->lm_bwd(m->be, dh, ws->logits, m->lm_head, n, V, D, err);
+        if (!st) st = op->download(m->be, row_loss, ws->row_loss, (size_t)n * sizeof(float), err);
+        for (int i = 0; i < n && !st; i++) sum += row_loss[i];
+    }
+    free(row_loss);
+    if (st) return st;
+    *loss = sum / (double)n_valid;
+    if (!backward) return FT_OK;
+
+    /* dres = ln_f'(dhf) */
+    CALL(op->zero(m->be, ws->dres, act_bytes(m, (size_t)N * D), err));
+    CALL(op->layernorm_bwd(m->be, ws->dres, ws->da1, ws->xs[L], ws->meanf, ws->rstdf, m->lnf_w, N, D, err));
+
+    const int n_ckpt = L - ws->n_saved;
+    for (int l = L - 1; l >= m->lora_min_layer; l--) {
+        layer_acts *A = &ws->acts[l];
+        if (l < n_ckpt) /* recompute this layer's activations (same dropout seeds) */
+            CALL(layer_forward(m, &s, l, A, ws->xs[l], ws->ytmp, NULL, NULL, err));
+        CALL(layer_backward(m, &s, l, A, ws->xs[l], l > m->lora_min_layer, err));
+    }
+    return op->sync(m->be, err);
+}
+
+ft_status ft_forward_backward(ft_model *m, const int32_t *ids, const int32_t *labels, const int32_t *mask, int B,
+                              int T, float grad_scale, double *loss, int64_t *n_tokens, ft_error *err)
+{
+    return loss_step(m, ids, labels, mask, B, T, grad_scale, 1, loss, n_tokens, err);
+}
+
+ft_status ft_forward_loss(ft_model *m, const int32_t *ids, const int32_t *labels, const int32_t *mask, int B, int T,
+                          double *loss, int64_t *n_tokens, ft_error *err)
+{
+    return loss_step(m, ids, labels, mask, B, T, 1.0f, 0, loss, n_tokens, err);
+}
+
+
+ft_status ft_grad_norm(ft_model *m, double *norm, ft_error *err)
+{
+    *norm = 0.0;
+    if (!m->lora_r) return FT_OK;
+    double ss;
+    CALL(m->be->ops->sumsq(m->be, m->lora_buf[FT_LORA_GRAD], m->lora_n, &ss, err));
+    *norm = sqrt(ss);
+    return FT_OK;
+}
+
+ft_status ft_adamw_step(ft_model *m, const ft_adamw_params *p, double *grad_norm, ft_error *err)
+{
+    if (!m->lora_r) return ft_fail(err, FT_ESTATE, "the model has no LoRA adapter to optimise");
+    if (p->step < 1) return ft_fail(err, FT_EINVAL, "AdamW step must start at 1");
+    if (!(p->grad_scale > 0.0f)) return ft_fail(err, FT_EINVAL, "grad_scale must be positive");
+    double norm;
+    CALL(ft_grad_norm(m, &norm, err));
+    norm /= p->grad_scale;
+    *grad_norm = norm;
+    if (!isfinite(norm)) return FT_OK; /* skipped: the caller decides what to do (loss scaling) */
+    double gmul = 1.0 / p->grad_scale;
+    if (p->max_grad_norm > 0.0f && norm > p->max_grad_norm) gmul *= p->max_grad_norm / (norm + 1e-6);
+    const float bc1 = (float)(1.0 - pow(p->beta1, (double)p->step));
+    const float bc2 = (float)(1.0 - pow(p->beta2, (double)p->step));
+    return m->be->ops->adamw(m->be, m->lora_buf[FT_LORA_WEIGHT], m->lora_buf[FT_LORA_GRAD],
+                             m->lora_buf[FT_LORA_ADAM_M], m->lora_buf[FT_LORA_ADAM_V], m->lora_n, p->lr, p->beta1,
+                             p->beta2, p->eps, p->weight_decay, (float)gmul, bc1, bc2, err);
+}
