@@ -19,6 +19,8 @@ extern "C" {
 #endif
 
 typedef struct ft_backend ft_backend;
+
+enum { FT_REPLAY_SLOTS = 2 }; /* independent recorded steps a backend keeps (replay) */
 typedef struct ft_qlinear ft_qlinear; /* backend-owned quantized weight */
 
 /* A quantized linear, validated by gptq.c before a backend sees it. */
@@ -149,16 +151,15 @@ typedef struct ft_backend_ops {
     ft_status (*gather_rows)(ft_backend *be, void *dst, const void *src, const int32_t *idx, int n,
                              size_t row_bytes, ft_error *err);
 
-    /* ---- graphs (optional: NULL when the backend has none) ---- */
-    /* Ops enqueued between capture_begin and capture_end are recorded, not run; capture_end
-     * returns the replayable graph (NULL after a failed op: the capture is discarded). Scratch
-     * memory a captured op uses must not move before the graph is replayed:
-     * scratch_generation changes whenever it does. */
-    ft_status (*capture_begin)(ft_backend *be, ft_error *err);
-    ft_status (*capture_end)(ft_backend *be, int keep, void **graph, ft_error *err);
-    ft_status (*graph_launch)(ft_backend *be, void *graph, ft_error *err);
-    void (*graph_destroy)(ft_backend *be, void *graph);
-    uint64_t (*scratch_generation)(ft_backend *be);
+    /* ---- recorded steps (optional: NULL when the backend has none) ---- */
+    /* Runs body(ctx, err), which enqueues ops on this backend, or replays a recording of what an
+     * earlier call with the same slot (0 .. FT_REPLAY_SLOTS - 1) and key enqueued. For one (slot,
+     * key) the caller's body enqueues the same ops with the same arguments every time: whatever
+     * changes from call to call is read from backend memory (e.g. ft_attn_args.tk_dev), and the
+     * caller changes the key whenever a buffer or constant that body passes changes. The backend
+     * decides when to record and drops a recording once its own scratch memory has moved. */
+    ft_status (*replay)(ft_backend *be, int slot, uint64_t key, ft_status (*body)(void *ctx, ft_error *err),
+                        void *ctx, ft_error *err);
 
     /* ---- accounting (optional: NULL when the backend does not count) ---- */
     /* bytes this backend holds now and its high-water mark; reset: mark = now */

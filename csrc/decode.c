@@ -9,18 +9,6 @@
 
 #include "model_internal.h"
 
-/* Captured decode steps keep the pointers and arguments they were recorded with: dropped when
- * the adapter changes. The next steps run directly, then capture again. */
-void cache_drop_graphs(ft_model *m)
-{
-    kv_cache *kc = &m->cache;
-    for (int i = 0; i < 2; i++) {
-        if (kc->graph[i]) m->be->ops->graph_destroy(m->be, kc->graph[i]);
-        kc->graph[i] = NULL;
-        if (kc->warm[i] > 0) kc->warm[i] = 0;
-    }
-}
-
 void ft_cache_free(ft_model *m)
 {
     kv_cache *kc = &m->cache;
@@ -36,10 +24,9 @@ void ft_cache_free(ft_model *m)
     if (kc->kpos) be->ops->free(be, kc->kpos);
     if (kc->gather_idx) be->ops->free(be, kc->gather_idx);
     if (kc->step_dev) be->ops->free(be, kc->step_dev);
-    for (int i = 0; i < 2; i++)
-        if (kc->graph[i]) be->ops->graph_destroy(be, kc->graph[i]);
     free(kc->seen);
     memset(kc, 0, sizeof *kc);
+    m->bind_gen++;
 }
 
 int ft_cache_len(const ft_model *m) { return m->cache.len; }
@@ -137,7 +124,8 @@ ft_status ft_forward_cached(ft_model *m, const int32_t *ids, const int32_t *mask
     return FT_OK;
 }
 
-enum { HEAD_LOGITS = 0, HEAD_ARGMAX = 1, HEAD_NONE = 2 };
+enum { HEAD_LOGITS = 0, HEAD_ARGMAX = 1, HEAD_NONE = 2 }; /* the first two are replay slots */
+_Static_assert((int)HEAD_ARGMAX < (int)FT_REPLAY_SLOTS, "a replay slot per recorded head kind");
 
 /* The device work of one decode step (the step's ids, positions, key column and {past, Tk} are
  * already uploaded): embedding, layers, then per `head`: ln_f + lm head into ws->logits
@@ -171,42 +159,25 @@ static ft_status decode_body(ft_model *m, int B, int head, ft_error *err)
     return FT_OK;
 }
 
-/* decode_body, replayed from a graph where the backend has them: the first step of a kind runs
- * directly (it creates every scratch buffer), the second is captured, later ones replay it. */
+typedef struct decode_call {
+    ft_model *m;
+    int B, head;
+} decode_call;
+
+static ft_status decode_call_body(void *ctx, ft_error *err)
+{
+    const decode_call *d = ctx;
+    return decode_body(d->m, d->B, d->head, err);
+}
+
+/* decode_body, replayed by the backend where it records steps (CUDA graphs): one slot per head
+ * kind, keyed by bind_gen so that a recording never outlives the buffers it was made with. */
 static ft_status decode_run(ft_model *m, int B, int head, ft_error *err)
 {
     const ft_backend_ops *op = m->be->ops;
-    kv_cache *kc = &m->cache;
-    const int k = head;
-    if (!op->capture_begin || head == HEAD_NONE || kc->warm[k] < 0) return decode_body(m, B, head, err);
-    const uint64_t gen = op->scratch_generation(m->be);
-    if (kc->graph[k] && (kc->graph_gen[k] != gen || kc->graph_ws[k] != m->ws.block)) {
-        op->graph_destroy(m->be, kc->graph[k]); /* its buffers moved */
-        kc->graph[k] = NULL;
-        kc->warm[k] = 0;
-    }
-    if (!kc->graph[k]) {
-        if (!kc->warm[k] || kc->warm_gen[k] != gen) {
-            CALL(decode_body(m, B, head, err));
-            kc->warm[k] = 1;
-            kc->warm_gen[k] = op->scratch_generation(m->be);
-            return FT_OK;
-        }
-        ft_error cerr = {0};
-        void *g = NULL;
-        if (op->capture_begin(m->be, &cerr) == FT_OK) {
-            const ft_status body = decode_body(m, B, head, &cerr);
-            if (op->capture_end(m->be, body == FT_OK, &g, &cerr) != FT_OK) g = NULL;
-        }
-        if (!g) { /* no graph (off, or capture failed): run directly from now on */
-            kc->warm[k] = -1;
-            return decode_body(m, B, head, err);
-        }
-        kc->graph[k] = g;
-        kc->graph_gen[k] = op->scratch_generation(m->be);
-        kc->graph_ws[k] = m->ws.block;
-    }
-    return op->graph_launch(m->be, kc->graph[k], err);
+    if (!op->replay || head == HEAD_NONE) return decode_body(m, B, head, err);
+    decode_call d = {m, B, head};
+    return op->replay(m->be, head, m->bind_gen, decode_call_body, &d, err);
 }
 
 /* One token per row appended to the cache. Only the new key's mask and position are uploaded

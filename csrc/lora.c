@@ -47,13 +47,13 @@ ft_status ft_lora_init(ft_model *m, int r, float alpha, float dropout, unsigned 
     m->lora_dropout = dropout;
     m->lora_targets = target_mask;
     m->lora_min_layer = 0;
-    cache_drop_graphs(m); /* captured decode steps hold the old adapter's buffers and scale */
+    m->bind_gen++; /* recorded decode steps hold the old adapter's buffers and scale */
     return FT_OK;
 }
 
 void ft_lora_remove(ft_model *m)
 {
-    cache_drop_graphs(m);
+    m->bind_gen++;
     for (int s = 0; s < 4; s++) {
         if (m->lora_buf[s]) m->be->ops->free(m->be, m->lora_buf[s]);
         m->lora_buf[s] = NULL;

@@ -68,14 +68,6 @@ typedef struct kv_cache {
     int32_t *gather_idx;   /* [B] */
     int32_t *seen;         /* host [B]: real (mask 1) tokens cached per row = next position */
     int32_t *step_dev;     /* [2]: past, Tk of the current decode step, read by the kernels */
-    /* decode_step replayed as a backend graph, per kind (0: logits, 1: argmax). A graph is valid
-     * while the workspace block and the backend's scratch generation are those it was captured
-     * with; warm_gen: generation after an uncaptured run of that kind (capture needs one first,
-     * so that every scratch buffer the step uses already exists). */
-    void *graph[2];
-    void *graph_ws[2];
-    uint64_t graph_gen[2], warm_gen[2];
-    int warm[2]; /* 0: not run yet, 1: ran uncaptured at warm_gen, -1: no graphs (off or capture failed) */
 } kv_cache;
 
 struct ft_model {
@@ -101,6 +93,10 @@ struct ft_model {
     float ckpt_ratio;
     workspace ws;
     kv_cache cache;
+    /* Bumped whenever a buffer or constant that a decode step hands to the backend changes (the
+     * workspace is carved, the adapter added or removed, the cache made or freed): the key under
+     * which the backend may replay a recorded decode step (backend.h, replay). */
+    uint64_t bind_gen;
 };
 
 static inline int mod_in(const ft_config *c, int mod)
@@ -168,9 +164,5 @@ ft_status prepare_step(ft_model *m, step_ctx *s, const int32_t *ids, const int32
 ft_status run_layers(ft_model *m, const step_ctx *s, int save, ft_error *err);
 /* Logits of the n rows of h (ln_f output, act [n, D]) to host logits [n, V], in chunks of ws.chunk. */
 ft_status head_logits(ft_model *m, const void *h, int n, float *logits, ft_error *err);
-
-/* ---- decode.c ---- */
-/* Forget the captured decode steps (they hold the adapter's buffers and scale). */
-void cache_drop_graphs(ft_model *m);
 
 #endif /* FT_MODEL_INTERNAL_H */

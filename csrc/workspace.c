@@ -148,6 +148,7 @@ ft_status workspace_ensure(ft_model *m, int N, int train, ft_error *err)
         return st;
     }
     ws->block = block;
+    m->bind_gen++; /* every buffer a recorded decode step used has moved (even at the same address) */
     cv.base = block;
     cv.off = 0;
     carve_workspace(m, &cv, ws, n_cap, train, saved);

@@ -91,57 +91,6 @@ static void count_alloc(cuda_backend *be, size_t bytes)
     if (be->cur_bytes > be->peak_bytes) be->peak_bytes = be->cur_bytes;
 }
 
-/* ---- graphs: a decode step is ~400 launches; replaying them as one graph removes most of the
- * gaps between kernels ---- */
-
-static ft_status op_capture_begin(ft_backend *base, ft_error *err)
-{
-    cuda_backend *be = CB(base);
-    if (!be->graphs_on) return ft_fail(err, FT_EUNSUPPORTED, "CUDA graphs are off (FT_CUDA_GRAPHS=0)");
-    CUDA_TRY(cudaStreamBeginCapture(be->stream, cudaStreamCaptureModeThreadLocal), "beginning a graph capture");
-    be->capturing = 1;
-    return FT_OK;
-}
-
-static ft_status op_capture_end(ft_backend *base, int keep, void **graph, ft_error *err)
-{
-    cuda_backend *be = CB(base);
-    *graph = NULL;
-    be->capturing = 0;
-    cudaGraph_t g = NULL;
-    cudaError_t e = cudaStreamEndCapture(be->stream, &g);
-    if (e != cudaSuccess || !keep || !g) {
-        if (g) cudaGraphDestroy(g);
-        cudaGetLastError();
-        return keep ? cuda_fail(err, e == cudaSuccess ? cudaErrorStreamCaptureInvalidated : e, "ending a graph capture")
-                    : FT_OK;
-    }
-    cudaGraphExec_t x = NULL;
-    e = cudaGraphInstantiate(&x, g, 0);
-    cudaGraphDestroy(g);
-    if (e != cudaSuccess) {
-        cudaGetLastError();
-        return cuda_fail(err, e, "instantiating a CUDA graph");
-    }
-    *graph = (void *)x;
-    return FT_OK;
-}
-
-static ft_status op_graph_launch(ft_backend *base, void *graph, ft_error *err)
-{
-    CUDA_TRY(cudaGraphLaunch((cudaGraphExec_t)graph, CB(base)->stream), "launching a CUDA graph");
-    return FT_OK;
-}
-
-static void op_graph_destroy(ft_backend *base, void *graph)
-{
-    (void)base;
-    if (graph) cudaGraphExecDestroy((cudaGraphExec_t)graph);
-    cudaGetLastError();
-}
-
-static uint64_t op_scratch_generation(ft_backend *base) { return CB(base)->scratch_gen; }
-
 static ft_status op_memory_stats(ft_backend *base, size_t *current, size_t *peak, int reset, ft_error *err)
 {
     (void)err;
@@ -411,9 +360,9 @@ ft_status gemm_rm(cuda_backend *be, int ta, int tb, int M, int N, int K, float a
 static void op_destroy(ft_backend *base)
 {
     cuda_backend *be = CB(base);
-    cudaSetDevice(be->device);
     cudaStreamSynchronize(be->stream);
     if (be->prof_on) prof_report(be);
+    cuda_replay_release(be);
     for (int i = 0; i < SCR_N; i++) cuda_free_ptr(be, be->scratch[i]);
     cuda_free_ptr(be, be->red);
     cuda_free_ptr(be, be->attn_cnt);
@@ -431,45 +380,62 @@ static void op_destroy(ft_backend *base)
     free(be);
 }
 
+/* ---- the op table ----
+ * Every entry makes the backend's GPU current first, as ggml's CUDA backend does at each of its
+ * entry points: a model on cuda:1, or one used from a thread whose current device is another,
+ * allocates and launches on its own GPU. A failed switch surfaces as the op's own CUDA error. */
+
+void cuda_enter(cuda_backend *be)
+{
+    int cur = -1;
+    if (cudaGetDevice(&cur) != cudaSuccess || cur != be->device) cudaSetDevice(be->device);
+}
+
+template <auto fn> struct on_device;
+template <typename R, typename... A, R (*fn)(ft_backend *, A...)> struct on_device<fn> {
+    static R call(ft_backend *be, A... args)
+    {
+        cuda_enter(CB(be));
+        return fn(be, args...);
+    }
+};
+#define ENTRY(fn) (on_device<fn>::call)
+
 static const ft_backend_ops cuda_ops = {
     "cuda",
-    op_destroy,
-    op_alloc,
-    op_free,
-    op_upload,
-    op_download,
-    op_zero,
-    op_sync,
-    op_dense_create,
-    cuda_qlinear_create,
-    cuda_qlinear_destroy,
-    cuda_embed,
-    cuda_layernorm_fwd,
-    cuda_layernorm_bwd,
-    cuda_gelu_fwd,
-    cuda_gelu_bwd,
-    cuda_add,
-    cuda_qlinear_fwd,
-    cuda_qlinear_bwd,
-    cuda_lora_fwd,
-    cuda_lora_bwd,
-    cuda_qkv_split_fwd,
-    cuda_qkv_split_bwd,
-    cuda_attention_fwd,
-    cuda_attention_bwd,
-    cuda_lm_logits,
-    cuda_cross_entropy,
-    cuda_argmax_rows,
-    cuda_lm_bwd,
-    cuda_sumsq,
-    cuda_adamw,
-    cuda_gather_rows,
-    op_capture_begin,
-    op_capture_end,
-    op_graph_launch,
-    op_graph_destroy,
-    op_scratch_generation,
-    op_memory_stats,
+    ENTRY(op_destroy),
+    ENTRY(op_alloc),
+    ENTRY(op_free),
+    ENTRY(op_upload),
+    ENTRY(op_download),
+    ENTRY(op_zero),
+    ENTRY(op_sync),
+    ENTRY(op_dense_create),
+    ENTRY(cuda_qlinear_create),
+    ENTRY(cuda_qlinear_destroy),
+    ENTRY(cuda_embed),
+    ENTRY(cuda_layernorm_fwd),
+    ENTRY(cuda_layernorm_bwd),
+    ENTRY(cuda_gelu_fwd),
+    ENTRY(cuda_gelu_bwd),
+    ENTRY(cuda_add),
+    ENTRY(cuda_qlinear_fwd),
+    ENTRY(cuda_qlinear_bwd),
+    ENTRY(cuda_lora_fwd),
+    ENTRY(cuda_lora_bwd),
+    ENTRY(cuda_qkv_split_fwd),
+    ENTRY(cuda_qkv_split_bwd),
+    ENTRY(cuda_attention_fwd),
+    ENTRY(cuda_attention_bwd),
+    ENTRY(cuda_lm_logits),
+    ENTRY(cuda_cross_entropy),
+    ENTRY(cuda_argmax_rows),
+    ENTRY(cuda_lm_bwd),
+    ENTRY(cuda_sumsq),
+    ENTRY(cuda_adamw),
+    ENTRY(cuda_gather_rows),
+    ENTRY(cuda_replay),
+    ENTRY(op_memory_stats),
 };
 
 extern "C" int ft_cuda_count_devices(void)

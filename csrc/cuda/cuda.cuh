@@ -28,6 +28,16 @@ enum { PR_DEQ, PR_QGEMM_F, PR_QGEMM_B, PR_LORA_F, PR_LORA_B, PR_ATT_F, PR_ATT_DQ
 /* scratch slots: each a device buffer grown on demand, reused call after call */
 enum { SCR_DEQ = 0, SCR_LORA0, SCR_LORA1, SCR_LORA2, SCR_ATTN, SCR_MISC, SCR_N };
 
+/* One recorded step (graph.cu): a CUDA graph of what the caller's body enqueued under `key`, valid
+ * while the backend's scratch memory stays where it was (scratch_gen == gen). */
+enum { REPLAY_COLD = 0, REPLAY_WARM = 1, REPLAY_OFF = 2 };
+typedef struct cuda_replay_slot {
+    cudaGraphExec_t exec; /* NULL: nothing recorded */
+    uint64_t key, gen;    /* key and scratch generation of the recording, or of the last direct run */
+    int state;            /* COLD; WARM: ran directly under (key, gen), the next call captures;
+                           * OFF: capture failed under key, run directly */
+} cuda_replay_slot;
+
 struct cuda_backend {
     ft_backend base;
     int device;
@@ -50,9 +60,10 @@ struct cuda_backend {
     int cc_major, sms; /* compute capability major, multiprocessors */
     int gemv_on;       /* FT_CUDA_GEMV != 0: fused dequant-GEMV for N <= 8 rows */
     int attn_decode_on; /* FT_CUDA_ATTN_DECODE != 0: one-launch attention for T == 1 */
-    int graphs_on;      /* FT_CUDA_GRAPHS != 0: capture_begin works (decode steps replay graphs) */
-    int capturing;      /* between capture_begin and capture_end: no allocation may happen */
+    int graphs_on;      /* FT_CUDA_GRAPHS != 0: replay records CUDA graphs (decode steps) */
+    int capturing;      /* while replay captures a graph: no allocation may happen */
     uint64_t scratch_gen; /* bumped whenever a scratch buffer (or the attention counters) moves */
+    cuda_replay_slot replay[FT_REPLAY_SLOTS];
 };
 
 struct ft_qlinear {
@@ -92,6 +103,14 @@ ft_status cublas_fail(ft_error *err, cublasStatus_t s, const char *what);
         ft_status st_ = (expr);       \
         if (st_ != FT_OK) return st_; \
     } while (0)
+
+/* Makes the backend's GPU current on the calling thread (every entry of the op table does). */
+void cuda_enter(cuda_backend *be);
+
+/* graph.cu: the replay op, and the release of every recording (backend destruction) */
+extern "C" ft_status cuda_replay(ft_backend *be, int slot, uint64_t key, ft_status (*body)(void *ctx, ft_error *err),
+                                 void *ctx, ft_error *err);
+void cuda_replay_release(cuda_backend *be);
 
 /* device buffers */
 ft_status cuda_malloc(cuda_backend *be, size_t bytes, void **ptr, ft_error *err, const char *what);
