@@ -84,19 +84,21 @@ ft_status ft_forward_cached(ft_model *m, const int32_t *ids, const int32_t *mask
     kv_cache *kc = &m->cache;
     if (!kc->k) return ft_fail(err, FT_ESTATE, "no KV cache: call cache_init first");
     if (B != kc->B) return ft_fail(err, FT_EINVAL, "batch %d does not match the cache's %d", B, kc->B);
-    const int Tk = kc->len + T;
-    if (Tk > kc->cap)
+    if (T <= 0 || (int64_t)kc->len + T > kc->cap)
         return ft_fail(err, FT_EINVAL, "KV cache full: %d + %d tokens exceed its capacity %d", kc->len, T, kc->cap);
+    const int Tk = kc->len + T;
     CALL(check_ids(m, ids, mask, B, T, Tk, err));
     const int N = B * T, D = c->hidden, L = c->n_layer;
     CALL(workspace_ensure(m, N, 0, err));
     workspace *ws = &m->ws;
 
-    /* positions of the new tokens, and the key masks over the whole cache */
-    int32_t *host = malloc(((size_t)N + 2 * (size_t)B * Tk + B) * sizeof(int32_t));
+    /* positions of the new tokens, the key masks over the whole cache, and each row's count of
+     * real tokens (its next position: committed to kc->seen only once the step went through) */
+    int32_t *host = malloc(((size_t)N + 2 * (size_t)B * Tk + 2 * (size_t)B) * sizeof(int32_t));
     if (!host) return ft_fail(err, FT_ENOMEM, "out of host memory");
     int32_t *pos = host, *kmask = host + N, *kpos = kmask + (size_t)B * Tk, *last = kpos + (size_t)B * Tk;
-    token_positions(mask, B, T, Tk, pos, kmask, kpos, kc->seen);
+    int32_t *row_real = last + B;
+    token_positions(mask, B, T, Tk, pos, kmask, kpos, row_real);
     for (int b = 0; b < B; b++) last[b] = b * T + T - 1;
     /* the cache's mask/pos rows are [B, cap]: upload row by row at stride cap */
     ft_status st = op->upload(m->be, ws->ids, ids, (size_t)N * sizeof(int32_t), err);
@@ -107,21 +109,23 @@ ft_status ft_forward_cached(ft_model *m, const int32_t *ids, const int32_t *mask
         if (!st) st = op->upload(m->be, kc->kpos + row, kpos + (size_t)b * Tk, (size_t)Tk * sizeof(int32_t), err);
     }
     if (!st) st = op->upload(m->be, kc->gather_idx, last, (size_t)B * sizeof(int32_t), err);
-    free(host);
-    if (st) return st;
 
     step_ctx s;
     memset(&s, 0, sizeof s);
     s.B = B; s.T = T; s.N = N; s.Tk = Tk; s.cap = kc->cap; s.past = kc->len; s.kstride = kc->cap;
     s.kmask = kc->kmask; s.kpos = kc->kpos; s.pos = ws->pos;
-    CALL(op->embed(m->be, ws->xs[0], ws->ids, m->embed, N, D, err));
-    for (int l = 0; l < L; l++)
-        CALL(layer_forward(m, &s, l, &ws->shared, ws->xs[l], ws->xs[l + 1], kc->k[l], kc->v[l], err));
+    if (!st) st = op->embed(m->be, ws->xs[0], ws->ids, m->embed, N, D, err);
+    for (int l = 0; l < L && !st; l++)
+        st = layer_forward(m, &s, l, &ws->shared, ws->xs[l], ws->xs[l + 1], kc->k[l], kc->v[l], err);
     /* last position of each row -> ln_f -> logits [B, V] */
-    CALL(op->gather_rows(m->be, ws->ytmp, ws->xs[L], kc->gather_idx, B, act_bytes(m, D), err));
-    CALL(head_rows(m, ws->ytmp, B, last_logits, err));
-    kc->len = Tk;
-    return FT_OK;
+    if (!st) st = op->gather_rows(m->be, ws->ytmp, ws->xs[L], kc->gather_idx, B, act_bytes(m, D), err);
+    if (!st) st = head_rows(m, ws->ytmp, B, last_logits, err);
+    if (!st) { /* committed only when the step went through, as decode_step does */
+        memcpy(kc->seen, row_real, (size_t)B * sizeof(int32_t));
+        kc->len = Tk;
+    }
+    free(host);
+    return st;
 }
 
 enum { HEAD_LOGITS = 0, HEAD_ARGMAX = 1, HEAD_NONE = 2 }; /* the first two are replay slots */
@@ -190,7 +194,7 @@ ft_status ft_decode_step(ft_model *m, const int32_t *ids, const int32_t *mask, i
     kv_cache *kc = &m->cache;
     if (!kc->k) return ft_fail(err, FT_ESTATE, "no KV cache: call cache_init first");
     if (B != kc->B) return ft_fail(err, FT_EINVAL, "batch %d does not match the cache's %d", B, kc->B);
-    if (kc->len + 1 > kc->cap)
+    if (kc->len >= kc->cap)
         return ft_fail(err, FT_EINVAL, "KV cache full: %d + 1 tokens exceed its capacity %d", kc->len, kc->cap);
     if (!last_logits == !out_ids) return ft_fail(err, FT_EINVAL, "decode_step: ask for logits or for ids");
     CALL(check_ids(m, ids, mask, B, 1, 1, err));

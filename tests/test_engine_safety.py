@@ -70,3 +70,128 @@ def test_recorded_decode_steps_dropped_when_the_workspace_is_recarved(tmp_path, 
         e.cache_free()
     for t, (a, b) in enumerate(zip(out["graph"], out["direct"])):
         np.testing.assert_array_equal(a, b, err_msg=f"step {P + t}")
+
+
+# ---------------------------------------------------------------------------------------------
+# every CUDA entry makes the model's own GPU current
+
+
+@pytest.mark.cuda
+def test_models_on_two_gpus_used_from_any_thread(tmp_path):
+    """Creating a model makes its GPU current on the creating thread, and a new thread starts on
+    GPU 0. A model on cuda:1 driven from a thread whose current GPU is 0 (the main thread after a
+    cuda:0 model was made, and a fresh thread) must still allocate and launch on cuda:1: its
+    logits, loss, gradients and greedy tokens match the CPU's and are the same from every thread."""
+    if _C.cuda_device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    d = testing.make_checkpoint(tmp_path / "m", preset="tiny", bits=4, group_size=32)
+    cpu = with_lora(ft.load_model(d, device="cpu"))
+    g1 = with_lora(ft.load_model(d, device="cuda:1"))
+    g0 = with_lora(ft.load_model(d, device="cuda:0"))  # cuda:0 is now current on this thread
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, cpu.config.vocab_size, size=(2, 24)).astype(np.int64)
+
+    def run(m):
+        m.zero_grad()
+        loss = m.forward_backward(ids, ids)
+        return m.forward(ids), loss, m.lora_grad_dict(), m.generate_ids(ids[:, :8], max_new_tokens=12)
+
+    ref = run(cpu)
+    results = {"g1 main": run(g1), "g0 main": run(g0)}
+    errors = []
+
+    def in_thread(name, m):
+        try:
+            results[name] = run(m)
+        except Exception as exc:  # noqa: BLE001 - reported below with the thread's name
+            errors.append(f"{name}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=in_thread, args=("g1 thread", g1)),
+               threading.Thread(target=in_thread, args=("g0 thread", g0))]
+    for t in threads:
+        t.start()
+        t.join()
+    assert not errors, errors
+    for name, (logits, loss, grads, gen) in results.items():
+        assert rel(logits, ref[0]) < 2e-2, (name, rel(logits, ref[0]))
+        assert abs(loss - ref[1]) < 1e-2 * max(1.0, abs(ref[1])), (name, loss, ref[1])
+        for k, g in grads.items():
+            c = float(np.dot(g.ravel(), ref[2][k].ravel()) / (np.linalg.norm(g) * np.linalg.norm(ref[2][k])))
+            assert c > 0.99, (name, k, c)
+        assert gen.shape == ref[3].shape
+    for a, b in (("g1 main", "g1 thread"), ("g0 main", "g0 thread")):  # deterministic kernels
+        np.testing.assert_array_equal(results[a][3], results[b][3], err_msg=f"{a} vs {b}")
+        np.testing.assert_array_equal(results[a][0], results[b][0], err_msg=f"{a} vs {b}")
+
+
+# ---------------------------------------------------------------------------------------------
+# forward_cached commits its per-row token counts only when the step went through
+
+# A malloc shim for LD_PRELOAD: fail_next_malloc(n) makes the next malloc of exactly n bytes return NULL.
+_MALLOC_SHIM = r"""
+#include <stddef.h>
+extern void *__libc_malloc(size_t n);
+static volatile size_t fail_size;
+void fail_next_malloc(size_t n) { fail_size = n; }
+void *malloc(size_t n)
+{
+    if (n && n == fail_size) {
+        fail_size = 0;
+        return NULL;
+    }
+    return __libc_malloc(n);
+}
+"""
+
+_FAILING_PREFILL = r"""
+import ctypes, sys
+import numpy as np
+import falcontune as ft
+
+d, shim = sys.argv[1], ctypes.CDLL(sys.argv[2])
+V, B, T1, T2 = 256, 2, 20, 17
+ids = np.random.default_rng(5).integers(0, V, size=(B, T1 + T2 + 6)).astype(np.int64)
+mask = np.ones_like(ids)
+mask[0, :3] = 0  # left padding: row 0's positions lag row 1's by three
+ref = ft.load_model(d, device="cpu").forward(ids, mask)
+e = ft.load_model(d, device="cpu").engine
+e.cache_init(B, 64)
+e.forward_cached(ids[:, :T1], mask[:, :T1])
+# the second prompt chunk fails inside the attention of its first layer: the CPU attention takes
+# one malloc of Tk floats per (row, head), Tk = T1 + T2 keys
+shim.fail_next_malloc(ctypes.c_size_t(4 * (T1 + T2)))
+try:
+    e.forward_cached(ids[:, T1:T1 + T2], mask[:, :T1 + T2])
+    sys.exit("the second prefill did not fail")
+except MemoryError:
+    pass
+assert e.cache_len() == T1, e.cache_len()
+# nothing of the failed chunk is left: decoding it token by token gives the full forward's logits
+worst = 0.0
+for t in range(T1, T1 + T2 + 6):
+    lg = e.decode_step(ids[:, t], mask[:, t])
+    worst = max(worst, float(np.abs(lg - ref[:, t]).max()))
+assert worst < 1e-3, f"decode after a failed prefill is off by {worst}"
+print("ok")
+"""
+
+
+def test_failed_prefill_leaves_the_cache_positions_alone(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc or not sys.platform.startswith("linux"):
+        pytest.skip("needs a C compiler and glibc (a malloc shim injects the failure)")
+    if "asan" in os.environ.get("LD_PRELOAD", ""):
+        pytest.skip("the malloc shim does not mix with AddressSanitizer's allocator")
+    (tmp_path / "shim.c").write_text(_MALLOC_SHIM)
+    shim = tmp_path / "libfailmalloc.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(shim), str(tmp_path / "shim.c")], check=True)
+    d = testing.make_checkpoint(tmp_path / "m", preset="tiny", bits=4, group_size=32)
+    env = dict(os.environ, LD_PRELOAD=str(shim), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", _FAILING_PREFILL, str(d), str(shim)], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
