@@ -35,6 +35,10 @@ ft_status ft_cache_init(ft_model *m, int B, int capacity, ft_error *err)
 {
     const ft_config *c = &m->cfg;
     if (B <= 0 || capacity <= 0) return ft_fail(err, FT_EINVAL, "cache: batch and capacity must be positive");
+    const int64_t elems = (int64_t)B * capacity * c->n_kv_head * c->head_dim;
+    if (elems > FT_MAX_ELEMS)
+        return ft_fail(err, FT_EINVAL, "cache: %d rows x %d tokens need key buffers of %lld elements, more than the "
+                       "engine's limit of 2^31 - 1 per tensor", B, capacity, (long long)elems);
     ft_cache_free(m);
     kv_cache *kc = &m->cache;
     const size_t kv_bytes = act_bytes(m, (size_t)B * c->n_kv_head * capacity * c->head_dim);

@@ -11,6 +11,12 @@ ft_status check_ids(const ft_model *m, const int32_t *ids, const int32_t *mask, 
 {
     if (B <= 0 || T <= 0) return ft_fail(err, FT_EINVAL, "input_ids: expected a non-empty [batch, tokens] array");
     if ((int64_t)B * T > (1 << 26)) return ft_fail(err, FT_EINVAL, "input_ids: too many tokens (%d x %d)", B, T);
+    /* the widest activation row: qkv, ffn, or the LoRA rank (heads x head_dim = hidden <= qkv) */
+    const int64_t width = m->qkv_width > m->cfg.ffn ? m->qkv_width : m->cfg.ffn;
+    const int64_t elems = (int64_t)B * T * (width > m->lora_r ? width : m->lora_r);
+    if (elems > FT_MAX_ELEMS)
+        return ft_fail(err, FT_EINVAL, "input_ids: %d x %d tokens need activations of %lld elements, more than the "
+                       "engine's limit of 2^31 - 1 per tensor: use fewer tokens per batch", B, T, (long long)elems);
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
             int32_t id = ids[(size_t)b * T + t];

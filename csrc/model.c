@@ -20,7 +20,11 @@ static ft_status check_config(const ft_config *c, ft_error *err)
         c->ffn <= 0)
         return ft_fail(err, FT_EINVAL, "config: vocab_size, hidden_size, heads, kv heads, layers and "
                                        "ffn_hidden_size must be positive");
-    if (c->head_dim * c->n_head != c->hidden)
+    /* every width the engine derives (qkv up to 3 x hidden, packed words of 8-bit values) stays an int */
+    if (c->vocab_size > FT_MAX_DIM || c->hidden > FT_MAX_DIM || c->ffn > FT_MAX_DIM || c->n_layer > FT_MAX_DIM)
+        return ft_fail(err, FT_EUNSUPPORTED, "config: vocab_size %d, hidden_size %d, ffn_hidden_size %d and layers %d "
+                       "must each be at most %d", c->vocab_size, c->hidden, c->ffn, c->n_layer, FT_MAX_DIM);
+    if ((int64_t)c->head_dim * c->n_head != c->hidden)
         return ft_fail(err, FT_EINVAL, "config: head_dim %d * heads %d != hidden_size %d", c->head_dim,
                        c->n_head, c->hidden);
     if (c->head_dim % 2 || c->head_dim > 1024)

@@ -99,6 +99,12 @@ struct ft_model {
     uint64_t bind_gen;
 };
 
+/* Limits that keep every int the engine computes from them in range: a config dimension (hidden,
+ * ffn, vocab, layers), and the elements of one activation tensor or KV-cache buffer (both backends
+ * index some of them with int). */
+#define FT_MAX_DIM (1 << 24)
+#define FT_MAX_ELEMS ((int64_t)INT32_MAX)
+
 static inline int mod_in(const ft_config *c, int mod)
 {
     return mod == FT_MOD_4H_TO_H ? c->ffn : c->hidden;
@@ -150,7 +156,8 @@ ft_status layer_backward(ft_model *m, const step_ctx *s, int l, layer_acts *A, c
                          ft_error *err);
 
 /* ---- forward.c ---- */
-/* ids in [0, V), mask (B x mask_T) of 0 or 1. */
+/* ids in [0, V), mask (B x mask_T) of 0 or 1, and the B*T rows of every activation of the step
+ * within FT_MAX_ELEMS. */
 ft_status check_ids(const ft_model *m, const int32_t *ids, const int32_t *mask, int B, int T, int mask_T,
                     ft_error *err);
 /* Host arrays: positions of the last T of Tk tokens per row (real tokens before each), key masks

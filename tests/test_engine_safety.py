@@ -195,3 +195,52 @@ def test_failed_prefill_leaves_the_cache_positions_alone(tmp_path):
     r = subprocess.run([sys.executable, "-c", _FAILING_PREFILL, str(d), str(shim)], capture_output=True, text=True,
                        env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# sizes: products that would overflow an int are refused with a message, not wrapped
+
+
+@pytest.fixture(scope="module")
+def tiny_engine_args(tmp_path_factory):
+    """(engine config dict, weights dict) of a tiny checkpoint, as load_model hands them to _C.Model."""
+    import json
+
+    from falcontune.model import _bind_weights, _engine_config
+    from falcontune.models import QuantizeConfig, parse_config
+    from falcontune.weights import WeightStore
+
+    d = testing.make_checkpoint(tmp_path_factory.mktemp("tiny"), preset="tiny", bits=4, group_size=32)
+    cfg = parse_config(json.loads((d / "config.json").read_text()))
+    q = QuantizeConfig(bits=4, group_size=32)
+    with WeightStore.open(next(d.glob("*.safetensors"))) as st:
+        w = {k: (np.array(v[0]), v[1]) if isinstance(v, tuple) else np.array(v)
+             for k, v in _bind_weights(st, cfg, q, False).items()}
+    return _engine_config(cfg, q), w
+
+
+def test_config_products_do_not_wrap(tiny_engine_args):
+    ec, w = tiny_engine_args
+    # 4 * (2^30 + 1) wraps to 4 in 32-bit arithmetic: it must not pass for hidden_size 4
+    with pytest.raises(ValueError, match=r"head_dim 4 \* heads 1073741825 != hidden_size 4"):
+        _C.Model({**ec, "hidden": 4, "head_dim": 4, "n_head": 1073741825, "n_kv_head": 1}, w, "cpu")
+    for key in ("hidden", "ffn", "vocab_size"):
+        with pytest.raises(NotImplementedError, match="must each be at most 16777216"):
+            _C.Model({**ec, key: (1 << 24) + 2}, w, "cpu")
+
+
+def test_activation_and_cache_sizes_are_bounded(tiny_engine_args):
+    ec, w = tiny_engine_args
+    m = _C.Model(ec, w, "cpu")
+    m.lora_init(4096, 8.0, 0.0, 1)  # on query_key_value; the LoRA rank is the widest activation row
+    rng = np.random.default_rng(11)
+    ids = rng.integers(0, ec["vocab_size"], size=(1, (1 << 19) + 1))  # 2^19 rows x 4096 > 2^31 - 1
+    with pytest.raises(ValueError, match=r"limit of 2\^31 - 1"):
+        m.forward(ids)
+    # one key buffer of 1024 rows x 2^17 tokens x 1 kv head x 16 dims is 2^31 elements
+    with pytest.raises(ValueError, match=r"cache: 1024 rows x 131073 tokens .* limit of 2\^31 - 1"):
+        m.cache_init(1024, (1 << 17) + 1)
+    # just inside both limits, the same model still computes
+    small = rng.integers(0, ec["vocab_size"], size=(2, 9))
+    assert np.isfinite(m.forward(small)).all()
+    m.close()

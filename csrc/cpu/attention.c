@@ -130,9 +130,11 @@ ft_status cpu_attention_fwd(ft_backend *be, void *out_, float *lse, const void *
     float *out = out_;
     const int hd = a->hd, T = a->T, H = a->H;
     int failed = 0;
-#pragma omp parallel for schedule(dynamic) if ((long)a->B * H * T * a->Tk * hd > 100000)
-    for (int bh = 0; bh < a->B * H; bh++) {
-        const int b = bh / H, h = bh % H;
+    /* (b, h) pairs, queries and keys are counted in int64: B*H*T can pass 2^31 */
+    const int64_t n_bh = (int64_t)a->B * H;
+#pragma omp parallel for schedule(dynamic) if (n_bh * T * a->Tk * hd > 100000)
+    for (int64_t bh = 0; bh < n_bh; bh++) {
+        const int b = (int)(bh / H), h = (int)(bh % H);
         attn_view w = view_of(a, q, k, v, b, h);
         float *p = malloc((size_t)a->Tk * sizeof(float));
         if (!p) {
@@ -189,18 +191,19 @@ ft_status cpu_attention_bwd(ft_backend *be, void *dq_, void *dk_, void *dv_, con
     const size_t row = (size_t)H * hd; /* stride between tokens in out/dout */
     float *Dt = malloc((size_t)a->B * H * T * sizeof(float));
     if (!Dt) return ft_fail(err, FT_ENOMEM, "out of host memory (attention backward)");
-    const int big = (long)a->B * H * T * T * hd > 100000;
+    const int64_t n_q = (int64_t)a->B * H * T, n_k = (int64_t)a->B * KV * T;
+    const int big = n_q * T * hd > 100000;
 
 #pragma omp parallel for schedule(static) if (big)
-    for (int bht = 0; bht < a->B * H * T; bht++) {
-        const int t = bht % T, h = (bht / T) % H, b = bht / (T * H);
+    for (int64_t bht = 0; bht < n_q; bht++) {
+        const int t = (int)(bht % T), h = (int)(bht / T % H), b = (int)(bht / ((int64_t)T * H));
         const float *go = dout + ((size_t)b * T + t) * row + (size_t)h * hd;
         Dt[bht] = cpu_dot(go, out + ((size_t)b * T + t) * row + (size_t)h * hd, hd);
     }
 
 #pragma omp parallel for schedule(dynamic) if (big)
-    for (int bht = 0; bht < a->B * H * T; bht++) {
-        const int t = bht % T, h = (bht / T) % H, b = bht / (T * H);
+    for (int64_t bht = 0; bht < n_q; bht++) {
+        const int t = (int)(bht % T), h = (int)(bht / T % H), b = (int)(bht / ((int64_t)T * H));
         attn_view w = view_of(a, q, k, v, b, h);
         float *dqr = dq + (size_t)bht * hd;
         memset(dqr, 0, hd * sizeof(float));
@@ -217,8 +220,8 @@ ft_status cpu_attention_bwd(ft_backend *be, void *dq_, void *dk_, void *dv_, con
     }
 
 #pragma omp parallel for schedule(dynamic) if (big)
-    for (int bgj = 0; bgj < a->B * KV * T; bgj++) {
-        const int j = bgj % T, g = (bgj / T) % KV, b = bgj / (T * KV);
+    for (int64_t bgj = 0; bgj < n_k; bgj++) {
+        const int j = (int)(bgj % T), g = (int)(bgj / T % KV), b = (int)(bgj / ((int64_t)T * KV));
         float *dkr = dk + (size_t)bgj * hd, *dvr = dv + (size_t)bgj * hd;
         memset(dkr, 0, hd * sizeof(float));
         memset(dvr, 0, hd * sizeof(float));
@@ -228,7 +231,7 @@ ft_status cpu_attention_bwd(ft_backend *be, void *dq_, void *dk_, void *dv_, con
             const float *vr = w.v + (size_t)j * hd;
             for (int t = j - w.first_q_pos; t < T; t++) {
                 if (t < 0) continue;
-                const int bht = (b * H + h) * T + t;
+                const size_t bht = ((size_t)b * H + h) * T + t;
                 const float l = lse[bht];
                 if (l == -INFINITY) continue;
                 const float *go = dout + ((size_t)b * T + t) * row + (size_t)h * hd;
