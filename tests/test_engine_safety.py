@@ -244,3 +244,30 @@ def test_activation_and_cache_sizes_are_bounded(tiny_engine_args):
     small = rng.integers(0, ec["vocab_size"], size=(2, 9))
     assert np.isfinite(m.forward(small)).all()
     m.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the flash attention kernels' grid holds any B*H (a y dimension of B*H stopped at 65535)
+
+
+@pytest.mark.cuda
+def test_flash_attention_with_more_than_65535_row_heads(tmp_path, monkeypatch):
+    """FT_CUDA_ATTN=flash, 1100 rows x 64 heads = 70400 (row, head) pairs: forward, loss and LoRA
+    gradients match the CPU (before, the launch failed with an invalid grid)."""
+    d = testing.make_checkpoint(tmp_path / "m", preset="tiny-40b", bits=4, group_size=32, hidden_size=256,
+                                num_attention_heads=64, num_kv_heads=32, num_hidden_layers=1)
+    cpu = with_lora(ft.load_model(d, device="cpu"))
+    monkeypatch.setenv("FT_CUDA_ATTN", "flash")  # read when the backend is created
+    gpu = with_lora(ft.load_model(d, device="cuda"))
+    rng = np.random.default_rng(17)
+    ids = rng.integers(0, cpu.config.vocab_size, size=(1100, 4)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[::7, 0] = 0
+    labels = np.where(mask == 1, ids, -100)
+    assert rel(gpu.forward(ids, mask), cpu.forward(ids, mask)) < 2e-2
+    lc, lg = cpu.forward_backward(ids, labels, mask), gpu.forward_backward(ids, labels, mask)
+    assert abs(lc - lg) < 1e-2 * max(1.0, abs(lc)), (lc, lg)
+    gc, gg = cpu.lora_grad_dict(), gpu.lora_grad_dict()
+    for k in gc:
+        c = float(np.dot(gg[k].ravel(), gc[k].ravel()) / (np.linalg.norm(gg[k]) * np.linalg.norm(gc[k])))
+        assert c > 0.99, (k, c)

@@ -178,6 +178,22 @@ struct attn_p {
     const float *slopes;
 };
 
+/* The flash kernels run on a 1-D grid of B*H*ceil(T/BQ) blocks: gridDim.x allows 2^31 - 1 blocks (the
+ * engine keeps B*H*T below that), where a y dimension of B*H stopped at 65535. Block -> (b*H + h, tile). */
+__device__ __forceinline__ void attn_block(const attn_p &a, int &bh, int &tile)
+{
+    const int tiles = (a.T + BQ - 1) / BQ;
+    bh = (int)(blockIdx.x / tiles);
+    tile = (int)(blockIdx.x % tiles);
+}
+
+/* 0 when the blocks would not fit a grid (model.c's size limits keep that from happening) */
+static unsigned attn_grid(const ft_attn_args *a)
+{
+    const size_t n = (size_t)a->B * a->H * ((a->T + BQ - 1) / BQ);
+    return n <= 0x7fffffffu ? (unsigned)n : 0u;
+}
+
 template <typename T, int HDM>
 __global__ void __launch_bounds__(BQ) attn_fwd_kernel(T *out, float *lse, const T *q, const T *k, const T *v, attn_p a)
 {
@@ -186,8 +202,10 @@ __global__ void __launch_bounds__(BQ) attn_fwd_kernel(T *out, float *lse, const 
     __shared__ __align__(16) float Vs[BK * HDM];
     __shared__ int km[BK];
     __shared__ float kp[BK];
-    const int bh = blockIdx.y, b = bh / a.H, h = bh % a.H, g = h / (a.H / a.KV);
-    const int t = blockIdx.x * BQ + threadIdx.x;
+    int bh, tile;
+    attn_block(a, bh, tile);
+    const int b = bh / a.H, h = bh % a.H, g = h / (a.H / a.KV);
+    const int t = tile * BQ + threadIdx.x;
     const int off = a.Tk - a.T;
     const int qpos = off + t;
     const bool valid = t < a.T;
@@ -205,7 +223,7 @@ __global__ void __launch_bounds__(BQ) attn_fwd_kernel(T *out, float *lse, const 
     for (int d = 0; d < HDM; d++) o[d] = 0.0f;
     float m = -INFINITY, l = 0.0f;
 
-    const int last_t = min(a.T - 1, blockIdx.x * BQ + BQ - 1);
+    const int last_t = min(a.T - 1, tile * BQ + BQ - 1);
     const int kend = min(a.Tk, off + last_t + 1); /* keys any query of the block can see */
     for (int j0 = 0; j0 < kend; j0 += BK) {
         __syncthreads();
@@ -270,8 +288,10 @@ __global__ void __launch_bounds__(BQ) attn_dq_kernel(T *dq, float *Dt, const T *
     __shared__ __align__(16) float Vs[BK * HDM];
     __shared__ int km[BK];
     __shared__ float kp[BK];
-    const int bh = blockIdx.y, b = bh / a.H, h = bh % a.H, g = h / (a.H / a.KV);
-    const int t = blockIdx.x * BQ + threadIdx.x;
+    int bh, tile;
+    attn_block(a, bh, tile);
+    const int b = bh / a.H, h = bh % a.H, g = h / (a.H / a.KV);
+    const int t = tile * BQ + threadIdx.x;
     const int off = a.Tk - a.T, qpos = off + t;
     const bool valid = t < a.T;
     const float slope = a.slopes ? a.slopes[h] : 0.0f;
@@ -298,7 +318,7 @@ __global__ void __launch_bounds__(BQ) attn_dq_kernel(T *dq, float *Dt, const T *
     for (int d = 0; d < HDM; d++) acc[d] = 0.0f;
     const bool live = valid && L != -INFINITY;
 
-    const int last_t = min(a.T - 1, blockIdx.x * BQ + BQ - 1);
+    const int last_t = min(a.T - 1, tile * BQ + BQ - 1);
     const int kend = min(a.Tk, off + last_t + 1);
     for (int j0 = 0; j0 < kend; j0 += BK) {
         __syncthreads();
@@ -341,8 +361,10 @@ __global__ void __launch_bounds__(BQ) attn_dkv_kernel(float *dst, const T *dout,
     __shared__ __align__(16) float Qs[BT * HDM];
     __shared__ __align__(16) float Gs[BT * HDM];
     __shared__ float Ls[BT], Ds[BT];
-    const int bh = blockIdx.y, b = bh / a.H, h = bh % a.H, g = h / (a.H / a.KV);
-    const int j = blockIdx.x * BQ + threadIdx.x; /* key */
+    int bh, tile;
+    attn_block(a, bh, tile);
+    const int b = bh / a.H, h = bh % a.H, g = h / (a.H / a.KV);
+    const int j = tile * BQ + threadIdx.x; /* key */
     const bool valid = j < a.T;
     const float slope = a.slopes ? a.slopes[h] : 0.0f;
     const size_t krow = (((size_t)b * a.KV + g) * a.cap + j) * a.hd;
@@ -360,7 +382,7 @@ __global__ void __launch_bounds__(BQ) attn_dkv_kernel(float *dst, const T *dout,
 #pragma unroll
     for (int d = 0; d < HDM; d++) acc[d] = 0.0f;
 
-    const int t_first = blockIdx.x * BQ; /* queries t >= key j can see it (Tk == T) */
+    const int t_first = tile * BQ; /* queries t >= key j can see it (Tk == T) */
     const T *qb = q + (size_t)bh * a.T * a.hd;
     for (int t0 = t_first; t0 < a.T; t0 += BT) {
         __syncthreads();
@@ -447,7 +469,8 @@ extern "C" ft_status cuda_attention_fwd(ft_backend *base, void *out, float *lse,
     if (a->hd > 256) return ft_fail(err, FT_EUNSUPPORTED, "CUDA attention supports head_dim <= 256, got %d", a->hd);
     if (a->B <= 0 || a->T <= 0) return FT_OK;
     const attn_p p = make_p(a);
-    dim3 grid((a->T + BQ - 1) / BQ, a->B * a->H);
+    const unsigned grid = attn_grid(a);
+    if (!grid) return ft_fail(err, FT_EUNSUPPORTED, "attention: %d x %d heads x %d queries is too large", a->B, a->H, a->T);
     cudaStream_t s = CB(base)->stream;
     PROF_T0(CB(base));
     ACT_DISPATCH(base, T, HD_DISPATCH(a->hd, HDM, attn_fwd_kernel<T, HDM><<<grid, BQ, 0, s>>>(
@@ -470,10 +493,11 @@ extern "C" ft_status cuda_attention_bwd(ft_backend *base, void *dq, void *dk, vo
     const attn_p p = make_p(a);
     const size_t nq = (size_t)a->B * a->H * a->T;
     const size_t per = nq * a->hd;
+    const unsigned grid = attn_grid(a);
+    if (!grid) return ft_fail(err, FT_EUNSUPPORTED, "attention: %d x %d heads x %d queries is too large", a->B, a->H, a->T);
     void *scr;
     FT_TRY(cuda_scratch(be, SCR_ATTN, (2 * per + nq) * sizeof(float), &scr, err));
     float *dk_h = (float *)scr, *dv_h = dk_h + per, *Dt = dv_h + per;
-    dim3 grid((a->T + BQ - 1) / BQ, a->B * a->H);
     cudaStream_t s = be->stream;
     const size_t nkv = (size_t)a->B * a->KV * a->T * a->hd;
     PROF_T0(be);
