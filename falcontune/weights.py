@@ -5,7 +5,9 @@ Format: 8-byte little-endian header length N, N bytes of JSON header
 then the data buffer; offsets are relative to the start of the buffer (byte 8 + N).
 
 Reading maps the file read-only and hands out zero-copy numpy views (BF16 as uint16 bit
-patterns; use ``to_float32``). Arrays keep the mapping alive after ``close()``.
+patterns; use ``to_float32``). Arrays keep the mapping alive after ``close()``. Each view is
+checked against the file's length at the time it is taken (a file truncated after it was opened
+raises SafetensorsError instead of faulting); the engine copies what it keeps on the CPU.
 """
 from __future__ import annotations
 
@@ -186,6 +188,13 @@ class SafetensorsFile:
         e = self._entry(name)
         if self._mm is None:
             raise SafetensorsError(f"{self.path}: file is closed (reading tensor '{name}')")
+        # The file may have shrunk since it was opened (rewritten in place, a copy still running):
+        # reading a mapped page past its end raises SIGBUS, which no exception handler catches.
+        size = self._mm.size()  # fstat of the mapped file: its length now
+        if e.start + e.nbytes > size:
+            raise SafetensorsError(
+                f"{self.path}: tensor '{name}' ends at byte {e.start + e.nbytes} but the file is now "
+                f"{size} bytes long: it was truncated after it was opened")
         dt = ST_DTYPES[e.dtype]
         arr = np.frombuffer(self._mm, dtype=dt, count=e.nbytes // dt.itemsize, offset=e.start)
         return arr.reshape(e.shape)

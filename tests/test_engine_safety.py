@@ -4,6 +4,10 @@ CPU tests run everywhere; the ``cuda``-marked ones need a GPU (two for the multi
 """
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -177,11 +181,6 @@ print("ok")
 
 
 def test_failed_prefill_leaves_the_cache_positions_alone(tmp_path):
-    import os
-    import shutil
-    import subprocess
-    import sys
-
     cc = shutil.which("cc") or shutil.which("gcc")
     if not cc or not sys.platform.startswith("linux"):
         pytest.skip("needs a C compiler and glibc (a malloc shim injects the failure)")
@@ -271,3 +270,48 @@ def test_flash_attention_with_more_than_65535_row_heads(tmp_path, monkeypatch):
     for k in gc:
         c = float(np.dot(gg[k].ravel(), gc[k].ravel()) / (np.linalg.norm(gg[k]) * np.linalg.norm(gc[k])))
         assert c > 0.99, (k, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# a weights file that shrinks after it was mapped: an error, never SIGBUS
+
+
+def test_tensor_view_of_a_truncated_file_raises(tmp_path):
+    from falcontune.weights import SafetensorsError, SafetensorsFile
+
+    d = testing.make_checkpoint(tmp_path / "m", preset="tiny", bits=4, group_size=32)
+    path = next(d.glob("*.safetensors"))
+    with SafetensorsFile(path) as f:
+        spans = sorted((f._entry(n).start, f._entry(n).start + f._entry(n).nbytes, n) for n in f.names())
+        first, last = spans[0], spans[-1]
+        keep = f.tensor(first[2]).copy()
+        os.truncate(path, first[1])  # only the first tensor's bytes are left
+        np.testing.assert_array_equal(f.tensor(first[2]), keep)
+        with pytest.raises(SafetensorsError, match=rf"'{last[2]}' ends at byte {last[1]} but the file is now "
+                                                   rf"{first[1]} bytes long: it was truncated after it was opened"):
+            f.tensor(last[2])
+
+
+_TRUNCATE_AFTER_LOAD = r"""
+import os, sys
+import numpy as np
+import falcontune as ft
+
+d = sys.argv[1]
+path = next(p for p in os.listdir(d) if p.endswith(".safetensors"))
+m = ft.load_model(d, device="cpu")
+ids = np.random.default_rng(2).integers(0, m.config.vocab_size, size=(2, 10))
+before = m.forward(ids)
+gen = m.generate_ids(ids, max_new_tokens=4)
+os.truncate(os.path.join(d, path), 16)  # the checkpoint is rewritten in place under the loaded model
+np.testing.assert_array_equal(m.forward(ids), before)
+np.testing.assert_array_equal(m.generate_ids(ids, max_new_tokens=4), gen)
+print("ok")
+"""
+
+
+def test_cpu_model_survives_its_weights_file_being_truncated(tmp_path):
+    d = testing.make_checkpoint(tmp_path / "m", preset="tiny", bits=4, group_size=32)
+    r = subprocess.run([sys.executable, "-c", _TRUNCATE_AFTER_LOAD, str(d)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout + r.stderr)

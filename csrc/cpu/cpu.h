@@ -10,10 +10,13 @@ typedef struct cpu_backend {
     size_t scratch_len;
 } cpu_backend;
 
+/* A GPTQ linear: its packed arrays are copied into one owned block, so a caller's memory-mapped
+ * file that shrinks after loading cannot fault the engine (SIGBUS) in a later step. */
 struct ft_qlinear {
-    const int32_t *qweight, *qzeros, *g_idx;
-    const uint16_t *scales; /* IEEE half */
-    float *bias;            /* owned, NULL when absent */
+    const int32_t *qweight, *qzeros, *g_idx; /* in `packed` */
+    const uint16_t *scales;                  /* IEEE half, in `packed` */
+    void *packed;                            /* owned */
+    float *bias;                             /* owned, NULL when absent */
     int in, out, bits, groups, zero_offset;
 };
 

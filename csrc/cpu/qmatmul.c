@@ -1,8 +1,8 @@
 /* qmatmul.c -- quantized linears and LoRA on the CPU.
  *
  * A GPTQ linear is dequantized into a reused scratch W[in, out] (f32) and
- * multiplied with a plain GEMM; the packed weights are read in place from the
- * caller's arrays (no dense copy of the model is kept).
+ * multiplied with a plain GEMM; the packed weights are a copy owned by the
+ * linear (no dense copy of the model is kept).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -10,25 +10,47 @@
 #include "../rng.h"
 #include "cpu.h"
 
+static size_t host_bytes(const ft_host_tensor *t)
+{
+    size_t n = ft_dtype_size(t->dtype);
+    for (int i = 0; i < t->ndim; i++) n *= (size_t)t->shape[i];
+    return n;
+}
+
 ft_status cpu_qlinear_create(ft_backend *be, const ft_qlinear_desc *d, ft_qlinear **out, ft_error *err)
 {
-    (void)be;
     ft_qlinear *q = calloc(1, sizeof *q);
     if (!q) return ft_fail(err, FT_ENOMEM, "out of host memory");
     const ft_host_qlinear *h = d->host;
-    q->qweight = h->qweight.data;
-    q->qzeros = h->qzeros.data;
-    q->scales = h->scales.data;
-    q->g_idx = h->g_idx.data;
+    /* qweight, qzeros, g_idx (int32) then scales (half): each part stays 4-byte aligned */
+    const ft_host_tensor *parts[4] = {&h->qweight, &h->qzeros, &h->g_idx, &h->scales};
+    size_t total = 0;
+    for (int i = 0; i < 4; i++) total += (host_bytes(parts[i]) + 63) & ~(size_t)63;
+    ft_status st = be->ops->alloc(be, total, &q->packed, err);
+    if (st) {
+        free(q);
+        return st;
+    }
+    const void *at[4];
+    char *p = q->packed;
+    for (int i = 0; i < 4; i++) {
+        memcpy(p, parts[i]->data, host_bytes(parts[i]));
+        at[i] = p;
+        p += (host_bytes(parts[i]) + 63) & ~(size_t)63;
+    }
+    q->qweight = at[0];
+    q->qzeros = at[1];
+    q->g_idx = at[2];
+    q->scales = at[3];
     q->in = d->in;
     q->out = d->out;
     q->bits = d->bits;
     q->groups = d->groups;
     q->zero_offset = d->zero_offset;
     if (h->bias.data) {
-        ft_status st = be->ops->dense_create(be, &h->bias, (void **)&q->bias, err);
+        st = be->ops->dense_create(be, &h->bias, (void **)&q->bias, err);
         if (st) {
-            free(q);
+            cpu_qlinear_destroy(be, q);
             return st;
         }
     }
@@ -38,9 +60,9 @@ ft_status cpu_qlinear_create(ft_backend *be, const ft_qlinear_desc *d, ft_qlinea
 
 void cpu_qlinear_destroy(ft_backend *be, ft_qlinear *q)
 {
-    (void)be;
     if (!q) return;
-    free(q->bias);
+    be->ops->free(be, q->packed);
+    be->ops->free(be, q->bias);
     free(q);
 }
 
