@@ -1,11 +1,11 @@
-/* backend.c -- the CPU backend: memory, weight conversion and the op table.
- * Memory is host memory; "upload" and "download" are copies. */
+/* backend.c -- the CPU backend: memory, weight conversion, the op table and the choice of kernel
+ * copy (isa_kernels.h). Memory is host memory; "upload" and "download" are copies. */
 #include <stdlib.h>
 #include <string.h>
 
 #include "cpu.h"
 
-static ft_status cpu_alloc(ft_backend *be, size_t bytes, void **ptr, ft_error *err)
+ft_status cpu_alloc(ft_backend *be, size_t bytes, void **ptr, ft_error *err)
 {
     (void)be;
     /* 64-byte alignment keeps vector loads aligned; round the size up as aligned_alloc wants. */
@@ -15,33 +15,33 @@ static ft_status cpu_alloc(ft_backend *be, size_t bytes, void **ptr, ft_error *e
     return FT_OK;
 }
 
-static void cpu_free(ft_backend *be, void *ptr)
+void cpu_free(ft_backend *be, void *ptr)
 {
     (void)be;
     free(ptr);
 }
 
-static ft_status cpu_copy(ft_backend *be, void *dst, const void *src, size_t bytes, ft_error *err)
+ft_status cpu_copy(ft_backend *be, void *dst, const void *src, size_t bytes, ft_error *err)
 {
     (void)be; (void)err;
     if (bytes) memmove(dst, src, bytes);
     return FT_OK;
 }
 
-static ft_status cpu_zero(ft_backend *be, void *dst, size_t bytes, ft_error *err)
+ft_status cpu_zero(ft_backend *be, void *dst, size_t bytes, ft_error *err)
 {
     (void)be; (void)err;
     if (bytes) memset(dst, 0, bytes);
     return FT_OK;
 }
 
-static ft_status cpu_sync(ft_backend *be, ft_error *err)
+ft_status cpu_sync(ft_backend *be, ft_error *err)
 {
     (void)be; (void)err;
     return FT_OK;
 }
 
-static ft_status cpu_dense_create(ft_backend *be, const ft_host_tensor *src, void **dst, ft_error *err)
+ft_status cpu_dense_create(ft_backend *be, const ft_host_tensor *src, void **dst, ft_error *err)
 {
     size_t n = 1;
     for (int i = 0; i < src->ndim; i++) n *= (size_t)src->shape[i];
@@ -83,53 +83,52 @@ float *cpu_scratch(cpu_backend *be, size_t n, ft_error *err)
     return be->scratch;
 }
 
-static void cpu_destroy(ft_backend *base)
+void cpu_destroy(ft_backend *base)
 {
     cpu_backend *be = (cpu_backend *)base;
     free(be->scratch);
     free(be);
 }
 
-static const ft_backend_ops cpu_ops = {
-    .name = "cpu",
-    .destroy = cpu_destroy,
-    .alloc = cpu_alloc,
-    .free = cpu_free,
-    .upload = cpu_copy,
-    .download = cpu_copy,
-    .zero = cpu_zero,
-    .sync = cpu_sync,
-    .dense_create = cpu_dense_create,
-    .qlinear_create = cpu_qlinear_create,
-    .qlinear_destroy = cpu_qlinear_destroy,
-    .embed = cpu_embed,
-    .layernorm_fwd = cpu_layernorm_fwd,
-    .layernorm_bwd = cpu_layernorm_bwd,
-    .gelu_fwd = cpu_gelu_fwd,
-    .gelu_bwd = cpu_gelu_bwd,
-    .add = cpu_add,
-    .qlinear_fwd = cpu_qlinear_fwd,
-    .qlinear_bwd = cpu_qlinear_bwd,
-    .lora_fwd = cpu_lora_fwd,
-    .lora_bwd = cpu_lora_bwd,
-    .qkv_split_fwd = cpu_qkv_split_fwd,
-    .qkv_split_bwd = cpu_qkv_split_bwd,
-    .attention_fwd = cpu_attention_fwd,
-    .attention_bwd = cpu_attention_bwd,
-    .lm_logits = cpu_lm_logits,
-    .cross_entropy = cpu_cross_entropy,
-    .argmax_rows = cpu_argmax_rows,
-    .lm_bwd = cpu_lm_bwd,
-    .sumsq = cpu_sumsq,
-    .adamw = cpu_adamw,
-    .gather_rows = cpu_gather_rows,
-};
+#define CPU_OPS_NAME cpu_ops
+#define CPU_OPS_LABEL "cpu"
+#include "ops_table.h"
+
+/* The widest kernel copy this CPU runs (isa_*.c), or the one FT_CPU_ISA names: "baseline",
+ * "avx2" or "avx512" (benchmarks and the tests that check the copies agree bit for bit). */
+static ft_status pick_ops(const ft_backend_ops **ops, ft_error *err)
+{
+    const char *want = getenv("FT_CPU_ISA");
+    if (want && !*want) want = NULL;
+    *ops = &cpu_ops;
+    if (want && strcmp(want, "baseline") && strcmp(want, "avx2") && strcmp(want, "avx512"))
+        return ft_fail(err, FT_EINVAL, "FT_CPU_ISA must be 'baseline', 'avx2' or 'avx512', got '%s'", want);
+    if (want && !strcmp(want, "baseline")) return FT_OK;
+#ifdef FT_CPU_DISPATCH
+    __builtin_cpu_init();
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                     __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("f16c");
+    const int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                       __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+                       __builtin_cpu_supports("avx512vl");
+    if ((!want || !strcmp(want, "avx512")) && avx512) *ops = &cpu_ops_avx512;
+    else if ((!want || !strcmp(want, "avx2")) && avx2) *ops = &cpu_ops_avx2;
+    else if (want) return ft_fail(err, FT_EUNSUPPORTED, "FT_CPU_ISA=%s: this CPU does not have it", want);
+    return FT_OK;
+#else
+    if (want) return ft_fail(err, FT_EUNSUPPORTED, "FT_CPU_ISA=%s: this build has only its own kernels", want);
+    return FT_OK;
+#endif
+}
 
 ft_status ft_cpu_backend_create(ft_backend **out, ft_error *err)
 {
+    const ft_backend_ops *ops;
+    ft_status st = pick_ops(&ops, err);
+    if (st) return st;
     cpu_backend *be = calloc(1, sizeof *be);
     if (!be) return ft_fail(err, FT_ENOMEM, "out of host memory creating the CPU backend");
-    be->base.ops = &cpu_ops;
+    be->base.ops = ops;
     be->base.act_dtype = FT_F32;
     be->base.weight_dtype = FT_F32;
     *out = &be->base;

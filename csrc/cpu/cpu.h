@@ -3,6 +3,7 @@
 #define FT_CPU_H
 
 #include "../backend.h"
+#include "isa.h"
 
 typedef struct cpu_backend {
     ft_backend base;
@@ -31,6 +32,15 @@ void cpu_gemm_tn(int M, int N, int K, float alpha, const float *A, int lda, cons
                  int ldb, float beta, float *C, int ldc);
 
 float *cpu_scratch(cpu_backend *be, size_t n, ft_error *err);
+
+/* memory ops and lifetime (backend.c): the same in every instruction set's op table */
+void cpu_destroy(ft_backend *be);
+ft_status cpu_alloc(ft_backend *be, size_t bytes, void **ptr, ft_error *err);
+void cpu_free(ft_backend *be, void *ptr);
+ft_status cpu_copy(ft_backend *be, void *dst, const void *src, size_t bytes, ft_error *err);
+ft_status cpu_zero(ft_backend *be, void *dst, size_t bytes, ft_error *err);
+ft_status cpu_sync(ft_backend *be, ft_error *err);
+ft_status cpu_dense_create(ft_backend *be, const ft_host_tensor *src, void **dst, ft_error *err);
 
 /* Dot product with 8 independent partial sums: vectorises without -ffast-math, and the
  * summation order is fixed (results do not depend on threads). */
@@ -93,5 +103,11 @@ ft_status cpu_adamw(ft_backend *be, float *p, const float *g, float *m, float *v
                     ft_error *err);
 ft_status cpu_gather_rows(ft_backend *be, void *dst, const void *src, const int32_t *idx, int n,
                           size_t row_bytes, ft_error *err);
+
+/* op tables: the baseline kernels (backend.c) and, where built, a copy per instruction set */
+extern const ft_backend_ops cpu_ops;
+#ifdef FT_CPU_DISPATCH
+extern const ft_backend_ops cpu_ops_avx2, cpu_ops_avx512;
+#endif
 
 #endif /* FT_CPU_H */
