@@ -1,7 +1,7 @@
 /* backend.h -- the op table every backend implements.
  *
- * model.c drives the layers through this table only; it never touches
- * element data itself. Pointers named `act` hold activations in the backend's
+ * The engine (model.c and its siblings, model_internal.h) drives the layers
+ * through this table only; it never touches element data itself. Pointers named `act` hold activations in the backend's
  * activation dtype (be->act_dtype: f32 on the CPU, bf16/f16 on CUDA); `w` are
  * dense weights in the backend's weight dtype (made by dense_create); f32 and
  * i32 buffers are always float / int32_t. All pointers live in backend memory
@@ -19,9 +19,9 @@ extern "C" {
 #endif
 
 typedef struct ft_backend ft_backend;
+typedef struct ft_qlinear ft_qlinear; /* backend-owned quantized weight */
 
 enum { FT_REPLAY_SLOTS = 2 }; /* independent recorded steps a backend keeps (replay) */
-typedef struct ft_qlinear ft_qlinear; /* backend-owned quantized weight */
 
 /* A quantized linear, validated by gptq.c before a backend sees it. */
 typedef struct ft_qlinear_desc {
@@ -39,8 +39,11 @@ typedef struct ft_attn_args {
     const int32_t *kmask; /* i32 [B, kstride], first Tk used: 1 where the key is a real token */
     const int32_t *kpos;  /* i32 [B, kstride], first Tk used: alibi position of each key */
     const float *slopes;  /* f32 [H] alibi slopes, NULL: no alibi */
-    const int32_t *tk_dev; /* i32 [1] or NULL: Tk read on the device (T == 1 only; Tk above then
-                            * unused, keys bounded by cap) so a captured graph can be replayed */
+    /* i32 [1] or NULL (T == 1 only): the same Tk in backend memory, for a step that is replayed
+     * (replay below) at later cache lengths. A path that reads it bounds its keys by cap; a path
+     * that sizes its work from the host Tk above must refuse to be recorded. Both always hold the
+     * same value: the host one is authoritative and the device copy is uploaded from it. */
+    const int32_t *tk_dev;
 } ft_attn_args;
 
 typedef struct ft_qkv_args {
@@ -50,7 +53,7 @@ typedef struct ft_qkv_args {
     const int32_t *pos;  /* i32 [B, T] rotary positions */
     int rope;            /* 0: no rotary (alibi models) */
     float theta;
-    const int32_t *past_dev; /* i32 [1] or NULL: past read on the device (graph replay) */
+    const int32_t *past_dev; /* i32 [1] or NULL: the same past in backend memory (as tk_dev) */
 } ft_qkv_args;
 
 typedef struct ft_backend_ops {

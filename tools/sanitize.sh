@@ -29,7 +29,7 @@ for arg in "$@"; do
         *) echo "sanitize.sh: unknown argument $arg" >&2; exit 2 ;;
     esac
 done
-TESTS="${FT_SANITIZE_TESTS:-tests/test_engine.py tests/test_golden.py tests/test_quantize_load.py tests/test_robustness.py tests/test_fuzz.py}"
+TESTS="${FT_SANITIZE_TESTS:-tests/test_engine.py tests/test_golden.py tests/test_quantize_load.py tests/test_robustness.py tests/test_fuzz.py tests/test_engine_safety.py tests/test_build.py}"
 
 mkdir -p "$OUT"
 rm -f "$OUT"/*.log "$OUT"/valgrind.xml "$OUT"/summary.json

@@ -10,7 +10,7 @@ ft_status cpu_embed(ft_backend *be, void *out_, const int32_t *ids, const void *
     (void)be; (void)err;
     float *out = out_;
     const float *table = table_;
-    /* ids were range-checked by model.c */
+    /* ids were range-checked by the engine (forward.c, check_ids) */
     for (int n = 0; n < N; n++) memcpy(out + (size_t)n * D, table + (size_t)ids[n] * D, D * sizeof(float));
     return FT_OK;
 }

@@ -187,7 +187,7 @@ __device__ __forceinline__ void attn_block(const attn_p &a, int &bh, int &tile)
     tile = (int)(blockIdx.x % tiles);
 }
 
-/* 0 when the blocks would not fit a grid (model.c's size limits keep that from happening) */
+/* 0 when the blocks would not fit a grid (the engine's size limits, forward.c, keep that from happening) */
 static unsigned attn_grid(const ft_attn_args *a)
 {
     const size_t n = (size_t)a->B * a->H * ((a->T + BQ - 1) / BQ);

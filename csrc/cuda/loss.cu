@@ -1,5 +1,5 @@
 /* loss.cu -- lm_head logits, cross-entropy and its backward on the GPU.
- * model.c hands row chunks (about 64 MiB of f32 logits), so no full [N, V]
+ * The engine (forward.c, train.c) hands row chunks (about 64 MiB of f32 logits), so no full [N, V]
  * f32 copy exists. dlogits are converted to the act dtype in scratch for the
  * backward product. */
 #include "cuda.cuh"
