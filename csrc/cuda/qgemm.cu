@@ -34,6 +34,14 @@ constexpr int QG_WARPS_M = 2, QG_WARPS_N = 4;
 constexpr int QG_WN = QG_BN / QG_WARPS_N; /* 32 columns per warp */
 constexpr int QG_NT = QG_WN / 8;          /* n8 tiles per warp */
 
+/* A stages in shared memory: sm_80+ copies A two steps ahead with cp.async (three stages); sm_75
+ * holds those two steps in registers, so two stages do and two blocks of BM 64 fit a T4's 64 KB */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define QG_A_STAGES 2
+#else
+#define QG_A_STAGES 3
+#endif
+
 struct qg_args {
     void *c;
     const void *a;
@@ -84,6 +92,9 @@ template <typename T, int BITS, int DIR, bool ROWG, int BM> struct qg {
     static constexpr int AS = QG_BK + QG_PAD;         /* A row stride (elements) */
     static constexpr int BS = QG_BN + QG_PAD;         /* B row stride */
     static constexpr int A_PER_T = BM * QG_BK / 8 / QG_THREADS; /* 16-byte pieces per thread */
+    static constexpr int A_STAGE = BM * AS;       /* elements of one A stage */
+    static constexpr int B_STAGE = QG_BK * BS;    /* elements of one B stage */
+    typedef T T_;
     /* B work items. Forward: (word row of the 32 k, column pair): two words. Gradient: (word row of
      * the 128 columns, k): one word. */
     static constexpr int B_TASKS = DIR == 0 ? (QG_BK / PER) * (QG_BN / 2) : (QG_BN / PER) * QG_BK;
@@ -97,7 +108,10 @@ template <typename T, int BITS, int DIR, bool ROWG, int BM> struct qg {
     };
 
     /* ---- A: rows m0.., k0.. of A into stage `as` ---- */
-    static __device__ __forceinline__ void load_a(const qg_args &p, T *as, int m0, int k0, uint4 *areg)
+    struct apre { /* sm_75: one step of A between its load and its store to shared memory */
+        uint4 v[A_PER_T];
+    };
+    static __device__ __forceinline__ void load_a(const qg_args &p, T *as, int m0, int k0, apre &ar)
     {
         const T *A = (const T *)p.a;
 #pragma unroll
@@ -108,34 +122,42 @@ template <typename T, int BITS, int DIR, bool ROWG, int BM> struct qg {
             const bool ok = m < p.M && k < p.K; /* K % 8 == 0: whole pieces */
             const T *src = ok ? A + (size_t)m * p.K + k : A;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-            (void)areg;
+            (void)ar;
             asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(as + r * AS + c8 * 8)),
                          "l"(src), "r"(ok ? 16 : 0));
 #else
             (void)as;
-            areg[u] = ok ? __ldg((const uint4 *)src) : make_uint4(0u, 0u, 0u, 0u);
+            ar.v[u] = ok ? __ldg((const uint4 *)src) : make_uint4(0u, 0u, 0u, 0u);
 #endif
         }
     }
-    /* sm_75: the registers of load_a into the stage (sm_80+: cp.async already wrote it) */
-    static __device__ __forceinline__ void store_a(T *as, const uint4 *areg)
+    /* sm_75: the registers of load_a into the stage (sm_80+: cp.async writes it) */
+    static __device__ __forceinline__ void store_a(T *as, const apre &ar)
     {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
         (void)as;
-        (void)areg;
+        (void)ar;
 #else
 #pragma unroll
         for (int u = 0; u < A_PER_T; u++) {
             const int piece = threadIdx.x + u * QG_THREADS;
             const int r = piece / (QG_BK / 8), c8 = piece % (QG_BK / 8);
-            *(uint4 *)(as + r * AS + c8 * 8) = areg[u];
+            *(uint4 *)(as + r * AS + c8 * 8) = ar.v[u];
         }
 #endif
     }
+    /* close the cp.async group of this step's loads (possibly empty) */
+    static __device__ __forceinline__ void commit_a()
+    {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+        asm volatile("cp.async.commit_group;\n" ::);
+#endif
+    }
+    /* every group but the newest has landed */
     static __device__ __forceinline__ void wait_a()
     {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-        asm volatile("cp.async.wait_all;\n" ::);
+        asm volatile("cp.async.wait_group 1;\n" ::);
 #endif
     }
 
@@ -273,12 +295,35 @@ template <typename T, int BITS, int DIR, bool ROWG, int BM> struct qg {
     }
 };
 
+/* one step s of the main loop; P = s & 1 picks the register sets (a compile-time index, so the
+ * sets stay in registers). On entry: A and B of step s are in shared memory (A stage s % QG_A_STAGES, Bs[P]),
+ * A of step s+1 is in flight (cp.async) or in ar[P ^ 1], B of step s+1 in b[P ^ 1]. */
+template <typename K, int P>
+__device__ __forceinline__ void qg_step(const qg_args &p, int s, int steps, int m0, int n0, int wm, int wn,
+                                        typename K::T_ *As, typename K::T_ *Bs, typename K::apre *ar,
+                                        typename K::bpre (*b)[K::B_PER_T], float (*acc)[QG_NT][4])
+{
+    if (s + 2 < steps) { /* two steps ahead: the loads have a whole step of products to land */
+        K::load_a(p, As + ((s + 2) % QG_A_STAGES) * K::A_STAGE, m0, (s + 2) * QG_BK, ar[P]);
+        K::load_b(p, n0, (s + 2) * QG_BK, b[P]);
+    }
+    K::commit_a();
+    K::compute(As + (s % QG_A_STAGES) * K::A_STAGE, Bs + P * K::B_STAGE, acc, wm, wn);
+    if (s + 1 < steps) {
+        K::store_a(As + ((s + 1) % QG_A_STAGES) * K::A_STAGE, ar[P ^ 1]);
+        K::store_b(p, Bs + (P ^ 1) * K::B_STAGE, n0, (s + 1) * QG_BK, b[P ^ 1]);
+    }
+    K::wait_a();
+    __syncthreads();
+}
+
 template <typename T, int BITS, int DIR, bool ROWG, int BM>
 __global__ void __launch_bounds__(QG_THREADS, 2) qgemm_kernel(const qg_args p)
 {
     typedef qg<T, BITS, DIR, ROWG, BM> K;
-    __shared__ __align__(16) T As[2][BM * K::AS];
-    __shared__ __align__(16) T Bs[2][QG_BK * K::BS];
+    /* A in three stages (loads two steps ahead), B (dequantized) in two: 48,128 bytes at BM 128 */
+    __shared__ __align__(16) T As[QG_A_STAGES * K::A_STAGE];
+    __shared__ __align__(16) T Bs[2 * K::B_STAGE];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int wm = warp % QG_WARPS_M, wn = warp / QG_WARPS_M;
     const int n0 = blockIdx.x * QG_BN, m0 = blockIdx.y * BM;
@@ -290,28 +335,23 @@ __global__ void __launch_bounds__(QG_THREADS, 2) qgemm_kernel(const qg_args p)
 #pragma unroll
         for (int nt = 0; nt < QG_NT; nt++) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
 
-    typename K::bpre b[K::B_PER_T];
-    uint4 areg[K::A_PER_T];
-    K::load_a(p, As[0], m0, 0, areg);
-    K::load_b(p, n0, 0, b);
-    K::store_a(As[0], areg);
-    K::store_b(p, Bs[0], n0, 0, b);
+    typename K::apre ar[2];
+    typename K::bpre b[2][K::B_PER_T];
+    K::load_a(p, As, m0, 0, ar[0]);
+    K::load_b(p, n0, 0, b[0]);
+    K::commit_a();
+    if (steps > 1) {
+        K::load_a(p, As + K::A_STAGE, m0, QG_BK, ar[1]);
+        K::load_b(p, n0, QG_BK, b[1]);
+    }
+    K::commit_a();
+    K::store_a(As, ar[0]);
+    K::store_b(p, Bs, n0, 0, b[0]);
     K::wait_a();
     __syncthreads();
-    for (int s = 0; s < steps; s++) {
-        const int cur = s & 1;
-        const bool more = s + 1 < steps;
-        if (more) { /* in flight while the tensor cores work */
-            K::load_a(p, As[cur ^ 1], m0, (s + 1) * QG_BK, areg);
-            K::load_b(p, n0, (s + 1) * QG_BK, b);
-        }
-        K::compute(As[cur], Bs[cur], acc, wm, wn);
-        if (more) {
-            K::store_a(As[cur ^ 1], areg);
-            K::store_b(p, Bs[cur ^ 1], n0, (s + 1) * QG_BK, b);
-        }
-        K::wait_a();
-        __syncthreads();
+    for (int s = 0; s < steps; s += 2) {
+        qg_step<K, 0>(p, s, steps, m0, n0, wm, wn, As, Bs, ar, b, acc);
+        if (s + 1 < steps) qg_step<K, 1>(p, s + 1, steps, m0, n0, wm, wn, As, Bs, ar, b, acc);
     }
 
     /* thread (g, t) holds C[g][2t..2t+1] and C[g + 8][2t..2t+1] of each tile */
@@ -402,9 +442,10 @@ ft_status cuda_qgemm_fused(cuda_backend *be, qgemm_dir dir, void *c, const void 
         p.bias = NULL;
         p.accumulate = accumulate;
     }
-    /* 128-row tiles when they still give every SM a block, else 64 (small N: more blocks) */
+    /* 128-row tiles when they still give every SM a block, else 64 (small N: more blocks). sm_75 code
+     * runs 64 only: at 128 its two register sets of A spill (ptxas: 40-150 bytes). */
     const long col_tiles = (p.Nc + QG_BN - 1) / QG_BN;
-    const int bm = col_tiles * ((N + 127) / 128) >= be->sms ? 128 : 64;
+    const int bm = be->qgemm_ptx >= 80 && col_tiles * ((N + 127) / 128) >= be->sms ? 128 : 64;
     const bool rowg = q->row_groups != 0;
     ACT_DISPATCH(&be->base, T, {
         if (dir == QGEMM_FWD) qg_launch_bits<T, 0>(p, q->bits, rowg, bm, be->stream);
