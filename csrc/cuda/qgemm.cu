@@ -19,8 +19,9 @@
  * dequantized W, so fused and scratch differ only in the order of the fp32 sums. Checkpoints whose
  * packed words span several groups (act-order: row_groups) look up each row's group while
  * dequantizing (slower; still this kernel). Epilogue: the bias (forward) or the old C
- * (accumulate) added in fp32, one rounding, pairs of columns per store. No atomics, no split-K:
- * every C element is one thread's fixed-order sum, so runs are bit-identical.
+ * (accumulate) added in fp32, one rounding, pairs of columns per store. When the tiles leave SMs
+ * idle (small N, narrow outputs) K is split over blockIdx.z: each split stores f32 partial sums and
+ * qg_split_sum adds them in split order. No atomics: runs are bit-identical.
  */
 #include "mma.cuh"
 
@@ -52,6 +53,8 @@ struct qg_args {
     int out;           /* the linear's out: row stride of qweight and scales */
     int zwords;        /* row stride of qzeros: out * bits / 32 */
     int zoff, accumulate;
+    float *part;     /* split-K: f32 partial sums [gridDim.z][M][Nc], summed by qg_split_sum; NULL: none */
+    int split_steps; /* K steps per blockIdx.z */
 };
 
 __device__ __forceinline__ unsigned smem_addr(const void *p) { return (unsigned)__cvta_generic_to_shared(p); }
@@ -299,19 +302,19 @@ template <typename T, int BITS, int DIR, bool ROWG, int BM> struct qg {
  * sets stay in registers). On entry: A and B of step s are in shared memory (A stage s % QG_A_STAGES, Bs[P]),
  * A of step s+1 is in flight (cp.async) or in ar[P ^ 1], B of step s+1 in b[P ^ 1]. */
 template <typename K, int P>
-__device__ __forceinline__ void qg_step(const qg_args &p, int s, int steps, int m0, int n0, int wm, int wn,
+__device__ __forceinline__ void qg_step(const qg_args &p, int s, int steps, int kb, int m0, int n0, int wm, int wn,
                                         typename K::T_ *As, typename K::T_ *Bs, typename K::apre *ar,
                                         typename K::bpre (*b)[K::B_PER_T], float (*acc)[QG_NT][4])
 {
     if (s + 2 < steps) { /* two steps ahead: the loads have a whole step of products to land */
-        K::load_a(p, As + ((s + 2) % QG_A_STAGES) * K::A_STAGE, m0, (s + 2) * QG_BK, ar[P]);
-        K::load_b(p, n0, (s + 2) * QG_BK, b[P]);
+        K::load_a(p, As + ((s + 2) % QG_A_STAGES) * K::A_STAGE, m0, kb + (s + 2) * QG_BK, ar[P]);
+        K::load_b(p, n0, kb + (s + 2) * QG_BK, b[P]);
     }
     K::commit_a();
     K::compute(As + (s % QG_A_STAGES) * K::A_STAGE, Bs + P * K::B_STAGE, acc, wm, wn);
     if (s + 1 < steps) {
         K::store_a(As + ((s + 1) % QG_A_STAGES) * K::A_STAGE, ar[P ^ 1]);
-        K::store_b(p, Bs + (P ^ 1) * K::B_STAGE, n0, (s + 1) * QG_BK, b[P ^ 1]);
+        K::store_b(p, Bs + (P ^ 1) * K::B_STAGE, n0, kb + (s + 1) * QG_BK, b[P ^ 1]);
     }
     K::wait_a();
     __syncthreads();
@@ -327,7 +330,9 @@ __global__ void __launch_bounds__(QG_THREADS, 2) qgemm_kernel(const qg_args p)
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int wm = warp % QG_WARPS_M, wn = warp / QG_WARPS_M;
     const int n0 = blockIdx.x * QG_BN, m0 = blockIdx.y * BM;
-    const int steps = (p.K + QG_BK - 1) / QG_BK;
+    /* this block's K steps: split z of the whole (split-K when the grid alone leaves SMs idle) */
+    const int s0 = blockIdx.z * p.split_steps;
+    const int steps = min((p.K + QG_BK - 1) / QG_BK - s0, p.split_steps), kb = s0 * QG_BK;
 
     float acc[K::MT][QG_NT][4];
 #pragma unroll
@@ -337,21 +342,21 @@ __global__ void __launch_bounds__(QG_THREADS, 2) qgemm_kernel(const qg_args p)
 
     typename K::apre ar[2];
     typename K::bpre b[2][K::B_PER_T];
-    K::load_a(p, As, m0, 0, ar[0]);
-    K::load_b(p, n0, 0, b[0]);
+    K::load_a(p, As, m0, kb, ar[0]);
+    K::load_b(p, n0, kb, b[0]);
     K::commit_a();
     if (steps > 1) {
-        K::load_a(p, As + K::A_STAGE, m0, QG_BK, ar[1]);
-        K::load_b(p, n0, QG_BK, b[1]);
+        K::load_a(p, As + K::A_STAGE, m0, kb + QG_BK, ar[1]);
+        K::load_b(p, n0, kb + QG_BK, b[1]);
     }
     K::commit_a();
     K::store_a(As, ar[0]);
-    K::store_b(p, Bs, n0, 0, b[0]);
+    K::store_b(p, Bs, n0, kb, b[0]);
     K::wait_a();
     __syncthreads();
     for (int s = 0; s < steps; s += 2) {
-        qg_step<K, 0>(p, s, steps, m0, n0, wm, wn, As, Bs, ar, b, acc);
-        if (s + 1 < steps) qg_step<K, 1>(p, s + 1, steps, m0, n0, wm, wn, As, Bs, ar, b, acc);
+        qg_step<K, 0>(p, s, steps, kb, m0, n0, wm, wn, As, Bs, ar, b, acc);
+        if (s + 1 < steps) qg_step<K, 1>(p, s + 1, steps, kb, m0, n0, wm, wn, As, Bs, ar, b, acc);
     }
 
     /* thread (g, t) holds C[g][2t..2t+1] and C[g + 8][2t..2t+1] of each tile */
@@ -368,6 +373,10 @@ __global__ void __launch_bounds__(QG_THREADS, 2) qgemm_kernel(const qg_args p)
                 const int col = n0 + wn * QG_WN + nt * 8 + 2 * t;
                 if (col >= p.Nc) continue; /* Nc is even: col + 1 < Nc too */
                 float v0 = acc[mt][nt][2 * h], v1 = acc[mt][nt][2 * h + 1];
+                if (p.part) { /* split-K: raw partial sums; qg_split_sum finishes */
+                    *(float2 *)(p.part + ((size_t)blockIdx.z * p.M + row) * p.Nc + col) = make_float2(v0, v1);
+                    continue;
+                }
                 uint32_t *dst = (uint32_t *)(C + (size_t)row * p.Nc + col);
                 if (DIR == 0 && p.bias) {
                     v0 += __ldg(p.bias + col);
@@ -383,10 +392,37 @@ __global__ void __launch_bounds__(QG_THREADS, 2) qgemm_kernel(const qg_args p)
         }
 }
 
-template <typename T, int BITS, int DIR>
-void qg_launch(const qg_args &p, bool rowg, int bm, cudaStream_t st)
+/* split-K epilogue: C = the splits' partial sums in split order, + bias or the old C, one rounding */
+template <typename T, int DIR> __global__ void qg_split_sum(const qg_args p, int splits)
 {
-    const dim3 grid((p.Nc + QG_BN - 1) / QG_BN, (p.M + bm - 1) / bm);
+    const size_t pairs = (size_t)p.M * p.Nc / 2, plane = (size_t)p.M * p.Nc;
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < pairs; e += (size_t)gridDim.x * blockDim.x) {
+        const size_t i = 2 * e;
+        const int col = (int)(i % p.Nc);
+        float v0 = 0.0f, v1 = 0.0f;
+        for (int z = 0; z < splits; z++) {
+            const float2 t = *(const float2 *)(p.part + z * plane + i);
+            v0 += t.x;
+            v1 += t.y;
+        }
+        uint32_t *dst = (uint32_t *)((T *)p.c + i);
+        if (DIR == 0 && p.bias) {
+            v0 += p.bias[col];
+            v1 += p.bias[col + 1];
+        }
+        if (DIR == 1 && p.accumulate) {
+            const float2 old = unpack2<T>(*dst);
+            v0 += old.x;
+            v1 += old.y;
+        }
+        *dst = pack2<T>(v0, v1);
+    }
+}
+
+template <typename T, int BITS, int DIR>
+void qg_launch(const qg_args &p, bool rowg, int bm, int splits, cudaStream_t st)
+{
+    const dim3 grid((p.Nc + QG_BN - 1) / QG_BN, (p.M + bm - 1) / bm, splits);
     if (bm == 128) {
         if (rowg) qgemm_kernel<T, BITS, DIR, true, 128><<<grid, QG_THREADS, 0, st>>>(p);
         else qgemm_kernel<T, BITS, DIR, false, 128><<<grid, QG_THREADS, 0, st>>>(p);
@@ -396,11 +432,14 @@ void qg_launch(const qg_args &p, bool rowg, int bm, cudaStream_t st)
     }
 }
 
-template <typename T, int DIR> void qg_launch_bits(const qg_args &p, int bits, bool rowg, int bm, cudaStream_t st)
+template <typename T, int DIR>
+void qg_launch_bits(const qg_args &p, int bits, bool rowg, int bm, int splits, cudaStream_t st)
 {
-    if (bits == 4) qg_launch<T, 4, DIR>(p, rowg, bm, st);
-    else if (bits == 2) qg_launch<T, 2, DIR>(p, rowg, bm, st);
-    else qg_launch<T, 8, DIR>(p, rowg, bm, st);
+    if (bits == 4) qg_launch<T, 4, DIR>(p, rowg, bm, splits, st);
+    else if (bits == 2) qg_launch<T, 2, DIR>(p, rowg, bm, splits, st);
+    else qg_launch<T, 8, DIR>(p, rowg, bm, splits, st);
+    if (splits > 1)
+        qg_split_sum<T, DIR><<<grid_for((size_t)p.M * p.Nc / 2, 256), 256, 0, st>>>(p, splits);
 }
 
 } // namespace
@@ -446,10 +485,29 @@ ft_status cuda_qgemm_fused(cuda_backend *be, qgemm_dir dir, void *c, const void 
      * runs 64 only: at 128 its two register sets of A spill (ptxas: 40-150 bytes). */
     const long col_tiles = (p.Nc + QG_BN - 1) / QG_BN;
     const int bm = be->qgemm_ptx >= 80 && col_tiles * ((N + 127) / 128) >= be->sms ? 128 : 64;
+    /* split-K when the tiles give fewer than two blocks per SM (small N, narrow outputs): up to 8
+     * splits of at least 16 K steps, partial sums in the dequantization scratch, summed in order */
+    const long blocks = col_tiles * ((N + bm - 1) / bm);
+    const int total = (p.K + QG_BK - 1) / QG_BK;
+    int splits = 1;
+    if (blocks < 2L * be->sms) {
+        splits = (int)((2L * be->sms + blocks - 1) / blocks);
+        if (splits > 8) splits = 8;
+        if (splits > total / 16) splits = total / 16;
+        if (splits < 1) splits = 1;
+    }
+    p.split_steps = (total + splits - 1) / splits;
+    splits = (total + p.split_steps - 1) / p.split_steps;
+    p.part = NULL;
+    if (splits > 1) {
+        void *part;
+        FT_TRY(cuda_scratch(be, SCR_DEQ, (size_t)splits * N * p.Nc * sizeof(float), &part, err));
+        p.part = (float *)part;
+    }
     const bool rowg = q->row_groups != 0;
     ACT_DISPATCH(&be->base, T, {
-        if (dir == QGEMM_FWD) qg_launch_bits<T, 0>(p, q->bits, rowg, bm, be->stream);
-        else qg_launch_bits<T, 1>(p, q->bits, rowg, bm, be->stream);
+        if (dir == QGEMM_FWD) qg_launch_bits<T, 0>(p, q->bits, rowg, bm, splits, be->stream);
+        else qg_launch_bits<T, 1>(p, q->bits, rowg, bm, splits, be->stream);
     });
     LAUNCH_CHECK(dir == QGEMM_FWD ? "fused quantized GEMM (forward)" : "fused quantized GEMM (input gradient)");
     return FT_OK;
