@@ -323,6 +323,7 @@ __global__ void __launch_bounds__(LR_THREADS) lora_down_kernel(float *__restrict
         for (int rr = 0; rr < ROWS; rr++)
 #pragma unroll
             for (int jj = 0; jj < LR_J; jj++) acc[rr][jj] = 0.0f;
+#pragma unroll 4 /* several iterations' loads in flight */
         for (int k = threadIdx.x; k < K; k += LR_THREADS) {
             float w[LR_J];
 #pragma unroll
