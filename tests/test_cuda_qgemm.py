@@ -4,8 +4,9 @@ Every FT_CUDA_QGEMM variant (auto, scratch, scratch_t, fused) is forced in turn 
 the CPU engine and against the scratch path on the GPU, over shapes the kernels treat specially:
 N = 1, 7, 51, 256 rows; widths that are not multiples of the 128-column tile (64, 80, 96, 160, 200,
 280, 340, 600); K that ends inside a 32-k step (80, 200, 204); K % 8 != 0 (204: the fused kernel
-must fall back); K = 1024 over few tiles (the fused kernel's split-K); bits 2/3/4/8; groups 12/16/32/40/64/-1; packed words whose rows span several
-groups (act-order, and group 12 at 4 bits); GPTQ v1 and v2 zeros; biases; bf16 and fp16.
+must fall back); K = 1024 over few tiles (the fused kernel's split-K); bits 2/3/4/8; groups
+12/16/32/40/64/128/-1; packed words whose rows span several groups (act-order, and group 12 at
+4 bits); GPTQ v1 and v2 zeros; biases; bf16 and fp16.
 testing.make_checkpoint needs widths that are multiples of 32: the other widths come from an
 unquantized checkpoint that load_model quantizes in C (round to nearest, v2 zeros).
 
@@ -50,7 +51,7 @@ SHAPES = [
     ("dense", "tiny-rw", dict(hidden_size=200, num_attention_heads=5, num_kv_heads=5), 4, 12, False, "gptq_v2"),
     ("dense", "tiny", dict(hidden_size=204, num_attention_heads=3), 8, -1, False, "gptq_v2"),  # K % 8 == 4
     ("dense", "tiny", dict(hidden_size=80, num_attention_heads=2), 2, 16, False, "gptq_v2"),
-    ("gptq", "small", dict(num_hidden_layers=1), 4, 64, True, "gptq_v2"),  # K = 1024: split-K
+    ("gptq", "small", dict(num_hidden_layers=1), 4, 128, True, "gptq_v2"),  # K = 1024: split-K
 ]
 
 
