@@ -56,7 +56,8 @@ attn_decode_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__rest
     const int32_t *kmb = a.kmask + (size_t)b * a.kstride + j0, *kpb = a.kpos + (size_t)b * a.kstride + j0;
     const float slope = a.slopes ? a.slopes[h] : 0.0f;
 
-    /* K and V rows [0, nk) -> shared, 16 bytes per load (hd % 8 == 0, checked by the host) */
+    /* K and V rows [0, nk) -> shared, 16 bytes per load (hd % 16 == 0, checked by
+     * attn_decode_check: the score loop reads each half row, hd / 2 elements in, as 16-byte vectors) */
     const int vrow = hd / 8, nvec = nk * vrow;
     for (int e = tid; e < nvec; e += AD_THREADS) {
         const int r = e / vrow, c = e % vrow;

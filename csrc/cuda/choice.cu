@@ -29,7 +29,7 @@ static const char *const gemv_names[GEMV_N] = {"ok", "off (FT_CUDA_GEMV=0)", "ro
                                                "shape", "alignment", "arch (built without bf16 mma)"};
 static const char *const attn_names[ATTN_N] = {"gemm", "flash", "decode"};
 static const char *const attn_decode_names[AD_N] = {"ok", "off (FT_CUDA_ATTN_DECODE=0)", "rows (T != 1)",
-                                                    "head (hd % 8, hd > 128 or H % KV)", "alignment",
+                                                    "head (hd % 16, hd > 128 or H % KV)", "alignment",
                                                     "size (no rows, or > 65535 key splits)"};
 
 static const struct {
@@ -157,28 +157,30 @@ static qfused_why qfused_check(const cuda_backend *be, const ft_qlinear *q, int 
 }
 
 /* FT_CUDA_QGEMM=auto: the first row whose min_sm <= the device's decides. Products of at most
- * fused_rows rows run the fused kernel, larger ones the scratch path whose cuBLAS call is "TN".
- * Why: the scratch path moves ~4 more bytes per weight (the 2-byte dequantized copy written and read
- * back, against the fused kernel's half byte), a fixed cost per product; the fused kernel runs
- * mma.sync below cuBLAS's rate (Hopper's cuBLAS uses wgmma), a cost that grows with N. The
- * break-even N is about (4 bytes / bandwidth) / (2 * (1/fused_rate - 1/cublas_rate)): ~250 rows on
- * an H200 (4.3 TB/s, ~700 vs ~300 TFLOP/s guessed), ~1000 on an A100 and on a T4 (320 GB/s,
- * ~55 vs ~40 TFLOP/s fp16). Guesses until measured: docs/PERF_NOTES.md; change the numbers here. */
+ * fused_rows rows run the fused kernel, larger ones `large` (the scratch path: dequantize, cuBLAS).
+ * Measured on an H200 (2026-12-04, bench/device_perf.sh, Falcon-7B shapes, tok/s at mb 1/4/16):
+ * scratch 6,000 / 12,020 / 14,796; scratch_t 4,636 / 10,478 / 14,250 (its transposed dequantization
+ * costs 2x the plain one and the "TN" product gained nothing); fused 2,407 / 3,742 / 5,228 (the
+ * mma.sync kernel runs ~350 us per 7B product at 256 rows, ~27 TFLOP/s). So no row picks fused or
+ * scratch_t until a faster kernel is measured; on sm_75..89 the same rule holds by projection (the
+ * fused kernel would need >= ~40% of cuBLAS's rate to pay back the copy's bytes on a T4). The
+ * variants stay for A/B tests (FT_CUDA_QGEMM=fused|scratch_t). */
 static const struct {
     int min_sm;
-    int fused_rows;
+    int fused_rows; /* 0: never fused */
+    qgemm_kind large;
 } qgemm_auto_rules[] = {
-    {90, 256},  /* Hopper */
-    {80, 1024}, /* Ampere, Ada */
-    {75, 1024}, /* Turing (the tutorial's T4) */
+    {90, 0, QGEMM_SCRATCH}, /* Hopper */
+    {80, 0, QGEMM_SCRATCH}, /* Ampere, Ada */
+    {75, 0, QGEMM_SCRATCH}, /* Turing (the tutorial's T4) */
 };
 
 static qgemm_kind qgemm_auto(const cuda_backend *be, int N)
 {
     for (size_t i = 0; i < sizeof qgemm_auto_rules / sizeof qgemm_auto_rules[0]; i++)
         if (be->sm >= qgemm_auto_rules[i].min_sm)
-            return N <= qgemm_auto_rules[i].fused_rows ? QGEMM_FUSED : QGEMM_SCRATCH_T;
-    return QGEMM_SCRATCH_T;
+            return N <= qgemm_auto_rules[i].fused_rows ? QGEMM_FUSED : qgemm_auto_rules[i].large;
+    return QGEMM_SCRATCH;
 }
 
 qgemm_kind qgemm_choose(cuda_backend *be, const ft_qlinear *q, int N, qgemm_dir dir, const void *a, const void *c)
@@ -201,7 +203,7 @@ static attn_decode_why attn_decode_check(const cuda_backend *be, const ft_attn_a
 {
     if (a->T != 1) return AD_ROWS;
     if (!be->attn_decode_on) return AD_OFF;
-    if (a->hd % 8 || a->hd > AD_HD || a->H % a->KV) return AD_HEAD;
+    if (a->hd % 16 || a->hd > AD_HD || a->H % a->KV) return AD_HEAD;
     if (((uintptr_t)k | (uintptr_t)v) % 16) return AD_ALIGN;
     const int splits = attn_decode_splits(a);
     if (a->B * a->H <= 0 || splits <= 0 || splits > 65535) return AD_SIZE;
