@@ -22,9 +22,8 @@
 
 namespace {
 
-constexpr int AD_THREADS = 128;
-constexpr int AD_KEYS = AD_THREADS / 2; /* keys per block: two threads per key */
-constexpr int AD_HD = 128;              /* largest head dim (K+V tiles: 34 KB of shared memory) */
+/* AD_THREADS, AD_KEYS (keys per block) and AD_HD (largest head dim) are in cuda.cuh: the choice
+ * (choice.cu) tests them */
 constexpr int AD_PAD = 8;               /* shared row padding (elements): rows start on different banks */
 
 struct ad_p {
@@ -57,7 +56,8 @@ attn_decode_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__rest
     const int32_t *kmb = a.kmask + (size_t)b * a.kstride + j0, *kpb = a.kpos + (size_t)b * a.kstride + j0;
     const float slope = a.slopes ? a.slopes[h] : 0.0f;
 
-    /* K and V rows [0, nk) -> shared, 16 bytes per load (hd % 8 == 0, checked by the host) */
+    /* K and V rows [0, nk) -> shared, 16 bytes per load (hd % 16 == 0, checked by
+     * attn_decode_check: the score loop reads each half row, hd / 2 elements in, as 16-byte vectors) */
     const int vrow = hd / 8, nvec = nk * vrow;
     for (int e = tid; e < nvec; e += AD_THREADS) {
         const int r = e / vrow, c = e % vrow;
@@ -166,19 +166,13 @@ attn_decode_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__rest
 
 } // namespace
 
-/* *done = 0 when the decode kernel does not apply (the caller takes the general path). */
+/* runs when attn_choose (choice.cu) said ATTN_DECODE: its conditions hold */
 ft_status cuda_attention_decode(cuda_backend *be, void *out, float *lse, const void *q, const void *k, const void *v,
-                                const ft_attn_args *a, int *done, ft_error *err)
+                                const ft_attn_args *a, ft_error *err)
 {
-    *done = 0;
-    if (a->T != 1 || a->hd % 8 || a->hd > AD_HD || a->H % a->KV) return FT_OK;
-    if (((uintptr_t)k | (uintptr_t)v) % 16) return FT_OK;
-    if (!be->attn_decode_on) return FT_OK;
     const int bhn = a->B * a->H;
     /* with Tk on the device the grid covers the whole cache: splits past Tk only report -inf */
-    const int splits = ((a->tk_dev ? a->cap : a->Tk) + AD_KEYS - 1) / AD_KEYS;
-    if (bhn <= 0 || splits <= 0) return FT_OK;
-    if (splits > 65535) return FT_OK;
+    const int splits = attn_decode_splits(a);
     float *part = NULL;
     if (splits > 1) {
         void *pv;
@@ -210,6 +204,5 @@ ft_status cuda_attention_decode(cuda_backend *be, void *out, float *lse, const v
                                                                             (const T *)v, p, part, be->attn_cnt));
     LAUNCH_CHECK("decode attention");
     PROF_MARK(be, PR_ATT_F);
-    *done = 1;
     return FT_OK;
 }

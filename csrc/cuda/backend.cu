@@ -133,6 +133,11 @@ void prof_add(cuda_backend *be, int id, double t0)
     be->prof_calls[id]++;
 }
 
+void prof_choice(cuda_backend *be, int ch, int v, double t0)
+{
+    if (be->prof_on) be->choice_s[ch][v] += prof_now(be) - t0;
+}
+
 static void prof_report(cuda_backend *be)
 {
     const double *g_prof = be->prof_s;
@@ -145,6 +150,7 @@ static void prof_report(cuda_backend *be)
         if (g_prof_n[i])
             fprintf(stderr, "  %-26s %9.3f ms %5.1f%% (%ld calls)\n", g_prof_names[i], 1e3 * g_prof[i],
                     100 * g_prof[i] / tot, g_prof_n[i]);
+    choice_report(be);
 }
 
 ft_status cuda_fail(ft_error *err, cudaError_t e, const char *what)
@@ -473,24 +479,13 @@ extern "C" ft_status ft_cuda_backend_create(int device, int act_dtype, ft_backen
         return ft_fail(err, FT_EUNSUPPORTED, "bfloat16 needs compute capability 8.0+ (%s is %d.%d): use float16",
                        prop.name, prop.major, prop.minor);
 
-    /* attention implementation: FT_CUDA_ATTN=gemm (default, cuBLAS tensor cores) or flash */
-    const char *ae = getenv("FT_CUDA_ATTN");
-    int attn_flash = 0;
-    if (ae && ae[0] && strcmp(ae, "gemm") != 0) {
-        if (strcmp(ae, "flash") != 0)
-            return ft_fail(err, FT_EINVAL, "FT_CUDA_ATTN must be 'gemm' or 'flash', got '%s'", ae);
-        attn_flash = 1;
-    }
-    /* f32 score scratch of one attention chunk, MiB (fractions allowed: tests force small chunks) */
-    const char *ce = getenv("FT_CUDA_ATTN_CHUNK_MB");
-    const double chunk_mb = ce && ce[0] ? strtod(ce, NULL) : 64.0;
-    if (!(chunk_mb > 0.0 && chunk_mb <= 65536.0))
-        return ft_fail(err, FT_EINVAL, "FT_CUDA_ATTN_CHUNK_MB must be in (0, 65536], got '%s'", ce);
-
     cuda_backend *be = (cuda_backend *)calloc(1, sizeof *be);
     if (!be) return ft_fail(err, FT_ENOMEM, "out of host memory creating the CUDA backend");
-    be->attn_flash = attn_flash;
-    be->attn_chunk_bytes = (size_t)(chunk_mb * 1048576.0);
+    /* every FT_CUDA_* switch, read once here (not per call: ~400 ops per decoded token) */
+    if (cuda_read_env(be, err) != FT_OK) {
+        free(be);
+        return err->status;
+    }
     be->alloc_map = calloc(1, sizeof(size_map));
     if (!be->alloc_map) {
         free(be);
@@ -501,16 +496,9 @@ extern "C" ft_status ft_cuda_backend_create(int device, int act_dtype, ft_backen
     be->base.weight_dtype = dt;
     be->device = device;
     be->cc_major = prop.major;
+    be->sm = sm;
     be->sms = prop.multiProcessorCount;
-    /* switches for A/B tests, read once here (not per call: ~400 ops per decoded token) */
-    const char *ge = getenv("FT_CUDA_GEMV"), *de = getenv("FT_CUDA_ATTN_DECODE");
-    be->gemv_on = !(ge && !strcmp(ge, "0"));
-    be->attn_decode_on = !(de && !strcmp(de, "0"));
-    const char *gre = getenv("FT_CUDA_GRAPHS");
-    be->graphs_on = !(gre && !strcmp(gre, "0"));
-    const char *pe = getenv("FT_CUDA_PROFILE");
-    be->prof_on = pe && pe[0] == '1';
-    if (be->prof_on) be->graphs_on = 0; /* the profiler synchronises around ops: not capturable */
+    cuda_probe_kernels(be); /* which kernels this build can run here */
     ft_status st = FT_OK;
     cudaError_t e = cudaStreamCreateWithFlags(&be->stream, cudaStreamNonBlocking);
     if (e != cudaSuccess) st = cuda_fail(err, e, "creating a CUDA stream");

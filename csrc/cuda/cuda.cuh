@@ -25,8 +25,39 @@ typedef __half f16;
 enum { PR_DEQ, PR_QGEMM_F, PR_QGEMM_B, PR_LORA_F, PR_LORA_B, PR_ATT_F, PR_ATT_DQ, PR_ATT_DV, PR_ATT_DK,
        PR_ATT_SUM, PR_QKV, PR_LN, PR_ELEM, PR_LM, PR_CE, PR_OPT, PR_N };
 
+/* ---- kernel choice (choice.cu) ----
+ * Where an op has more than one kernel, ONE function decides which runs and returns an enum
+ * (names in choice.cu's tables); the backend counts every answer and FT_CUDA_PROFILE=1 prints the
+ * counts (and the time of each quantized-product variant). */
+
+/* quantized product y = x W (forward) or dx = dy W^T (input gradient):
+ *   SCRATCH    dequantize W[in, out] into scratch + cuBLAS (forward "NN", backward "TN")
+ *   SCRATCH_T  forward: dequantize W^T[out, in] (tiled transpose) + cuBLAS "TN"; backward: = SCRATCH,
+ *              whose [in, out] scratch already is the "TN" layout for dy W^T
+ *   FUSED      qgemm.cu: packed weights dequantized tile by tile in shared memory, tensor-core mma
+ *   GEMV       gemv.cu: forward with N <= 8 rows (decode) */
+typedef enum { QGEMM_SCRATCH, QGEMM_SCRATCH_T, QGEMM_FUSED, QGEMM_GEMV, QGEMM_N } qgemm_kind;
+typedef enum { QGEMM_FWD, QGEMM_BWD } qgemm_dir;
+/* why the fused kernel cannot run a product (QF_OK: it can) */
+typedef enum { QF_OK, QF_BITS, QF_SHAPE, QF_ALIGN, QF_ARCH, QF_N } qfused_why;
+/* why the GEMV does not run a forward (GEMV_OK: it does) */
+typedef enum { GEMV_OK, GEMV_OFF, GEMV_ROWS, GEMV_BITS, GEMV_SHAPE, GEMV_ALIGN, GEMV_ARCH, GEMV_N } gemv_why;
+/* attention: cuBLAS chunks (default), scalar flash kernels (FT_CUDA_ATTN=flash), one-launch decode */
+typedef enum { ATTN_GEMM, ATTN_FLASH, ATTN_DECODE, ATTN_N } attn_kind;
+/* why the decode attention does not run a forward (AD_OK: it does) */
+typedef enum { AD_OK, AD_OFF, AD_ROWS, AD_HEAD, AD_ALIGN, AD_SIZE, AD_N } attn_decode_why;
+
+/* the counted choices: one row each in the profiler's table */
+enum { CH_QGEMM_FWD, CH_QGEMM_BWD, CH_QFUSED, CH_GEMV, CH_ATTN_FWD, CH_ATTN_BWD, CH_ATTN_DECODE, CH_N };
+#define CH_MAXV 8 /* most answers of one choice */
+
+/* the decode attention's limits (attention_decode.cu), which attn_decode_check tests */
+constexpr int AD_THREADS = 128;
+constexpr int AD_KEYS = AD_THREADS / 2; /* keys per block: two threads per key */
+constexpr int AD_HD = 128;              /* largest head dim (K+V tiles: 34 KB of shared memory) */
+
 /* scratch slots: each a device buffer grown on demand, reused call after call */
-enum { SCR_DEQ = 0, SCR_LORA0, SCR_LORA1, SCR_LORA2, SCR_ATTN, SCR_MISC, SCR_N };
+enum { SCR_DEQ = 0, SCR_LORA0, SCR_LORA1, SCR_ATTN, SCR_MISC, SCR_N };
 
 /* One recorded step (graph.cu): a CUDA graph of what the caller's body enqueued under `key`, valid
  * while the backend's scratch memory stays where it was (scratch_gen == gen). */
@@ -53,14 +84,24 @@ struct cuda_backend {
     int prof_on;                  /* FT_CUDA_PROFILE=1 */
     double prof_s[PR_N];          /* seconds per op family */
     long prof_calls[PR_N];
-    int attn_flash;  /* FT_CUDA_ATTN=flash: scalar flash kernels instead of the cuBLAS path */
-    size_t attn_chunk_bytes; /* f32 score scratch per attention chunk (FT_CUDA_ATTN_CHUNK_MB) */
+    long choice_calls[CH_N][CH_MAXV]; /* how often each answer of each choice was given */
+    double choice_s[CH_N][CH_MAXV];   /* profiled seconds of the ops that ran each answer */
     int *attn_cnt;   /* decode attention: arrival counter per (row, head), zero between calls */
     int attn_cnt_n;
     int cc_major, sms; /* compute capability major, multiprocessors */
+    int sm;            /* compute capability, major * 10 + minor */
+    /* what this build can run on this device (choice.cu: cuda_probe_kernels): the PTX
+     * architecture the kernels were compiled from, which a JIT-compiled sm_75 build keeps low
+     * on an sm_90 card */
+    int gemv_ptx, qgemm_ptx;
+    /* settings, read once by cuda_read_env (choice.cu) when the backend is created */
+    int attn_flash;  /* FT_CUDA_ATTN=flash: scalar flash kernels instead of the cuBLAS path */
+    size_t attn_chunk_bytes; /* f32 score scratch per attention chunk (FT_CUDA_ATTN_CHUNK_MB) */
     int gemv_on;       /* FT_CUDA_GEMV != 0: fused dequant-GEMV for N <= 8 rows */
     int attn_decode_on; /* FT_CUDA_ATTN_DECODE != 0: one-launch attention for T == 1 */
     int graphs_on;      /* FT_CUDA_GRAPHS != 0: replay records CUDA graphs (decode steps) */
+    int qgemm_force;    /* FT_CUDA_QGEMM: -1 auto, else the qgemm_kind every product uses where it can */
+    int poison;         /* FT_CUDA_POISON=1 (tests): quantized products fill their output with NaN first */
     int capturing;      /* while replay captures a graph: no allocation may happen */
     uint64_t scratch_gen; /* bumped whenever a scratch buffer (or the attention counters) moves */
     cuda_replay_slot replay[FT_REPLAY_SLOTS];
@@ -71,11 +112,12 @@ struct ft_qlinear {
     f16 *scales;
     float *bias; /* NULL when absent */
     int in, out, bits, groups, zero_offset;
-    /* fused dequant-GEMV (gemv.cu): per column tile arrival counters (zero between calls),
-     * group lookup: gemv_act = 0: every packed word's rows share one group, found as
-     * word_row >> gemv_gshift (gemv_gshift >= 0) or g_idx[word_row * 32/bits]; 1: per row */
-    int *gemv_cnt;
-    int gemv_act, gemv_gshift;
+    /* group lookup of the packed-weight kernels (gemv.cu, qgemm.cu), set by cuda_qgemv_prepare for
+     * 2/4/8 bits: row_groups = 0: the rows of every packed word share one group, found as
+     * word_row >> gemv_gshift (gemv_gshift >= 0) or g_idx[word_row * 32/bits]; 1: some word holds
+     * rows of several groups (act-order checkpoints), looked up per row */
+    int row_groups, gemv_gshift;
+    int *gemv_cnt; /* GEMV: per column tile arrival counters (zero between calls); NULL: 3 bits */
 };
 
 #define RED_BLOCKS 1024
@@ -190,6 +232,8 @@ __device__ __forceinline__ float block_max(float v, float *sh)
 
 double prof_now(cuda_backend *be);
 void prof_add(cuda_backend *be, int id, double t0);
+/* profiled seconds since t0 of an op that ran answer v of choice ch (FT_CUDA_PROFILE=1 only) */
+void prof_choice(cuda_backend *be, int ch, int v, double t0);
 #define PROF_T0(be) double prof_t0_ = (be)->prof_on ? prof_now(be) : 0.0
 #define PROF_MARK(be, id)                          \
     do {                                           \
@@ -256,14 +300,36 @@ ft_status cuda_gather_rows(ft_backend *be, void *dst, const void *src, const int
                            ft_error *err);
 }
 
+/* ---- choice.cu: settings, what the build can run, and the choices ---- */
+/* every FT_CUDA_* variable, read once when the backend is created (be->device set) */
+ft_status cuda_read_env(cuda_backend *be, ft_error *err);
+/* be->gemv_ptx, be->qgemm_ptx from the kernels as loaded on this device */
+void cuda_probe_kernels(cuda_backend *be);
+/* the choice table of FT_CUDA_PROFILE=1 (stderr) */
+void choice_report(const cuda_backend *be);
+/* which kernel computes a quantized product with N rows; a: its act input (x or dy), c: its output */
+qgemm_kind qgemm_choose(cuda_backend *be, const ft_qlinear *q, int N, qgemm_dir dir, const void *a, const void *c);
+/* which attention kernel runs (backward: never ATTN_DECODE) */
+attn_kind attn_choose(cuda_backend *be, const ft_attn_args *a, const void *k, const void *v, int backward);
+
 /* gemv.cu: fused dequant-GEMV for few rows (decode). prepare: at qlinear_create (host g_idx);
- * cuda_qgemv sets *done = 0 (and does nothing) when the GEMV does not apply to this call. */
+ * cuda_qgemv runs when qgemm_choose said QGEMM_GEMV. ptx: the PTX arch of its kernels here. */
 ft_status cuda_qgemv_prepare(cuda_backend *be, ft_qlinear *q, const int32_t *host_gidx, ft_error *err);
-ft_status cuda_qgemv(cuda_backend *be, void *y, const void *x, const ft_qlinear *q, int N, int *done,
-                     ft_error *err);
-/* attention_decode.cu: attention_fwd for T == 1 in one launch; *done = 0 when it does not apply */
+ft_status cuda_qgemv(cuda_backend *be, void *y, const void *x, const ft_qlinear *q, int N, ft_error *err);
+int cuda_qgemv_ptx(void);
+/* qgemm.cu: the fused quantized GEMM (QGEMM_FUSED). fwd: y[N,out] = x W + bias;
+ * bwd: dx[N,in] (=, += when accumulate) dy W^T. ptx: as above. */
+ft_status cuda_qgemm_fused(cuda_backend *be, qgemm_dir dir, void *c, const void *a, const ft_qlinear *q, int N,
+                           int accumulate, ft_error *err);
+int cuda_qgemm_ptx(void);
+/* attention_decode.cu: attention_fwd for T == 1 in one launch (when attn_choose said ATTN_DECODE) */
 ft_status cuda_attention_decode(cuda_backend *be, void *out, float *lse, const void *q, const void *k, const void *v,
-                                const ft_attn_args *a, int *done, ft_error *err);
+                                const ft_attn_args *a, ft_error *err);
+/* the decode kernel's key splits for these arguments */
+static inline int attn_decode_splits(const ft_attn_args *a)
+{
+    return ((a->tk_dev ? a->cap : a->Tk) + AD_KEYS - 1) / AD_KEYS;
+}
 
 /* row-major GEMM helpers over cuBLAS (column-major): C[M,N] = alpha op(A) op(B) + beta C.
  * ta/tb: 0 = as stored, 1 = transposed. A is [M,K] (or [K,M] when ta), B [K,N] (or [N,K]).

@@ -1,15 +1,15 @@
 /* gemv.cu -- fused dequant-GEMV for GPTQ linears with few rows (decode, N <= 8).
  *
  * y[n, o] = sum_i x[n, i] W[i, o] + bias[o], reading the packed weights directly instead of
- * dequantizing W[in, out] into scratch and calling cuBLAS (qmatmul.cu's path, kept for N > 8,
- * 3-bit, pre-Ampere cards and FT_CUDA_GEMV=0).
+ * dequantizing W[in, out] into scratch and calling cuBLAS (qmatmul.cu's other paths, for N > 8,
+ * 3-bit, bf16 in builds without sm_80 code and FT_CUDA_GEMV=0: qgemm_choose in choice.cu decides).
  *
  * Work split. A block has 4 warps; warp w of block (bx, by) owns the 32 output columns
  * bx*128 + w*32 .. +31 and the packed word rows [by*kc, by*kc + kc) (split-K over blockIdx.y).
  * Each step a warp reads 4 word rows x 32 columns: lane = 4*gi + t loads one 16-byte vector
  * (4 columns, word row r0 + t), so a warp load is 4 x 128 contiguous bytes.
  *
- * Products on the tensor cores (mma.sync m16n8k16, fp32 accumulation). The k (input) order
+ * Products on the tensor cores (mma.sync m16n8k16 of mma.cuh, fp32 accumulation). The k (input) order
  * inside an mma does not matter as long as A and B agree, so thread (gi, t) supplies, for
  * its own word row, the pairs (value j, value j + per/2) of that word -- which one shift and
  * one mask extract at once -- and the matching x pairs (two byte permutes of one vector
@@ -26,7 +26,7 @@
  * sums the splits in order, adds the bias and writes y: deterministic, one launch.
  */
 
-#include "cuda.cuh"
+#include "mma.cuh"
 
 namespace {
 
@@ -41,18 +41,6 @@ template <> struct gv_traits<bf16> {
 template <> struct gv_traits<f16> {
     static constexpr uint32_t magic = 0x6400u; /* 1024.0 */
 };
-
-template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <> __device__ __forceinline__ uint32_t pack2<bf16>(float lo, float hi)
-{
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&h);
-}
-template <> __device__ __forceinline__ uint32_t pack2<f16>(float lo, float hi)
-{
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&h);
-}
 
 /* (a - b) * s on pairs of the act dtype */
 template <typename T> __device__ __forceinline__ uint32_t sub_mul2(uint32_t a, uint32_t b, uint32_t s);
@@ -77,39 +65,6 @@ template <> __device__ __forceinline__ uint32_t scale2<bf16>(uint32_t h16)
     __half h = __ushort_as_half((unsigned short)h16);
     const uint32_t b = __bfloat16_as_ushort(__float2bfloat16_rn(__half2float(h)));
     return b | (b << 16);
-}
-
-/* d[0..3] += A B, one m16n8k16 tile (A row-major 16x16: a0..a3, B "col" 16x8: b0, b1) */
-template <typename T>
-__device__ __forceinline__ void mma16816(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                         uint32_t b1);
-template <>
-__device__ __forceinline__ void mma16816<bf16>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                               uint32_t b0, uint32_t b1)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else /* never launched below sm_80 (the host checks) */
-    (void)d; (void)a0; (void)a1; (void)a2; (void)a3; (void)b0; (void)b1;
-    __trap();
-#endif
-}
-template <>
-__device__ __forceinline__ void mma16816<f16>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                              uint32_t b0, uint32_t b1)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-    (void)d; (void)a0; (void)a1; (void)a2; (void)a3; (void)b0; (void)b1;
-    __trap();
-#endif
 }
 
 /* (a & b) | c in one LOP3 (the compiler splits it in two when b and c are immediates) */
@@ -338,7 +293,7 @@ void launch_bits(dim3 grid, cudaStream_t st, bool act, void *y, const void *x, c
 ft_status cuda_qgemv_prepare(cuda_backend *be, ft_qlinear *q, const int32_t *gidx, ft_error *err)
 {
     q->gemv_cnt = NULL;
-    q->gemv_act = 1;
+    q->row_groups = 1;
     q->gemv_gshift = -1;
     if (q->bits != 2 && q->bits != 4 && q->bits != 8) return FT_OK; /* 3 bits: dequantize + GEMM */
     const int per = 32 / q->bits, KW = q->in / per;
@@ -350,7 +305,7 @@ ft_status cuda_qgemv_prepare(cuda_backend *be, ft_qlinear *q, const int32_t *gid
                 break;
             }
     if (uniform) {
-        q->gemv_act = 0;
+        q->row_groups = 0;
         int sh = -1;
         if (q->groups == 1) {
             sh = 30; /* r >> 30 == 0: KW < 2^30 */
@@ -375,22 +330,27 @@ ft_status cuda_qgemv_prepare(cuda_backend *be, ft_qlinear *q, const int32_t *gid
     return FT_OK;
 }
 
-ft_status cuda_qgemv(cuda_backend *be, void *y, const void *x, const ft_qlinear *q, int N, int *done, ft_error *err)
+int cuda_qgemv_ptx(void)
 {
-    *done = 0;
-    if (N < 1 || N > 8 || !q->gemv_cnt) return FT_OK;
-    if (!be->gemv_on) return FT_OK;
-    const int bits = q->bits, per = 32 / bits;
-    /* vector loads: x rows of `in` act values at 16 bytes (8 at 8 bits), y rows at 8 bytes */
-    const size_t xalign = bits == 8 ? 8 : 16;
-    if (q->out % 4 || q->in % per || (q->in * 2) % xalign || (uintptr_t)x % xalign || (uintptr_t)y % 8) return FT_OK;
-    if (be->cc_major < 8) return FT_OK; /* mma.sync bf16/f16 m16n8k16 needs sm_80 */
+    cudaFuncAttributes fa;
+    if (cudaFuncGetAttributes(&fa, qgemv_kernel<bf16, 4, false>) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return fa.ptxVersion;
+}
 
+/* runs when qgemm_choose (choice.cu) said QGEMM_GEMV: 1 <= N <= 8, 2/4/8 bits, x rows 16-byte
+ * aligned (8 at 8 bits), y 8-byte aligned, out % 4 == 0, sm_80 code */
+ft_status cuda_qgemv(cuda_backend *be, void *y, const void *x, const ft_qlinear *q, int N, ft_error *err)
+{
+    const int bits = q->bits, per = 32 / bits;
     const int tiles = (q->out + GV_COLS - 1) / GV_COLS;
     const int KW = q->in / per;
     /* about 4 blocks (16 warps) per SM in one wave; each warp takes >= 16 word rows. Measured on an
      * H200 (bench/decode_profile.py): 5 or 6 blocks per SM, or capping registers for 6 or 8 resident
-     * blocks, did not help; the kernel is bound by load latency at ~1.6 TB/s (see docs/PERF.md). */
+     * blocks, did not help; the kernel is bound by load latency at ~1.6 TB/s (see docs/PERF.md).
+     * splits <= 4 * SMs: always within gridDim.y's 65535. */
     const int target = 4 * be->sms;
     int splits = (target + tiles - 1) / tiles;
     const int max_splits = (KW + 4 * GV_U - 1) / (4 * GV_U);
@@ -399,18 +359,16 @@ ft_status cuda_qgemv(cuda_backend *be, void *y, const void *x, const ft_qlinear 
     int kc = (KW + splits - 1) / splits;
     kc = (kc + 4 * GV_U - 1) / (4 * GV_U) * (4 * GV_U);
     splits = (KW + kc - 1) / kc;
-    if (splits > 65535) return FT_OK;
 
     void *part;
     FT_TRY(cuda_scratch(be, SCR_DEQ, (size_t)splits * N * q->out * sizeof(float), &part, err));
     const dim3 grid(tiles, splits);
-    const bool act = q->gemv_act != 0;
+    const bool act = q->row_groups != 0;
     ACT_DISPATCH(&be->base, T, {
         if (bits == 4) launch_bits<T, 4>(grid, be->stream, act, y, x, q, (float *)part, N, kc);
         else if (bits == 2) launch_bits<T, 2>(grid, be->stream, act, y, x, q, (float *)part, N, kc);
         else launch_bits<T, 8>(grid, be->stream, act, y, x, q, (float *)part, N, kc);
     });
     LAUNCH_CHECK("GPTQ GEMV");
-    *done = 1;
     return FT_OK;
 }

@@ -1,14 +1,23 @@
 /* qmatmul.cu -- GPTQ linears and LoRA on the GPU.
  *
- * A quantized linear keeps only its packed tensors on the device. Forward and
- * backward dequantize W[in, out] (act dtype) into ONE scratch buffer shared by
- * every linear (sized for the largest) and call cublasGemmEx with fp32
- * accumulation. The math is csrc/cpu/qmatmul.c's:
- *   W[i, o] = (q[i, o] - (zstored[g, o] + zero_offset)) * scale[g, o],  g = g_idx[i].
+ * A quantized linear keeps only its packed tensors on the device. qgemm_choose (choice.cu) picks
+ * how each product runs:
+ *   fused      qgemm.cu reads the packed weights inside a tensor-core GEMM;
+ *   gemv       gemv.cu, forward with N <= 8 rows (decode);
+ *   scratch    W[in, out] dequantized (act dtype) into ONE scratch buffer shared by every linear
+ *              (sized for the largest), then cublasGemmEx with fp32 accumulation; the forward call
+ *              is "NN" in cuBLAS's column-major terms, the input gradient "TN";
+ *   scratch_t  forward only: W^T[out, in] dequantized through a shared-memory tiled transpose so the
+ *              cuBLAS call is "TN" (measured ~3x faster per call than "NN" on an H200).
+ * The math is csrc/cpu/qmatmul.c's:
+ *   W[i, o] = (q[i, o] - (zstored[g, o] + zero_offset)) * scale[g, o],  g = g_idx[i],
+ * in fp32 with one rounding to the act dtype, on every path.
  *
- * LoRA: A, B and their gradients are f32. Products that involve activations
- * run in the act dtype (fp32 accumulation); the rank-r products run in fp32.
- * Dropout masks come from rng.h, element index i of the [N, in] input.
+ * LoRA: A, B and their gradients are f32. The rank-r products run in fused kernels that read the
+ * activations once in their act dtype (no f32 copies of x or dy, no [N, out] f32 temporary):
+ * lora_down (N x r results, one block per rows, fixed-order block reduction), lora_up (one pass over
+ * the output) and lora_outer (r x C gradients, split over rows with a fixed-order sum). Dropout
+ * masks come from rng.h, element index i of the [N, in] input, in forward and backward alike.
  */
 #include <stdlib.h>
 
@@ -73,11 +82,48 @@ __global__ void dequant_generic(T *__restrict__ W, const int32_t *__restrict__ q
     W[(size_t)i * out + o] = cv<T>((q - z) * s);
 }
 
-static ft_status dequantize(cuda_backend *be, const ft_qlinear *q, void **W, ft_error *err)
+/* W^T[out, in] (scratch_t): a 64 x 64 tile (rows i, columns o) per block goes through shared memory,
+ * so both the packed reads (consecutive o) and the act writes (consecutive i) are coalesced. Any bits. */
+constexpr int DQT_TILE = 64;
+template <typename T>
+__global__ void __launch_bounds__(256) dequant_t_kernel(T *__restrict__ Wt, const int32_t *__restrict__ qw,
+                                                        const int32_t *__restrict__ qz, const f16 *__restrict__ sc,
+                                                        const int32_t *__restrict__ gidx, int in, int out, int bits,
+                                                        int zoff)
+{
+    __shared__ T tile[DQT_TILE][DQT_TILE + 2]; /* [o][i]; +2: a column walk hits 32 banks */
+    const int i0 = blockIdx.y * DQT_TILE, o0 = blockIdx.x * DQT_TILE;
+    const int zwords = out * bits / 32;
+    const int lo = threadIdx.x % DQT_TILE, hi = threadIdx.x / DQT_TILE; /* 64 x 4 threads */
+    for (int r = hi; r < DQT_TILE; r += 256 / DQT_TILE) {
+        const int i = i0 + r, o = o0 + lo;
+        float w = 0.0f;
+        if (i < in && o < out) {
+            const int g = gidx[i];
+            const float z = (float)(unpack_dev(qz + (size_t)g * zwords, 1, o, bits) + (uint32_t)zoff);
+            w = ((float)unpack_dev(qw + o, out, i, bits) - z) * __half2float(sc[(size_t)g * out + o]);
+        }
+        tile[lo][r] = cv<T>(w);
+    }
+    __syncthreads();
+    for (int r = hi; r < DQT_TILE; r += 256 / DQT_TILE) {
+        const int o = o0 + r, i = i0 + lo;
+        if (i < in && o < out) Wt[(size_t)o * in + i] = tile[r][lo];
+    }
+}
+
+/* W (transposed: W^T) into the shared dequantization scratch */
+static ft_status dequantize(cuda_backend *be, const ft_qlinear *q, int transposed, void **W, ft_error *err)
 {
     FT_TRY(cuda_scratch(be, SCR_DEQ, (size_t)q->in * q->out * 2, W, err));
     const int threads = 128;
-    if (32 % q->bits == 0) {
+    if (transposed) {
+        dim3 grid((q->out + DQT_TILE - 1) / DQT_TILE, (q->in + DQT_TILE - 1) / DQT_TILE);
+        ACT_DISPATCH(&be->base, T,
+                     dequant_t_kernel<T><<<grid, 256, 0, be->stream>>>((T *)*W, q->qweight, q->qzeros, q->scales,
+                                                                       q->g_idx, q->in, q->out, q->bits,
+                                                                       q->zero_offset));
+    } else if (32 % q->bits == 0) {
         dim3 grid((q->out + threads - 1) / threads, q->in * q->bits / 32);
         ACT_DISPATCH(&be->base, T,
                      dequant_aligned<T><<<grid, threads, 0, be->stream>>>((T *)*W, q->qweight, q->qzeros, q->scales,
@@ -172,33 +218,45 @@ template <typename T> __global__ void add_bias_kernel(T *y, const float *bias, i
         y[i] = cv<T>(ld<T>(y[i]) + bias[i % out]);
 }
 
+/* FT_CUDA_POISON=1 (tests): NaN (0xFFFF in bf16 and fp16) in every element a product is about to
+ * write, so an element a kernel forgets shows up */
+static ft_status poison(cuda_backend *be, void *p, size_t n, ft_error *err)
+{
+    if (be->poison) CUDA_TRY(cudaMemsetAsync(p, 0xFF, n * 2, be->stream), "poisoning an output");
+    return FT_OK;
+}
+
 extern "C" ft_status cuda_qlinear_fwd(ft_backend *base, void *y, const void *x, const ft_qlinear *q, int N,
                                       ft_error *err)
 {
     cuda_backend *be = CB(base);
     if (N <= 0) return FT_OK;
-    void *W;
+    const qgemm_kind kind = qgemm_choose(be, q, N, QGEMM_FWD, x, y);
+    FT_TRY(poison(be, y, (size_t)N * q->out, err));
     PROF_T0(be);
-    /* few rows (decode): fused dequant-GEMV reading the packed weights (gemv.cu) */
-    int done = 0;
-    FT_TRY(cuda_qgemv(be, y, x, q, N, &done, err));
-    if (done) {
-        PROF_MARK(be, PR_QGEMM_F);
-        return FT_OK;
+    const double t_op = prof_t0_;
+    if (kind == QGEMM_GEMV) {
+        FT_TRY(cuda_qgemv(be, y, x, q, N, err)); /* bias included */
+    } else if (kind == QGEMM_FUSED) {
+        FT_TRY(cuda_qgemm_fused(be, QGEMM_FWD, y, x, q, N, 0, err)); /* bias included */
+    } else {
+        const int tr = kind == QGEMM_SCRATCH_T;
+        void *W;
+        FT_TRY(dequantize(be, q, tr, &W, err));
+        PROF_MARK(be, PR_DEQ);
+        const cudaDataType_t t = act_cuda_type(base);
+        /* y[N,out] = x[N,in] W[in,out]: W^T [out,in] ("TN") or W [in,out] ("NN") */
+        if (tr) FT_TRY(gemm_rm(be, 0, 1, N, q->out, q->in, 1.0f, x, t, q->in, W, t, q->in, 0.0f, y, t, q->out, err));
+        else FT_TRY(gemm_rm(be, 0, 0, N, q->out, q->in, 1.0f, x, t, q->in, W, t, q->out, 0.0f, y, t, q->out, err));
+        if (q->bias) {
+            const size_t n = (size_t)N * q->out;
+            ACT_DISPATCH(base, T,
+                         add_bias_kernel<T><<<grid_for(n, 256), 256, 0, be->stream>>>((T *)y, q->bias, N, q->out));
+            LAUNCH_CHECK("bias add");
+        }
     }
-    FT_TRY(dequantize(be, q, &W, err));
-    PROF_MARK(be, PR_DEQ);
-    const cudaDataType_t t = act_cuda_type(base);
-    /* y[N,out] = x[N,in] W[in,out]. (A transposed dequantization + "TN" product was tried: its
-     * uncoalesced column writes cost more than the layout saved; a tiled, coalesced transpose is
-     * the next thing to try.) */
-    FT_TRY(gemm_rm(be, 0, 0, N, q->out, q->in, 1.0f, x, t, q->in, W, t, q->out, 0.0f, y, t, q->out, err));
     PROF_MARK(be, PR_QGEMM_F);
-    if (q->bias) {
-        const size_t n = (size_t)N * q->out;
-        ACT_DISPATCH(base, T, add_bias_kernel<T><<<grid_for(n, 256), 256, 0, be->stream>>>((T *)y, q->bias, N, q->out));
-        LAUNCH_CHECK("bias add");
-    }
+    prof_choice(be, CH_QGEMM_FWD, kind, t_op);
     return FT_OK;
 }
 
@@ -207,42 +265,226 @@ extern "C" ft_status cuda_qlinear_bwd(ft_backend *base, void *dx, const void *dy
 {
     cuda_backend *be = CB(base);
     if (N <= 0) return FT_OK;
-    void *W;
+    const qgemm_kind kind = qgemm_choose(be, q, N, QGEMM_BWD, dy, dx);
+    if (!accumulate) FT_TRY(poison(be, dx, (size_t)N * q->in, err));
     PROF_T0(be);
-    FT_TRY(dequantize(be, q, &W, err));
-    PROF_MARK(be, PR_DEQ);
-    const cudaDataType_t t = act_cuda_type(base);
-    /* dx[N,in] = dy[N,out] W[in,out]^T */
-    FT_TRY(gemm_rm(be, 0, 1, N, q->in, q->out, 1.0f, dy, t, q->out, W, t, q->out, accumulate ? 1.0f : 0.0f, dx, t,
-                   q->in, err));
+    const double t_op = prof_t0_;
+    if (kind == QGEMM_FUSED) {
+        FT_TRY(cuda_qgemm_fused(be, QGEMM_BWD, dx, dy, q, N, accumulate, err));
+    } else {
+        void *W;
+        FT_TRY(dequantize(be, q, 0, &W, err));
+        PROF_MARK(be, PR_DEQ);
+        const cudaDataType_t t = act_cuda_type(base);
+        /* dx[N,in] = dy[N,out] W[in,out]^T ("TN") */
+        FT_TRY(gemm_rm(be, 0, 1, N, q->in, q->out, 1.0f, dy, t, q->out, W, t, q->out, accumulate ? 1.0f : 0.0f, dx,
+                       t, q->in, err));
+    }
     PROF_MARK(be, PR_QGEMM_B);
+    prof_choice(be, CH_QGEMM_BWD, kind, t_op);
     return FT_OK;
 }
 
-/* ---- LoRA ---- */
+/* ---- LoRA ----
+ *
+ * Three kernels serve both directions; a rank-r matrix is either [r, X] ("r-major": A, dA) or
+ * [X, r] (B, dB), and d() is dropout (keep(seed, n*X + k) ? v * 1/(1-p) : 0) where asked:
+ *   lora_down   u[n, j] = alpha sum_k d(v[n, k]) W(j, k)    forward xa = d(x) A^T; backward dxa = s dy B
+ *   lora_up     y[n, c] += alpha sum_j u[n, j] W(c, j)       forward y += s xa B^T;
+ *               (DROP: only kept elements, as the CPU)       backward dx += d'(dxa A)
+ *   lora_outer  G(j, c) += alpha sum_n u[n, j] d(v[n, c])   backward dB += s dy^T xa, dA += dxa^T d(x)
+ * Sums run in fp32 in a fixed order (no atomics): deterministic. */
 
-/* xd[i] = dropout(x)[i] in the act dtype (OutT = T) or f32 (OutT = float) */
-template <typename T, typename OutT>
-__global__ void dropout_kernel(OutT *xd, const T *x, size_t n, float p, uint64_t seed)
+constexpr int LR_J = 8;         /* rank entries per pass (more passes when r > 8) */
+constexpr int LR_THREADS = 256;
+
+template <bool RMAJ> __device__ __forceinline__ float rank_at(const float *W, int X, int r, int j, int k)
 {
-    const float ks = 1.0f / (1.0f - p);
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        xd[i] = cv<OutT>(ft_dropout_keep(seed, i, p) ? ld<T>(x[i]) * ks : 0.0f);
+    return RMAJ ? __ldg(W + (size_t)j * X + k) : __ldg(W + (size_t)k * r + j);
 }
 
-/* y[i] += scale * t[i] */
-template <typename T> __global__ void axpy_act_kernel(T *y, const float *t, float scale, size_t n)
+__device__ __forceinline__ float dropped(float v, uint64_t seed, size_t i, float p, float ks)
 {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        y[i] = cv<T>(ld<T>(y[i]) + scale * t[i]);
+    return ft_dropout_keep(seed, i, p) ? v * ks : 0.0f;
 }
 
-/* dx[i] += keep(i) * t[i] / (1 - p) */
-template <typename T> __global__ void dropout_bwd_kernel(T *dx, const float *t, size_t n, float p, uint64_t seed)
+/* block b: rows b*ROWS .. +ROWS; each thread a strided slice of k, LR_J accumulators per row */
+template <typename T, bool RMAJ, bool DROP, int ROWS>
+__global__ void __launch_bounds__(LR_THREADS) lora_down_kernel(float *__restrict__ u, const T *__restrict__ v,
+                                                               const float *__restrict__ W, int N, int K, int r,
+                                                               float alpha, float p, uint64_t seed)
 {
-    const float ks = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        if (ft_dropout_keep(seed, i, p)) dx[i] = cv<T>(ld<T>(dx[i]) + t[i] * ks);
+    __shared__ float part[LR_THREADS / 32][ROWS * LR_J];
+    const int n0 = blockIdx.x * ROWS, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const float ks = DROP ? 1.0f / (1.0f - p) : 1.0f;
+    for (int j0 = 0; j0 < r; j0 += LR_J) {
+        float acc[ROWS][LR_J];
+#pragma unroll
+        for (int rr = 0; rr < ROWS; rr++)
+#pragma unroll
+            for (int jj = 0; jj < LR_J; jj++) acc[rr][jj] = 0.0f;
+#pragma unroll 4 /* several iterations' loads in flight */
+        for (int k = threadIdx.x; k < K; k += LR_THREADS) {
+            float w[LR_J];
+#pragma unroll
+            for (int jj = 0; jj < LR_J; jj++) w[jj] = j0 + jj < r ? rank_at<RMAJ>(W, K, r, j0 + jj, k) : 0.0f;
+#pragma unroll
+            for (int rr = 0; rr < ROWS; rr++) {
+                const int n = n0 + rr;
+                if (n >= N) break;
+                const size_t i = (size_t)n * K + k;
+                float xv = ld<T>(v[i]);
+                if (DROP) xv = dropped(xv, seed, i, p, ks);
+#pragma unroll
+                for (int jj = 0; jj < LR_J; jj++) acc[rr][jj] += xv * w[jj];
+            }
+        }
+#pragma unroll
+        for (int rr = 0; rr < ROWS; rr++)
+#pragma unroll
+            for (int jj = 0; jj < LR_J; jj++) {
+                const float s = warp_sum(acc[rr][jj]);
+                if (lane == 0) part[warp][rr * LR_J + jj] = s;
+            }
+        __syncthreads();
+        if (threadIdx.x < ROWS * LR_J) {
+            const int n = n0 + threadIdx.x / LR_J, j = j0 + threadIdx.x % LR_J;
+            float s = 0.0f;
+            for (int w = 0; w < LR_THREADS / 32; w++) s += part[w][threadIdx.x]; /* warp order: fixed */
+            if (n < N && j < r) u[(size_t)n * r + j] = alpha * s;
+        }
+        __syncthreads();
+    }
+}
+
+/* block (n, c chunk): one element per thread */
+template <typename T, bool RMAJ, bool DROP>
+__global__ void __launch_bounds__(LR_THREADS) lora_up_kernel(T *__restrict__ y, const float *__restrict__ u,
+                                                             const float *__restrict__ W, int C, int r, float alpha,
+                                                             float p, uint64_t seed)
+{
+    const int n = blockIdx.x, c = blockIdx.y * LR_THREADS + threadIdx.x;
+    if (c >= C) return;
+    const size_t i = (size_t)n * C + c;
+    if (DROP && !ft_dropout_keep(seed, i, p)) return;
+    const float *un = u + (size_t)n * r;
+    float t = 0.0f;
+    for (int j = 0; j < r; j++) t += __ldg(un + j) * rank_at<RMAJ>(W, C, r, j, c);
+    y[i] = cv<T>(ld<T>(y[i]) + alpha * t);
+}
+
+/* block (c chunk, split s): column c summed over the split's rows. One split: G += alpha * sum;
+ * several: part[s][j][c] = sum, then lora_outer_sum adds them in split order. */
+template <typename T, bool RMAJ, bool DROP>
+__global__ void __launch_bounds__(LR_THREADS) lora_outer_kernel(float *__restrict__ G, float *__restrict__ part,
+                                                                const float *__restrict__ u, const T *__restrict__ v,
+                                                                int N, int C, int r, int rows, float alpha, float p,
+                                                                uint64_t seed)
+{
+    const int c = blockIdx.x * LR_THREADS + threadIdx.x, s = blockIdx.y;
+    if (c >= C) return;
+    const int nb = s * rows, ne = min(N, nb + rows);
+    const float ks = DROP ? 1.0f / (1.0f - p) : 1.0f;
+    for (int j0 = 0; j0 < r; j0 += LR_J) {
+        float acc[LR_J];
+#pragma unroll
+        for (int jj = 0; jj < LR_J; jj++) acc[jj] = 0.0f;
+#pragma unroll 4
+        for (int n = nb; n < ne; n++) {
+            const size_t i = (size_t)n * C + c;
+            float xv = ld<T>(v[i]);
+            if (DROP) xv = dropped(xv, seed, i, p, ks);
+#pragma unroll
+            for (int jj = 0; jj < LR_J; jj++)
+                acc[jj] += (j0 + jj < r ? __ldg(u + (size_t)n * r + j0 + jj) : 0.0f) * xv;
+        }
+#pragma unroll
+        for (int jj = 0; jj < LR_J; jj++) {
+            const int j = j0 + jj;
+            if (j >= r) break;
+            if (gridDim.y == 1) G[RMAJ ? (size_t)j * C + c : (size_t)c * r + j] += alpha * acc[jj];
+            else part[((size_t)s * r + j) * C + c] = acc[jj];
+        }
+    }
+}
+
+template <bool RMAJ>
+__global__ void lora_outer_sum(float *__restrict__ G, const float *__restrict__ part, int splits, int r, int C,
+                               float alpha)
+{
+    const size_t n = (size_t)r * C;
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+        const int j = (int)(e / C), c = (int)(e % C);
+        float s = 0.0f;
+        for (int sp = 0; sp < splits; sp++) s += part[(size_t)sp * n + e];
+        G[RMAJ ? e : (size_t)c * r + j] += alpha * s;
+    }
+}
+
+/* u[N, r] = alpha d(v[N, K]) W^T; W r-major [r, K] (RMAJ) or [K, r] */
+template <bool RMAJ>
+static ft_status lora_down(cuda_backend *be, float *u, const void *v, const float *W, int N, int K, int r, float alpha,
+                           float p, uint64_t seed, ft_error *err)
+{
+    /* 4 rows per block once there are blocks enough: W is read from L2 once per block */
+    const bool four = N >= 4 * be->sms;
+    const unsigned blocks = (unsigned)(four ? (N + 3) / 4 : N);
+    ACT_DISPATCH(&be->base, T, {
+        const T *vt = (const T *)v;
+        if (p > 0.0f) {
+            if (four) lora_down_kernel<T, RMAJ, true, 4><<<blocks, LR_THREADS, 0, be->stream>>>(u, vt, W, N, K, r, alpha, p, seed);
+            else lora_down_kernel<T, RMAJ, true, 1><<<blocks, LR_THREADS, 0, be->stream>>>(u, vt, W, N, K, r, alpha, p, seed);
+        } else {
+            if (four) lora_down_kernel<T, RMAJ, false, 4><<<blocks, LR_THREADS, 0, be->stream>>>(u, vt, W, N, K, r, alpha, p, seed);
+            else lora_down_kernel<T, RMAJ, false, 1><<<blocks, LR_THREADS, 0, be->stream>>>(u, vt, W, N, K, r, alpha, p, seed);
+        }
+    });
+    LAUNCH_CHECK("LoRA rank-r product");
+    return FT_OK;
+}
+
+/* y[N, C] += alpha u W^T (DROP: kept elements only); W r-major [r, C] (RMAJ) or [C, r] */
+template <bool RMAJ>
+static ft_status lora_up(cuda_backend *be, void *y, const float *u, const float *W, int N, int C, int r, float alpha,
+                         float p, uint64_t seed, ft_error *err)
+{
+    const dim3 grid((unsigned)N, (unsigned)((C + LR_THREADS - 1) / LR_THREADS));
+    ACT_DISPATCH(&be->base, T, {
+        if (p > 0.0f) lora_up_kernel<T, RMAJ, true><<<grid, LR_THREADS, 0, be->stream>>>((T *)y, u, W, C, r, alpha, p, seed);
+        else lora_up_kernel<T, RMAJ, false><<<grid, LR_THREADS, 0, be->stream>>>((T *)y, u, W, C, r, alpha, p, seed);
+    });
+    LAUNCH_CHECK("LoRA output product");
+    return FT_OK;
+}
+
+/* G += alpha u^T d(v): u [N, r], v [N, C], G r-major [r, C] (RMAJ) or [C, r] */
+template <bool RMAJ>
+static ft_status lora_outer(cuda_backend *be, float *G, const float *u, const void *v, int N, int C, int r, float alpha,
+                            float p, uint64_t seed, ft_error *err)
+{
+    /* about 4 blocks per SM: split the rows when the columns alone give fewer */
+    const int cblocks = (C + LR_THREADS - 1) / LR_THREADS;
+    int splits = (4 * be->sms + cblocks - 1) / cblocks;
+    const int max_splits = (N + 31) / 32; /* at least 32 rows per split */
+    if (splits > max_splits) splits = max_splits;
+    if (splits < 1) splits = 1;
+    const int rows = (N + splits - 1) / splits;
+    splits = (N + rows - 1) / rows;
+    void *part = NULL;
+    if (splits > 1) FT_TRY(cuda_scratch(be, SCR_LORA1, (size_t)splits * r * C * sizeof(float), &part, err));
+    const dim3 grid((unsigned)cblocks, (unsigned)splits);
+    ACT_DISPATCH(&be->base, T, {
+        const T *vt = (const T *)v;
+        if (p > 0.0f) lora_outer_kernel<T, RMAJ, true><<<grid, LR_THREADS, 0, be->stream>>>(G, (float *)part, u, vt, N, C, r, rows, alpha, p, seed);
+        else lora_outer_kernel<T, RMAJ, false><<<grid, LR_THREADS, 0, be->stream>>>(G, (float *)part, u, vt, N, C, r, rows, alpha, p, seed);
+    });
+    LAUNCH_CHECK("LoRA weight gradient");
+    if (splits > 1) {
+        lora_outer_sum<RMAJ><<<grid_for((size_t)r * C, 256), 256, 0, be->stream>>>(G, (const float *)part, splits, r, C,
+                                                                                 alpha);
+        LAUNCH_CHECK("LoRA weight gradient (split sum)");
+    }
+    return FT_OK;
 }
 
 extern "C" ft_status cuda_lora_fwd(ft_backend *base, void *y, float *xa, const void *x, const float *A,
@@ -251,26 +493,11 @@ extern "C" ft_status cuda_lora_fwd(ft_backend *base, void *y, float *xa, const v
 {
     cuda_backend *be = CB(base);
     if (N <= 0) return FT_OK;
-    const size_t nx = (size_t)N * in;
     PROF_T0(be);
-    /* xd (f32) = dropout(x); xa[N,r] = xd A^T in fp32, like lora_bwd. (A first version converted A
-     * to bf16 and used a bf16 GEMM with r = 8 output columns: lora_fwd then took ~2 ms a call at
-     * N = 4096 on an H100, while lora_bwd's fp32 products took ~0.5 ms for more work.) */
-    void *xdf;
-    FT_TRY(cuda_scratch(be, SCR_LORA1, nx * 4, &xdf, err));
-    ACT_DISPATCH(base, T,
-                 dropout_kernel<T, float><<<grid_for(nx, 256), 256, 0, be->stream>>>((float *)xdf, (const T *)x, nx, p,
-                                                                                      seed));
-    LAUNCH_CHECK("LoRA dropout");
-    FT_TRY(gemm_rm(be, 0, 1, N, r, in, 1.0f, xdf, CUDA_R_32F, in, A, CUDA_R_32F, in, 0.0f, xa, CUDA_R_32F, r, err));
-    /* tmp[N,out] (f32) = xa B^T; y += scale tmp */
-    void *tmp;
-    FT_TRY(cuda_scratch(be, SCR_LORA2, (size_t)N * out * 4, &tmp, err));
-    FT_TRY(gemm_rm(be, 0, 1, N, out, r, 1.0f, xa, CUDA_R_32F, r, B, CUDA_R_32F, r, 0.0f, tmp, CUDA_R_32F, out, err));
-    const size_t ny = (size_t)N * out;
-    ACT_DISPATCH(base, T,
-                 axpy_act_kernel<T><<<grid_for(ny, 256), 256, 0, be->stream>>>((T *)y, (const float *)tmp, scale, ny));
-    LAUNCH_CHECK("LoRA output add");
+    /* xa[N,r] = dropout(x) A^T  (A [r, in]) */
+    FT_TRY(lora_down<true>(be, xa, x, A, N, in, r, 1.0f, p, seed, err));
+    /* y[N,out] += scale xa B^T  (B [out, r]) */
+    FT_TRY(lora_up<false>(be, y, xa, B, N, out, r, scale, 0.0f, 0, err));
     PROF_MARK(be, PR_LORA_F);
     return FT_OK;
 }
@@ -281,33 +508,17 @@ extern "C" ft_status cuda_lora_bwd(ft_backend *base, void *dx, float *dA, float 
 {
     cuda_backend *be = CB(base);
     if (N <= 0) return FT_OK;
-    const size_t nx = (size_t)N * in, ny = (size_t)N * out;
     PROF_T0(be);
-    /* dy in f32 */
-    void *dyf, *xdf, *dxa;
-    FT_TRY(cuda_scratch(be, SCR_LORA2, ny * 4 > nx * 4 ? ny * 4 : nx * 4, &dyf, err));
-    FT_TRY(cuda_scratch(be, SCR_LORA1, nx * 4, &xdf, err));
-    FT_TRY(cuda_scratch(be, SCR_LORA0, (size_t)N * r * 4, &dxa, err));
-    FT_TRY(cuda_act_to_f32(be, (float *)dyf, dy, ny, err));
-    /* dB[out,r] += s dy^T xa */
-    FT_TRY(gemm_rm(be, 1, 0, out, r, N, scale, dyf, CUDA_R_32F, out, xa, CUDA_R_32F, r, 1.0f, dB, CUDA_R_32F, r, err));
-    /* dxa[N,r] = s dy B */
-    FT_TRY(gemm_rm(be, 0, 0, N, r, out, scale, dyf, CUDA_R_32F, out, B, CUDA_R_32F, r, 0.0f, dxa, CUDA_R_32F, r, err));
-    /* xd (f32) = dropout(x); dA[r,in] += dxa^T xd */
-    ACT_DISPATCH(base, T,
-                 dropout_kernel<T, float><<<grid_for(nx, 256), 256, 0, be->stream>>>((float *)xdf, (const T *)x, nx, p,
-                                                                                      seed));
-    LAUNCH_CHECK("LoRA dropout");
-    FT_TRY(gemm_rm(be, 1, 0, r, in, N, 1.0f, dxa, CUDA_R_32F, r, xdf, CUDA_R_32F, in, 1.0f, dA, CUDA_R_32F, in, err));
-    if (dx) {
-        /* t[N,in] = dxa A (reuses the xd buffer: dA above is enqueued before) ; dx += dropout'(t) */
-        FT_TRY(gemm_rm(be, 0, 0, N, in, r, 1.0f, dxa, CUDA_R_32F, r, A, CUDA_R_32F, in, 0.0f, xdf, CUDA_R_32F, in,
-                       err));
-        ACT_DISPATCH(base, T,
-                     dropout_bwd_kernel<T><<<grid_for(nx, 256), 256, 0, be->stream>>>((T *)dx, (const float *)xdf, nx,
-                                                                                      p, seed));
-        LAUNCH_CHECK("LoRA input gradient");
-    }
+    void *dxa;
+    FT_TRY(cuda_scratch(be, SCR_LORA0, (size_t)N * r * sizeof(float), &dxa, err));
+    /* dB[out,r] += scale dy^T xa */
+    FT_TRY(lora_outer<false>(be, dB, xa, dy, N, out, r, scale, 0.0f, 0, err));
+    /* dxa[N,r] = scale dy B */
+    FT_TRY(lora_down<false>(be, (float *)dxa, dy, B, N, out, r, scale, 0.0f, 0, err));
+    /* dA[r,in] += dxa^T dropout(x) */
+    FT_TRY(lora_outer<true>(be, dA, (const float *)dxa, x, N, in, r, 1.0f, p, seed, err));
+    /* dx[N,in] += dropout'(dxa A): kept elements, times 1/(1-p) */
+    if (dx) FT_TRY(lora_up<true>(be, dx, (const float *)dxa, A, N, in, r, p > 0.0f ? 1.0f / (1.0f - p) : 1.0f, p, seed, err));
     PROF_MARK(be, PR_LORA_B);
     return FT_OK;
 }

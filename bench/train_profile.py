@@ -1,0 +1,85 @@
+"""Where a training step's time goes: every CUDA kernel and copy of a few steps (Falcon-7B shapes,
+LoRA r8 on query_key_value, seq 256), traced by torch's profiler (CUPTI sees our kernels), grouped
+by kernel name, beside the wall time of the same steps unprofiled.
+
+    python bench/train_profile.py [--ckpt DIR] [--mb 1 16] [--steps 3] [--out DIR]
+
+GPU busy time well under wall time means the step is bound by the host (launches, Python,
+synchronisation), not by the kernels; the top kernels say where GPU time goes.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import falcontune as ft  # noqa: E402
+
+
+def step(model, opt, ids) -> None:
+    model.forward_backward(ids, ids)
+    opt.step()
+    model.zero_grad()
+    model.engine.grad_norm()  # waits for the step's last kernels
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", type=Path, default=Path("/tmp/ft7b"))
+    ap.add_argument("--mb", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--top", type=int, default=22)
+    args = ap.parse_args()
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from train_bench import make_7b_checkpoint
+
+    ckpt = make_7b_checkpoint(args.ckpt)
+    torch.cuda.init()
+    model = ft.load_model(ckpt, device="cuda")
+    model.add_lora(r=8, alpha=16, dropout=0.05, target_modules=["query_key_value"])
+    model.train()
+    opt = ft.AdamW(model, lr=3e-4)
+    lines = []
+    for mb in args.mb:
+        ids = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(mb, 256)).astype(np.int64)
+        for _ in range(2):
+            step(model, opt, ids)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step(model, opt, ids)
+        wall = (time.perf_counter() - t0) / args.steps
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                step(model, opt, ids)
+        by_name: dict[str, list[float]] = collections.defaultdict(list)
+        for ev in prof.events():
+            if ev.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            dur = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            by_name[ev.name[:100]].append(dur)
+        busy = sum(sum(v) for v in by_name.values()) / args.steps / 1e3
+        n_k = sum(len(v) for v in by_name.values()) / args.steps
+        lines += ["", f"== mb {mb}: wall per step (unprofiled) {wall * 1e3:.2f} ms ({mb * 256 / wall:,.0f} tok/s); "
+                  f"GPU busy per step {busy:.2f} ms; {n_k:.0f} kernels+copies per step",
+                  f"{'ms/step':>9} {'calls/step':>10} {'us/call':>9}  name"]
+        for name, v in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:args.top]:
+            lines.append(f"{sum(v) / args.steps / 1e3:9.3f} {len(v) / args.steps:10.1f} {np.mean(v):9.2f}  {name}")
+    text = "\n".join(lines)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "train_profile.txt").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+/* mma.cuh -- tensor-core and pair-packing helpers of the packed-weight kernels (gemv.cu, qgemm.cu).
+ *
+ * mma16816<T>: d[0..3] += A B for one m16n8k16 tile, fp32 accumulators, the PTX fragment layout
+ * (thread g = lane / 4, t = lane % 4): a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..],
+ * a3 = A[g+8][2t+8..]; b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g]; d = D[g][2t..2t+1], D[g+8][2t..].
+ * sm_80+: one mma.sync m16n8k16 (bf16 or f16). sm_75 (Turing has no bf16 and no k16 shape): f16 as two
+ * m16n8k8, whose fragments are the two k halves of the above; bf16 traps there (choice.cu never
+ * launches a bf16 tensor-core kernel from code compiled below sm_80).
+ */
+#ifndef FT_CUDA_MMA_CUH
+#define FT_CUDA_MMA_CUH
+
+#include "cuda.cuh"
+
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<bf16>(float lo, float hi)
+{
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack2<f16>(float lo, float hi)
+{
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+
+/* the two act values of a 32-bit pair as floats */
+template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t v);
+template <> __device__ __forceinline__ float2 unpack2<bf16>(uint32_t v)
+{
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162 *>(&v));
+}
+template <> __device__ __forceinline__ float2 unpack2<f16>(uint32_t v)
+{
+    return __half22float2(*reinterpret_cast<__half2 *>(&v));
+}
+
+/* one m16n8k16 mma.sync on act type TY ("bf16" or "f16"), accumulating in d */
+#define FT_MMA16816(TY)                                                                                   \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, " \
+                 "{%8,%9}, {%0,%1,%2,%3};\n"                                                             \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                         \
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1))
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<bf16>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    FT_MMA16816("bf16");
+#else /* never launched below sm_80 (choice.cu checks the PTX architecture) */
+    (void)d; (void)a0; (void)a1; (void)a2; (void)a3; (void)b0; (void)b1;
+    __trap();
+#endif
+}
+template <>
+__device__ __forceinline__ void mma16816<f16>(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                              uint32_t b0, uint32_t b1)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    FT_MMA16816("f16");
+#else /* sm_75: k 0..7 then k 8..15 */
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a2), "r"(a3), "r"(b1));
+#endif
+}
+#undef FT_MMA16816
+
+#endif /* FT_CUDA_MMA_CUH */
