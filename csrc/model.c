@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "backend.h"
+#include "cost.h"
 #include "rng.h"
 
 #define CALL(expr)                  \
@@ -290,6 +291,7 @@ ft_status ft_model_create(const ft_config *cfg, const ft_host_weights *w, const 
     case FT_QKV_INTERLEAVED: m->qkv_width = 3 * c->hidden; break;
     }
     ft_status st = create_backend(device, act_dtype, &m->be, err);
+    if (!st) st = ft_cost_wrap_from_env(&m->be, err); /* FT_COUNT_COSTS: cost.h */
     if (st) {
         free(m);
         return st;
@@ -381,6 +383,7 @@ ft_status ft_memory_stats(ft_model *m, size_t *current, size_t *peak, int reset,
 }
 const char *ft_model_device(const ft_model *m) { return m->device; }
 ft_dtype ft_model_act_dtype(const ft_model *m) { return m->be->act_dtype; }
+ft_backend *ft_model_backend(ft_model *m) { return m->be; }
 
 /* ------------------------------------------------------------------------ */
 /* LoRA                                                                      */
