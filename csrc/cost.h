@@ -18,6 +18,8 @@
  *    formulas are written next to each wrapper in cost.c.
  *  - attention counts the causal (query, key) pairs of its shapes; padding masks are data,
  *    not shapes, and are not looked at.
+ *  - upload, download, zero and gather_rows count the raw bytes they are given: a buffer of
+ *    activations counts fewer bytes on a bf16/fp16 backend than on the f32 CPU.
  *  - graphs: the counting table has no capture ops, so a decode step always runs its ops
  *    directly (a replayed graph would bypass the counters).
  */
