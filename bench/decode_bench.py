@@ -1,7 +1,10 @@
 """Decode throughput: Falcon-7B shapes, GPTQ 4-bit g64, batch 1, 32-token prompt, 128 new tokens,
-plus prefill tokens/s at 512; and HF transformers bf16 ``generate`` on the same card in the same run.
+plus prefill tokens/s at 512; and the peers' HF transformers ``generate`` (greedy, KV cache) on the
+same card in the same run: ``hf_bf16`` (all weights bf16) and ``hf_bnb4`` (decoder linears in
+bitsandbytes NF4, double quant, bf16 compute: bench/hf_peers.py), one after the other, each
+model freed before the next is built.
 
-    python bench/decode_bench.py [--ckpt DIR] [--out bench/results] [--skip-hf]
+    python bench/decode_bench.py [--ckpt DIR] [--out bench/results] [--skip-hf] [--peers hf_bf16 hf_bnb4]
 
 Ceiling (count first): each new token reads the packed weights (~3.5 GB at 4 bits + scales)
 and the bf16 lm_head (65024 x 4544 x 2 B = 0.59 GB): ~3.9 GB per token; at the H100's measured
@@ -76,17 +79,15 @@ def bench_ours(ckpt: Path, prompt_len: int, new_tokens: int, reps: int) -> dict:
             "prefill_tok_s_512": 512 / float(np.median(pre[1:])), "seconds": [float(t) for t in times]}
 
 
-def bench_hf(prompt_len: int, new_tokens: int, reps: int) -> dict:
+def bench_hf(peer: str, prompt_len: int, new_tokens: int, reps: int) -> dict:
     import torch
-    from transformers import FalconConfig, FalconForCausalLM
 
+    sys.path.insert(0, str(REPO / "bench"))
+    import hf_peers
     from falcontune.models import FALCON_7B_CONFIG
 
-    cfg = FalconConfig(**{k: v for k, v in FALCON_7B_CONFIG.items() if k not in ("architectures", "model_type")})
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = FalconForCausalLM._from_config(cfg, torch_dtype=torch.bfloat16)
-    model.eval()
+    model = hf_peers.build(peer, hf_peers.hf_config(FALCON_7B_CONFIG, 32), device="cuda")
+    model.config.use_cache = True
     ids = torch.randint(100, 60000, (1, prompt_len), device="cuda")
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     with torch.no_grad():
@@ -99,7 +100,14 @@ def bench_hf(prompt_len: int, new_tokens: int, reps: int) -> dict:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
     assert out.shape[1] == prompt_len + new_tokens
-    return {"tok_s_b1": new_tokens / float(np.median(times)), "seconds": [float(t) for t in times]}
+    del model
+    torch.cuda.empty_cache()
+    return {"tok_s_b1": new_tokens / float(np.median(times)), "seconds": [float(t) for t in times],
+            "versions": hf_peers.versions()}
+
+
+# JSON key -> hf_peers model
+HF_PEERS = {"hf_bf16": "hf_bf16_peft", "hf_bnb4": "hf_bnb4_qlora"}
 
 
 def main() -> None:
@@ -110,15 +118,19 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--peers", nargs="*", choices=sorted(HF_PEERS), default=sorted(HF_PEERS))
     args = ap.parse_args()
     card = card_name()
     result = {"card": card, "date": datetime.date.today().isoformat(), "prompt_tokens": args.prompt,
               "new_tokens": args.new, "batch": 1}
     result["ours"] = bench_ours(ensure_checkpoint(args.ckpt), args.prompt, args.new, args.reps)
     print("ours", json.dumps(result["ours"]), flush=True)
-    if not args.skip_hf:
-        result["hf_bf16"] = bench_hf(args.prompt, args.new, args.reps)
-        print("hf_bf16", json.dumps(result["hf_bf16"]), flush=True)
+    for key in ([] if args.skip_hf else args.peers):
+        try:
+            result[key] = bench_hf(HF_PEERS[key], args.prompt, args.new, args.reps)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run is recorded, ours is kept
+            result[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(key, json.dumps(result[key]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"decode_{card}_{result['date']}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

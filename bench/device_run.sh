@@ -2,11 +2,17 @@
 # One device call: build the extension for the local GPU, then run what the arguments name:
 #   test   -> pytest tests/test_cuda.py            ($OUT/test.log)
 #   memcheck -> compute-sanitizer on tests/cuda_memcheck.py ($OUT/memcheck.log)
-#   bench  -> bench/train_bench.py (ours + HF)     ($OUT/bench.log, $OUT/train_*.json)
+#   bench  -> bench/train_bench.py (ours + both peers, 7B, mb 1 4 16)   ($OUT/bench.log, $OUT/train_*.json)
+#   bench40b -> bench/train_bench.py --preset falcon-40b (ours + peers that fit, mb 1 4)
+#             ($OUT/bench40b.log, $OUT/train40b_*.json)
 #   benchours -> bench/train_bench.py --no-hf
 #   cudatests -> every test marked cuda (needs .devdata/ = a copy of ../shared/data, carried)
-#   decode -> bench/decode_bench.py (ours + HF bf16 generate)   ($OUT/decode.log, $OUT/decode_*.json)
+#   decode -> bench/decode_bench.py (ours + HF bf16 and HF bnb NF4 generate)   ($OUT/decode.log, $OUT/decode_*.json)
 #   profile -> bench/decode_profile.py (per-kernel time of a decode step)   ($OUT/decode_profile.txt)
+#   full   -> bench, decode, bench40b in that order, the 40B checkpoint written in the background
+#             meanwhile (~6-8 min on an H200 after the build; each stage has its own timeout)
+# The peers need bitsandbytes, which the GPU machine lacks: run bench/fetch_peer_wheels.sh here
+# first and carry .whl (run(..., carry=[".whl"])); it is installed into /tmp/site below.
 # Logs land in $OUT (the device tool's output folder); default ./device_out.
 set -o pipefail
 OUT=${OUT:-./device_out}
@@ -18,14 +24,33 @@ if [ ! -f .built_ok ] || [ -n "$(find csrc setup.py -newer .built_ok)" ]; then
   touch .built_ok
 fi
 echo "build ok"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || { echo "installing .whl failed"; exit 1; }
+  echo "wheels: $(ls .whl | tr '\n' ' ')"
+fi
+python3 -c "import sys; sys.path.insert(0, 'bench'); import hf_peers; print('peers:', hf_peers.versions())" | tee "$OUT/versions.txt"
+# 7B: ours + peers; 40B likewise; decode with peers (each with its own timeout)
+bench7b() { timeout ${BENCH_TIMEOUT:-420} python3 bench/train_bench.py --out "$OUT" --ckpt /tmp/ft7b ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | grep -v "^\s*$" | tail -30; }
+bench40b() { timeout ${BENCH40_TIMEOUT:-420} python3 bench/train_bench.py --preset falcon-40b --out "$OUT" --ckpt /tmp/ft40b ${BENCH40_ARGS:-} 2>&1 | tee "$OUT/bench40b.log" | grep -v "^\s*$" | tail -20; }
+decode() { timeout ${DECODE_TIMEOUT:-300} python3 bench/decode_bench.py --out "$OUT" --ckpt /tmp/ft7b ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode.log" | tail -20; }
+ckpt40b() { nice -n 10 python3 -c "import sys; sys.path.insert(0, 'bench'); from train_bench import make_bench_checkpoint; make_bench_checkpoint('/tmp/ft40b', 'falcon-40b')"; }
 for what in "$@"; do
   case "$what" in
     test) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -x -q tests/test_cuda.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/test.log" | tail -40 ;;
     testall) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q tests/test_cuda.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/test.log" | tail -60 ;;
     memcheck) timeout ${MC_TIMEOUT:-240} compute-sanitizer --tool memcheck --error-exitcode 1 python3 tests/cuda_memcheck.py 2>&1 | tee "$OUT/memcheck.log" | tail -25; echo "memcheck rc=$?" ;;
-    bench) timeout ${BENCH_TIMEOUT:-420} python3 bench/train_bench.py --out "$OUT" --ckpt /tmp/ft7b ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | grep -v "^\s*$" | tail -30 ;;
+    bench) bench7b ;;
+    bench40b) bench40b ;;
+    full)
+      t0=$SECONDS
+      ckpt40b > "$OUT/ckpt40b.log" 2>&1 & ck=$!  # CPU and disk only: overlaps the GPU stages
+      BENCH_TIMEOUT=${BENCH_TIMEOUT:-210} bench7b; echo "7B bench done at $((SECONDS - t0)) s"
+      DECODE_TIMEOUT=${DECODE_TIMEOUT:-150} decode; echo "decode done at $((SECONDS - t0)) s"
+      wait $ck; tail -2 "$OUT/ckpt40b.log"; echo "40B checkpoint ready at $((SECONDS - t0)) s"
+      BENCH40_TIMEOUT=${BENCH40_TIMEOUT:-200} bench40b; echo "full done at $((SECONDS - t0)) s" ;;
     cudatests) FALCONTUNE_SHARED_DATA=$PWD/.devdata FT_7B_CKPT=/tmp/ft7b timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -m cuda -p no:cacheprovider tests/ ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/cudatests.log" | tail -40 ;;
-    decode) timeout ${DECODE_TIMEOUT:-300} python3 bench/decode_bench.py --out "$OUT" --ckpt /tmp/ft7b ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode.log" | tail -20 ;;
+    decode) decode ;;
     profile) timeout ${DECODE_TIMEOUT:-200} python3 bench/decode_profile.py --out "$OUT" --ckpt /tmp/ft7b 2>&1 | grep -vi warn | tail -40 ;;
     benchours) timeout ${BENCH_TIMEOUT:-300} python3 bench/train_bench.py --no-hf --out "$OUT" --ckpt /tmp/ft7b ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -30 ;;
   esac

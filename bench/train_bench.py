@@ -1,21 +1,38 @@
-"""Training-step benchmark at Falcon-7B shapes: falcontune (CUDA backend) vs HF transformers
-FalconForCausalLM bf16 + PEFT, same LoRA (r=8, alpha=16, dropout 0.05, query_key_value), same
-sequence length, same step (forward, backward, AdamW), on the same card.
+"""Training-step benchmark: falcontune (CUDA backend) and its peers on the same card in the same
+call, same LoRA (r=8, alpha=16, dropout 0.05, query_key_value), same sequence length, same step
+(forward, backward, AdamW):
 
-    python3 bench/train_bench.py [--mb 1 4 16] [--seq 256] [--steps 8] [--warmup 3] [--no-hf]
-                                 [--out bench/results] [--ckpt DIR]
+* ``ours``          falcontune, GPTQ 4-bit checkpoint of the preset's shapes
+* ``hf_bf16_peft``  HF transformers FalconForCausalLM bf16 + PEFT LoRA
+* ``hf_bnb4_qlora`` HF transformers + bitsandbytes NF4 (double quant, bf16 compute) + PEFT LoRA
+  (bench/hf_peers.py says how each peer is built); neither peer uses gradient checkpointing.
 
-The 7B GPTQ checkpoint (4-bit, group 64, random) is generated once into --ckpt (default: a temp
-dir): testing.make_checkpoint writes one Falcon-7B-shaped layer and the 32 layers of the
-benchmark model reuse that layer's tensors under their own names (the timing and memory of a
-step do not depend on the values; this keeps generation at seconds instead of minutes).
+    python3 bench/train_bench.py [--preset falcon-7b|falcon-40b] [--mb 1 4 16] [--seq 256]
+                                 [--steps 8] [--warmup 3] [--peers hf_bf16_peft hf_bnb4_qlora]
+                                 [--no-hf] [--out bench/results] [--ckpt DIR]
 
-Each measurement runs in its own process. ours: tokens/s = mb*seq / median step time; peak_GiB
-= high-water mark of every byte the CUDA backend allocated (weights, activations, scratch, the
-cuBLAS workspace), the counterpart of torch.cuda.max_memory_allocated; device_peak_GiB = the
-largest (total - free) seen by polling cudaMemGetInfo every 2 ms (includes the CUDA context).
-hf_bf16_peft: torch.cuda.max_memory_allocated (and max_memory_reserved).
-Writes <out>/train_<card>_<date>.json and prints a Markdown row set for docs/PERF.md.
+Presets: ``falcon-7b`` (GPTQ 4-bit, group 64, 32 layers; mb 1 4 16 by default) and
+``falcon-40b`` (GPTQ 4-bit, act-order, one group (-1), new_decoder_architecture, 60 layers;
+mb 1 4). The checkpoint (random) is generated once into --ckpt (default /tmp/ft7b or
+/tmp/ft40b): testing.make_checkpoint writes ONE layer of the preset's shapes and the
+benchmark model reuses that layer's tensors under every layer's name (timing and memory do
+not depend on the values; generation takes seconds instead of minutes). At 40B the file is
+~21 GB.
+
+Peers at shapes that may not fit the card (40B in bf16 is ~78 GiB of weights, and building the
+NF4 model passes through the bf16 one): before building, and before each mb, the worker
+compares hf_peers.estimate_bytes with the card's memory; what does not fit is recorded as
+{"skipped": "..."} instead of being run, and an out-of-memory error is recorded as
+{"error": "OOM: ..."}. On an H200 (139 GiB) every peer runs at 40B mb 1 and 4.
+
+Each measurement runs in its own process: ours one per mb, each peer one for all its mbs
+(torch's peak counter reset before each mb). ours: tokens/s = mb*seq / median step time;
+peak_GiB = high-water mark of every byte the CUDA backend allocated (weights, activations,
+scratch, the cuBLAS workspace), the counterpart of torch.cuda.max_memory_allocated;
+device_peak_GiB = the largest (total - free) seen by polling cudaMemGetInfo every 2 ms
+(includes the CUDA context). Peers: torch.cuda.max_memory_allocated (and max_memory_reserved).
+Writes <out>/train_<card>_<date>.json (falcon-7b) or <out>/train40b_<card>_<date>.json
+(falcon-40b) and prints the Markdown rows for docs/PERF.md.
 """
 from __future__ import annotations
 
@@ -26,27 +43,58 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import hf_peers  # noqa: E402
+from falcontune.models import FALCON_7B_CONFIG, FALCON_40B_CONFIG  # noqa: E402
+
 GiB = float(1 << 30)
 
 
-def make_7b_checkpoint(directory: Path, layers: int = 32) -> Path:
-    import numpy as np  # noqa: F401
+@dataclass(frozen=True)
+class Preset:
+    testing_preset: str  # falcontune.testing preset of the one generated layer
+    model_config: dict
+    group_size: int
+    desc_act: bool
+    layers: int
+    mbs: tuple[int, ...]
+    steps: int
+    warmup: int
+    ckpt: str
+    result_prefix: str
+
+
+PRESETS = {
+    "falcon-7b": Preset("falcon-7b", FALCON_7B_CONFIG, 64, False, 32, (1, 4, 16), 8, 3, "/tmp/ft7b", "train"),
+    "falcon-40b": Preset("falcon-40b", FALCON_40B_CONFIG, -1, True, 60, (1, 4), 5, 2, "/tmp/ft40b", "train40b"),
+}
+
+
+def make_bench_checkpoint(directory: Path, preset: str = "falcon-7b", layers: int | None = None) -> Path:
+    """One random GPTQ layer of the preset's shapes (directory/one_layer, itself a 1-layer
+    checkpoint), replicated to `layers` (default: the preset's count) in directory."""
     from falcontune import testing
     from falcontune.weights import SafetensorsFile, save_safetensors
 
+    p = PRESETS[preset]
+    layers = layers or p.layers
     directory = Path(directory)
     if (directory / "config.json").is_file():
         return directory
     one = directory / "one_layer"
     t0 = time.time()
-    testing.make_checkpoint(one, preset="falcon-7b", bits=4, group_size=64, num_hidden_layers=1)
-    f = SafetensorsFile(next(one.glob("*.safetensors")))
+    testing.make_checkpoint(one, preset=p.testing_preset, bits=4, group_size=p.group_size, desc_act=p.desc_act,
+                            num_hidden_layers=1)
+    src = next(one.glob("*.safetensors"))
+    f = SafetensorsFile(src)
     tensors = {}
     for name in f.names():
         a = f.tensor(name)
@@ -56,21 +104,26 @@ def make_7b_checkpoint(directory: Path, layers: int = 32) -> Path:
                 tensors[f"transformer.h.{i}.{rest}"] = a
         else:
             tensors[name] = a
-    save_safetensors(directory / "gptq_model-4bit-64g.safetensors", tensors, metadata={"format": "pt"})
+    save_safetensors(directory / src.name, tensors, metadata={"format": "pt"})
     cfg = json.loads((one / "config.json").read_text())
     for k in ("num_hidden_layers", "n_layer"):
         if k in cfg:
             cfg[k] = layers
     (directory / "quantize_config.json").write_text((one / "quantize_config.json").read_text())
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
-    print(f"checkpoint: {directory} in {time.time() - t0:.1f}s", flush=True)
+    print(f"checkpoint ({preset}): {directory} in {time.time() - t0:.1f}s", flush=True)
     return directory
+
+
+def make_7b_checkpoint(directory: Path) -> Path:
+    """The Falcon-7B benchmark checkpoint (decode_bench, decode_profile and a CLI test use it)."""
+    return make_bench_checkpoint(directory, "falcon-7b")
 
 
 # --------------------------------------------------------------------------------------------
 # workers (each in its own process)
 
-def worker_ours(ckpt: str, mb: int, seq: int, steps: int, warmup: int, dtype: str) -> dict:
+def worker_ours(ckpt: str, preset: str, mb: int, seq: int, steps: int, warmup: int, dtype: str) -> dict:
     import numpy as np
     import falcontune as ft
     from falcontune import _C
@@ -85,7 +138,7 @@ def worker_ours(ckpt: str, mb: int, seq: int, steps: int, warmup: int, dtype: st
                 dev_peak[0] = max(dev_peak[0], info[0])
             time.sleep(0.002)
 
-    make_7b_checkpoint(Path(ckpt))
+    make_bench_checkpoint(Path(ckpt), preset)
     th = threading.Thread(target=poll, daemon=True)
     th.start()
     t0 = time.time()
@@ -119,30 +172,36 @@ def worker_ours(ckpt: str, mb: int, seq: int, steps: int, warmup: int, dtype: st
             "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)], "steps": steps, "warmup": warmup}
 
 
-def worker_hf(mbs: list, seq: int, steps: int, warmup: int) -> dict:
+def worker_peer(peer: str, preset: str, mbs: list, seq: int, steps: int, warmup: int) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import FalconConfig, FalconForCausalLM
 
-    cfg = FalconConfig(vocab_size=65024, hidden_size=4544, num_hidden_layers=32, num_attention_heads=71,
-                       num_kv_heads=71, multi_query=True, parallel_attn=True, new_decoder_architecture=False,
-                       alibi=False, bias=False, bos_token_id=11, eos_token_id=11)
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = FalconForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
-    model.config.use_cache = False
-    lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["query_key_value"], bias="none",
-                      task_type="CAUSAL_LM")
-    model = get_peft_model(model, lcfg)
+    p = PRESETS[preset]
+    cfg = hf_peers.hf_config(p.model_config, p.layers)
+    total = torch.cuda.get_device_properties(0).total_memory
+    budget = 0.92 * total
+    build_need, _ = hf_peers.estimate_bytes(peer, cfg, 0)
+    out = {"attn_implementation": "?", "lora_layer": "?", "versions": hf_peers.versions(), "build_s": None}
+    if build_need > budget:
+        out["skipped"] = (f"building needs ~{build_need / GiB:.0f} GiB (bf16 weights), the card has "
+                          f"{total / GiB:.0f} GiB")
+        return out
+    t0 = time.time()
+    try:
+        model = hf_peers.build(peer, cfg, device="cuda")
+        model, params, out["lora_layer"] = hf_peers.add_lora(model)
+    except torch.cuda.OutOfMemoryError as e:
+        out["error"] = f"OOM while building: {str(e)[:200]}"
+        return out
+    out["build_s"] = round(time.time() - t0, 1)
+    out["attn_implementation"] = getattr(model.config, "_attn_implementation", "?")
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()  # fp32 LoRA master weights, as ours
     opt = torch.optim.AdamW(params, lr=3e-4)
-    out = {"attn_implementation": getattr(model.config, "_attn_implementation", "?")}
     for mb in mbs:
+        _, need = hf_peers.estimate_bytes(peer, cfg, mb * seq)
+        if need > budget:
+            out[str(mb)] = {"skipped": f"needs ~{need / GiB:.0f} GiB, the card has {total / GiB:.0f} GiB"}
+            print(peer, mb, out[str(mb)], flush=True)
+            continue
         ids = torch.randint(0, cfg.vocab_size, (mb, seq), device="cuda")
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -167,7 +226,7 @@ def worker_hf(mbs: list, seq: int, steps: int, warmup: int) -> dict:
         except torch.cuda.OutOfMemoryError as e:
             out[str(mb)] = {"error": f"OOM: {str(e)[:200]}"}
             opt.zero_grad(set_to_none=True)
-        print("hf", mb, out[str(mb)], flush=True)
+        print(peer, mb, out[str(mb)], flush=True)
     return out
 
 
@@ -192,56 +251,82 @@ def card_name() -> str:
         return "unknown"
 
 
+def _cell(r: dict, key: str) -> str:
+    if not r:
+        return "-"
+    if key in r:
+        return f"{r[key]:,}" if isinstance(r[key], (int, float)) else str(r[key])
+    return "skipped" if "skipped" in r else "error" if "error" in r else "-"
+
+
+def markdown_rows(res: dict) -> str:
+    head = ["card", "date", "mb", "ours tok/s", "ours peak GiB"]
+    for peer in hf_peers.PEERS:
+        head += [f"{peer} tok/s", f"{peer} peak GiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for mb in res["ours"]:
+        o = res["ours"][mb]
+        row = [res["card"], res["date"], mb, _cell(o, "tok_s"), _cell(o, "peak_GiB")]
+        for peer in hf_peers.PEERS:
+            r = res.get(peer, {}).get(mb, {})
+            row += [_cell(r, "tok_s"), _cell(r, "peak_GiB")]
+        lines.append("| " + " | ".join(map(str, row)) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mb", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="falcon-7b")
+    ap.add_argument("--mb", type=int, nargs="+", default=None, help="micro-batch sizes (default: the preset's)")
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--peers", nargs="*", choices=hf_peers.PEERS, default=list(hf_peers.PEERS))
+    ap.add_argument("--no-hf", action="store_true", help="ours only (same as --peers with no name)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--ckpt", default=None)
-    ap.add_argument("--worker", choices=["ours", "hf"], default=None)
+    ap.add_argument("--worker", choices=["ours", *hf_peers.PEERS], default=None)
     a = ap.parse_args()
+    p = PRESETS[a.preset]
+    mbs = a.mb or list(p.mbs)
+    steps = a.steps if a.steps is not None else p.steps
+    warmup = a.warmup if a.warmup is not None else p.warmup
 
     if a.worker == "ours":
-        r = worker_ours(a.ckpt, a.mb[0], a.seq, a.steps, a.warmup, a.dtype)
+        r = worker_ours(a.ckpt, a.preset, mbs[0], a.seq, steps, warmup, a.dtype)
         print("RESULT " + json.dumps(r), flush=True)
         return
-    if a.worker == "hf":
-        r = worker_hf(a.mb, a.seq, a.steps, a.warmup)
+    if a.worker:
+        r = worker_peer(a.worker, a.preset, mbs, a.seq, steps, warmup)
         print("RESULT " + json.dumps(r), flush=True)
         return
 
-    ckpt = Path(a.ckpt) if a.ckpt else Path(tempfile.mkdtemp(prefix="ft7b_"))
-    make_7b_checkpoint(ckpt)
+    ckpt = Path(a.ckpt or p.ckpt)
+    make_bench_checkpoint(ckpt, a.preset)
     card = card_name()
     date = _dt.date.today().isoformat()
-    res = {"card": card, "date": date, "seq": a.seq, "dtype": a.dtype,
+    res = {"card": card, "date": date, "preset": a.preset, "seq": a.seq, "dtype": a.dtype,
+           "quantization": {"bits": 4, "group_size": p.group_size, "act_order": p.desc_act, "layers": p.layers},
            "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["query_key_value"]},
            "command": "python3 bench/train_bench.py " + " ".join(sys.argv[1:]), "ours": {}}
-    for mb in a.mb:
-        r = run_worker(["--worker", "ours", "--ckpt", str(ckpt), "--mb", str(mb), "--seq", str(a.seq),
-                        "--steps", str(a.steps), "--warmup", str(a.warmup), "--dtype", a.dtype])
+    common = ["--preset", a.preset, "--seq", str(a.seq), "--steps", str(steps), "--warmup", str(warmup)]
+    for mb in mbs:
+        t0 = time.time()
+        r = run_worker(["--worker", "ours", "--ckpt", str(ckpt), "--mb", str(mb), "--dtype", a.dtype, *common])
         res["ours"][str(mb)] = r
-        print("ours", mb, r, flush=True)
-    if not a.no_hf:
-        res["hf_bf16_peft"] = run_worker(["--worker", "hf", "--mb", *map(str, a.mb), "--seq", str(a.seq),
-                                          "--steps", str(a.steps), "--warmup", str(a.warmup)])
+        print(f"ours mb {mb} ({time.time() - t0:.0f} s)", r, flush=True)
+    for peer in ([] if a.no_hf else a.peers):
+        t0 = time.time()
+        res[peer] = run_worker(["--worker", peer, "--mb", *map(str, mbs), *common])
+        print(f"{peer} ({time.time() - t0:.0f} s)", res[peer], flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "_" for c in card).strip("_")
-    path = out / f"train_{slug}_{date}.json"
+    path = out / f"{p.result_prefix}_{slug}_{date}.json"
     path.write_text(json.dumps(res, indent=2) + "\n")
     print("wrote", path)
-    print(f"\n| card | date | mb | ours tok/s | ours peak GiB | HF bf16+PEFT tok/s | HF peak GiB |")
-    print("|---|---|---|---|---|---|---|")
-    for mb in a.mb:
-        o = res["ours"].get(str(mb), {})
-        h = res.get("hf_bf16_peft", {}).get(str(mb), {})
-        print(f"| {card} | {date} | {mb} | {o.get('tok_s')} | {o.get('peak_GiB')} | {h.get('tok_s')} | "
-              f"{h.get('peak_GiB')} |")
+    print("\n" + markdown_rows(res))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cost.h"
 #include "model_internal.h"
 
 /* ------------------------------------------------------------------------ */
@@ -187,6 +188,7 @@ ft_status ft_model_create(const ft_config *cfg, const ft_host_weights *w, const 
     case FT_QKV_INTERLEAVED: m->qkv_width = 3 * c->hidden; break;
     }
     ft_status st = create_backend(device, act_dtype, &m->be, err);
+    if (!st) st = ft_cost_wrap_from_env(&m->be, err); /* FT_COUNT_COSTS: cost.h */
     if (st) {
         free(m);
         return st;
@@ -267,5 +269,6 @@ ft_status ft_memory_stats(ft_model *m, size_t *current, size_t *peak, int reset,
     if (!m->be->ops->memory_stats) return FT_OK;
     return m->be->ops->memory_stats(m->be, current, peak, reset, err);
 }
+ft_backend *ft_model_backend(ft_model *m) { return m->be; }
 const char *ft_model_device(const ft_model *m) { return m->device; }
 ft_dtype ft_model_act_dtype(const ft_model *m) { return m->be->act_dtype; }

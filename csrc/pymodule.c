@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "cost.h"
 #include "ft.h"
 
 static PyObject *OutOfMemoryError; /* falcontune._C.OutOfMemoryError(MemoryError) */
@@ -813,6 +814,35 @@ static PyObject *Model_memory_stats(ModelObject *self, PyObject *args, PyObject 
     return Py_BuildValue("(nn)", (Py_ssize_t)current, (Py_ssize_t)peak);
 }
 
+/* op_costs(reset=False) -> {op: {"calls", "flops", "bytes", ...}} for the ops called at least once
+ * since the model was made or last reset (cost.h; the model must be made under FT_COUNT_COSTS=1). */
+static PyObject *Model_op_costs(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"reset", NULL};
+    int reset = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p", kwlist, &reset)) return NULL;
+    if (begin(self)) return NULL;
+    ft_error err = {0};
+    ft_op_cost costs[FT_COST_NOPS];
+    ft_status st = ft_model_op_costs(self->model, costs, reset, &err);
+    end(self);
+    if (st) return raise_ft(&err);
+    PyObject *out = PyDict_New();
+    for (int op = 0; out && op < FT_COST_NOPS; op++) {
+        const ft_op_cost *c = &costs[op];
+        if (!c->calls) continue;
+        PyObject *d = Py_BuildValue("{sKsKsKsKsKsKsK}", "calls", (unsigned long long)c->calls, "flops",
+                                    (unsigned long long)c->flops, "bytes", (unsigned long long)c->bytes, "act_elems",
+                                    (unsigned long long)c->act_elems, "weight_elems",
+                                    (unsigned long long)c->weight_elems, "fixed_bytes",
+                                    (unsigned long long)c->fixed_bytes, "dequant_elems",
+                                    (unsigned long long)c->dequant_elems);
+        if (!d || PyDict_SetItemString(out, ft_cost_op_name(op), d) < 0) Py_CLEAR(out);
+        Py_XDECREF(d);
+    }
+    return out;
+}
+
 static PyObject *Model_get_device(ModelObject *self, void *closure)
 {
     (void)closure;
@@ -859,6 +889,8 @@ static PyMethodDef Model_methods[] = {
      "argmax=True int64 [B] greedy ids (found on the device)"},
     {"memory_stats", (PyCFunction)(void (*)(void))Model_memory_stats, METH_VARARGS | METH_KEYWORDS,
      "memory_stats(reset=False) -> (bytes held now, high-water mark); (0, 0) on the CPU"},
+    {"op_costs", (PyCFunction)(void (*)(void))Model_op_costs, METH_VARARGS | METH_KEYWORDS,
+     "op_costs(reset=False) -> {op: {calls, flops, bytes, ...}} (needs FT_COUNT_COSTS=1 at model creation)"},
     {NULL, NULL, 0, NULL},
 };
 

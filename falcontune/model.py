@@ -482,6 +482,13 @@ class FalconModel:
         from .generate import generate_text
         return generate_text(self, prompt=prompt, input_ids=input_ids, max_new_tokens=max_new_tokens, **kw)
 
+    def op_costs(self, reset: bool = False) -> dict[str, dict[str, int]]:
+        """FLOPs and bytes of each engine op called since loading (or the last reset):
+        ``{op: {"calls", "flops", "bytes", "act_elems", "weight_elems", "fixed_bytes",
+        "dequant_elems"}}``, counted from the ops' shapes (csrc/cost.h says how). Needs
+        ``FT_COUNT_COSTS=1`` in the environment when the model is loaded."""
+        return self._engine.op_costs(reset=reset)
+
     def close(self) -> None:
         """Free the engine's memory now (the object is unusable afterwards)."""
         self._engine.close()

@@ -1,0 +1,115 @@
+"""The benchmark tools that run off the GPU: the wheel slimmer (bench/slim_wheel.py) and the
+arithmetic of the T4 projection (bench/t4_projection.py)."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+import subprocess
+import sys
+import zipfile
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+import slim_wheel  # noqa: E402
+import t4_projection as t4  # noqa: E402
+
+
+def _wheel(path: Path, files: dict[str, bytes]) -> Path:
+    """A wheel with a correct RECORD, written by hand (not by the code under test)."""
+    record = "demo_pkg-1.0.dist-info/RECORD"
+    lines = []
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            lines.append(f"{name},sha256={digest},{len(data)}")
+        z.writestr(record, "\n".join(lines + [f"{record},,"]) + "\n")
+    return path
+
+
+def test_slim_wheel_keeps_the_named_libraries_and_installs(tmp_path: Path) -> None:
+    src = _wheel(tmp_path / "demo_pkg-1.0-py3-none-any.whl", {
+        "demo_pkg/__init__.py": b"VALUE = 42\n",
+        "demo_pkg/libdemo_cpu.so": b"\x7fELF cpu" * 100,
+        "demo_pkg/libdemo_cuda118.so": b"\x7fELF 118" * 1000,
+        "demo_pkg/libdemo_cuda130.so": b"\x7fELF 130" * 100,
+        "demo_pkg/librocm_helper_rocm64.so": b"\x7fELF rocm" * 1000,
+        "demo_pkg-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: demo_pkg\nVersion: 1.0\n",
+        "demo_pkg-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    })
+    out, dropped = slim_wheel.slim(src, tmp_path / "slim", {"cpu", "cuda130"})
+    assert sorted(Path(d).name for d in dropped) == ["libdemo_cuda118.so", "librocm_helper_rocm64.so"]
+    with zipfile.ZipFile(out) as z:
+        names = set(z.namelist())
+    assert "demo_pkg/libdemo_cpu.so" in names and "demo_pkg/libdemo_cuda130.so" in names
+    assert "demo_pkg/libdemo_cuda118.so" not in names
+    assert slim_wheel.check_record(out) == 6  # 5 kept files + RECORD
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                    "--target", str(target), str(out)], check=True, capture_output=True)
+    r = subprocess.run([sys.executable, "-c", "import demo_pkg; print(demo_pkg.VALUE)"], cwd=tmp_path,
+                       env={"PYTHONPATH": str(target)}, capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "42"
+
+
+def test_check_record_rejects_a_tampered_wheel(tmp_path: Path) -> None:
+    src = _wheel(tmp_path / "demo_pkg-1.0-py3-none-any.whl", {"demo_pkg/__init__.py": b"A = 1\n"})
+    bad = tmp_path / "bad" / src.name
+    bad.parent.mkdir()
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            zout.writestr(info, b"A = 2\n" if info.filename.endswith("__init__.py") else data)
+    with pytest.raises(ValueError, match="does not match"):
+        slim_wheel.check_record(bad)
+
+
+def test_quadratic_fit_is_exact_and_refuses_non_polynomials() -> None:
+    def counts(T: int) -> dict:
+        pairs = T * (T + 1) // 2  # attention-like
+        return {"attention_fwd": {"calls": 2, "flops": 7 * pairs + 3 * T, "act_elems": 5 * T + 1, "weight_elems": 0,
+                                  "fixed_bytes": 4 * T, "dequant_elems": 0}}
+
+    fit = t4.fit_quadratic({T: counts(T) for T in t4.FIT_T})
+    for T in (1, 37, 200, 256):
+        assert t4.evaluate(fit, T) == counts(T)
+    fit["attention_fwd"]["flops"] = (Fraction(0), Fraction(1, 3), Fraction(0))
+    with pytest.raises(ValueError, match="not an integer"):
+        t4.evaluate(fit, 7)
+
+
+def test_op_time_variants() -> None:
+    card = t4.Card("test", tensor_flops=100e12, fp32_flops=10e12, bandwidth=200e9, tc_frac=0.5, fp32_frac=1.0,
+                   bw_frac=0.5)
+    # a compute-bound quantized linear: 2 N in out at N = 256, in = out = 4096
+    n, d = 256, 4096
+    c = {"calls": 1, "flops": 2 * n * d * d, "act_elems": 2 * n * d, "weight_elems": 0,
+         "fixed_bytes": d * d // 2, "dequant_elems": d * d}
+    fused = t4.op_seconds("qlinear_fwd", c, card, "fused")
+    assert fused == pytest.approx(max(2 * n * d * d / 50e12, (4 * n * d + d * d / 2) / 100e9))
+    scratch = t4.op_seconds("qlinear_fwd", c, card, "scratch")
+    dequant = (d * d / 2 + 2 * d * d) / 100e9
+    gemm = max(2 * n * d * d / 50e12, (4 * n * d + 2 * d * d) / 100e9)
+    assert scratch == pytest.approx(dequant + gemm)
+    # elementwise ops use the fp32 peak; host transfers are not timed
+    g = {"calls": 1, "flops": 5 * n * d, "act_elems": 2 * n * d, "weight_elems": 0, "fixed_bytes": 0,
+         "dequant_elems": 0}
+    assert t4.op_seconds("gelu_fwd", g, card, "fused") == pytest.approx(max(5 * n * d / 10e12, 4 * n * d / 100e9))
+    assert t4.op_seconds("upload", dict(g, fixed_bytes=10**9), card, "fused") == 0.0
+
+
+def test_epoch_plan_follows_the_trainer() -> None:
+    from falcontune import trainer
+
+    d = {"records": 174, "train": [10] * 139, "val": [10] * 35}
+    plan = t4.epoch_plan(d)
+    assert plan["steps"] == math.ceil(139 / 2) == 70
+    assert plan["eval_steps"] == max(5, 174 // 10) == 17
+    assert plan["evals"] == 5  # at steps 17, 34, 51, 68 and once at the end (70)
+    assert "n_records // (10 * s.mbatch_size)" in Path(trainer.__file__).read_text()  # the rule copied here
