@@ -96,7 +96,11 @@ def _download(ref: RepoRef, patterns: list[str]) -> Path:
         raise HubError(f"{what} not found on the Hub (a private repo needs HF_TOKEN)") from None
     except hf_errors.RevisionNotFoundError:
         raise HubError(f"{what}: no such revision on the Hub") from None
-    except hf_errors.LocalEntryNotFoundError as e:  # includes an incomplete cached snapshot
+    except hf_errors.LocalEntryNotFoundError as e:
+        partial = type(e).__name__ == "IncompleteSnapshotError"  # huggingface_hub >= 1.x: files missing
+        if offline() and partial:
+            raise HubError(f"{what} is only partly in the Hugging Face cache ({where}) and HF_HUB_OFFLINE=1 "
+                           f"forbids downloading the rest: download it once online") from None
         if offline():
             raise HubError(f"{what} is not in the Hugging Face cache ({where}) and HF_HUB_OFFLINE=1 "
                            f"forbids downloading it: download it once online (or check HF_HOME)") from None

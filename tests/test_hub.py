@@ -20,12 +20,19 @@ from falcontune.model import open_checkpoint
 from falcontune.tokenizer import train_demo_tokenizer
 
 REPO_ID = "TheBloke/falcon-7b-instruct-GPTQ"
+try:  # huggingface_hub >= 1.x caches each commit's file listing and tells a partial snapshot
+    from huggingface_hub.errors import IncompleteSnapshotError  # noqa: F401
+    HUB_LISTS_TREES = True
+except ImportError:
+    HUB_LISTS_TREES = False
 
 
 def fill_cache(hf_home: Path, repo_id: str, files: dict[str, Path], revision: str = "main",
-               commit: Optional[str] = None) -> str:
+               commit: Optional[str] = None, listed: tuple[str, ...] = ()) -> str:
     """Put ``files`` (name in the repo -> local file) into the cache as one snapshot of ``repo_id``,
-    reachable as ``revision``; returns the snapshot's commit hash."""
+    reachable as ``revision``; returns the snapshot's commit hash. ``listed``: write the repo's file
+    listing (``trees/<commit>.json``, as huggingface_hub >= 1.x caches it) with these names too, as
+    an interrupted download leaves it."""
     repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
     commit = commit or hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
     snap = repo / "snapshots" / commit
@@ -38,6 +45,10 @@ def fill_cache(hf_home: Path, repo_id: str, files: dict[str, Path], revision: st
         (snap / name).symlink_to(os.path.relpath(blob, snap))
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / revision).write_text(commit)
+    if listed:
+        (repo / "trees").mkdir(exist_ok=True)
+        entries = {name: {"size": 1, "blob_id": "0" * 40} for name in (*files, *listed)}
+        (repo / "trees" / f"{commit}.json").write_text(json.dumps({"format_version": 1, "files": entries}))
     return commit
 
 
@@ -65,6 +76,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     fill_cache(home, "someone/no-weights", {k: v for k, v in _dir_files(models[0]).items()
                                             if k.endswith("config.json")})  # config + quantize_config
     fill_cache(home, "someone/tokenizer-only", {"tokenizer.json": root / "tokenizer.json"})
+    fill_cache(home, "someone/partial", {"config.json": models[0] / "config.json"}, listed=("model.safetensors",))
     return {"root": root, "home": home, "m0": models[0], "m1": models[1]}
 
 
@@ -131,6 +143,10 @@ def test_known_name_downloads_its_repo(offline_cache: Path, tiny: dict[str, Path
     (["--model=falcon-40b-instruct-4bit"], "--weights"),
     ([f"--model={REPO_ID}", "--tokenizer=someone/no-weights"], "has no tokenizer.json"),
     ([f"--model={REPO_ID}", "--weights=models/nope.safetensors"], "weights not found: models/nope.safetensors"),
+    # an interrupted download: the cached listing names a file the snapshot lacks (older
+    # huggingface_hub versions keep no listing: the snapshot then simply has no weights)
+    (["--model=someone/partial"], "only partly in the Hugging Face cache" if HUB_LISTS_TREES
+     else "has no safetensors weights"),
 ])
 def test_hub_errors_are_one_line(offline_cache: Path, capsys: pytest.CaptureFixture[str], args: list[str],
                                  needle: str) -> None:
