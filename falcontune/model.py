@@ -152,10 +152,9 @@ def _resolve(model: PathLike, weights: Optional[PathLike]) -> tuple[FalconConfig
         wpath = _local_or_hub(os.fspath(weights), "weights")
         if not wpath.exists():
             raise FileNotFoundError(f"weights not found: {wpath}")
-    elif default_weights is not None:
-        wpath = default_weights
     else:
-        raise ModelLoadError(f"model {model_str!r}: give --weights (the .safetensors file or its directory)")
+        assert default_weights is not None  # _locate_model gives one whenever no weights are given
+        wpath = default_weights
     wdir = wpath if wpath.is_dir() else wpath.parent
     if wdir not in search:
         search.append(wdir)
