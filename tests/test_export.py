@@ -216,3 +216,29 @@ def test_missing_gguf_package_is_explained(models: dict[str, Path], tmp_path: Pa
     assert cli.main(["export", f"--model={models['tiny']}", f"--out={tmp_path / 'm.gguf'}"]) == 2
     assert "pip install gguf" in capsys.readouterr().err
     assert cli.main(["export", f"--model={models['tiny']}", "--format=hf", f"--out={tmp_path / 'hf'}"]) == 0
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-40b"])
+def test_llama_cpp_runs_the_gguf(tmp_path: Path, shared_data: Path, preset: str) -> None:
+    """End to end, when llama-cpp-python is installed (not a test dependency: it compiles llama.cpp):
+    llama.cpp's logits on the exported f16 GGUF match falcontune's engine on base + adapter, and its
+    tokenizer splits text as falcontune's does."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tok = shared_data / "falcon" / "tokenizer.json"
+    d = testing.make_checkpoint(tmp_path / preset, preset=preset, vocab_size=65024, tokenizer=tok, seed=7,
+                                group_size=32, desc_act=True)
+    ad = adapter(testing.preset_config(preset, vocab_size=65024), tmp_path / "ad")
+    model = ft.load_model(d, device="cpu", dtype="float32")
+    model.load_lora(ad)
+    model.eval()
+    text = "Bonjour, comment allez-vous ? 12345 tokens!"
+    ids = model.tokenizer.encode(text)
+    ours = model.forward(np.array([ids]))[0].astype(np.float64)
+    llm = llama_cpp.Llama(model_path=str(export(d, tmp_path / "m.gguf", lora_apply_dir=ad)), n_ctx=64,
+                          logits_all=True, verbose=False, n_threads=1)
+    assert llm.tokenize(text.encode(), add_bos=False) == ids
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)], dtype=np.float64)
+    assert np.linalg.norm(theirs - ours) / np.linalg.norm(ours) < 5e-3  # float16 weights
+    picked = ours[np.arange(len(ids)), theirs.argmax(-1)]  # llama.cpp's greedy token: ours too, or a near tie
+    assert np.all(picked >= ours.max(-1) - 0.05)
