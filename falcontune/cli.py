@@ -1,4 +1,4 @@
-"""The ``falcontune`` command: ``finetune``, ``generate`` and ``check-dataset``.
+"""The ``falcontune`` command: ``finetune``, ``generate``, ``check-dataset`` and ``export``.
 
 Flag names and defaults follow falcontune (rmihaylov/falcontune ``run.py``), so the commands
 of its tutorials work verbatim. ``--flag=value`` and ``--flag value`` both work; boolean flags
@@ -38,13 +38,18 @@ def _add_bool(p: argparse.ArgumentParser, *names: str, default: Optional[bool] =
                    help=f"{help} Default: %(default)s")
 
 
+_MODEL_HELP = ("a directory holding config.json, a Hugging Face Hub repo id ORG/NAME[@REVISION] (downloaded into "
+               "the HF cache; HF_HUB_OFFLINE=1 uses the cache only), a known model name (e.g. "
+               "falcon-7b-instruct-4bit: its repo unless --weights is given), or 'demo' (a small random model)")
+_WEIGHTS_HELP = ("the .safetensors file, its directory or a Hub repo id (default: the model's directory or repo; "
+                 "for a known name, its Hub repo)")
+_TOKENIZER_HELP = "tokenizer.json, its directory or a Hub repo id (default: the one next to the model or the weights)"
+
+
 def _add_model_args(p: argparse.ArgumentParser, weights_help: str) -> None:
-    p.add_argument("--model", required=True,
-                   help="a known model name (e.g. falcon-7b-instruct-4bit), a directory holding config.json, "
-                        "or 'demo' (a small random model for trying things out)")
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
     p.add_argument("--weights", default=None, help=weights_help)
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json (default: the one next to the model or the weights)")
+    p.add_argument("--tokenizer", default=None, help=_TOKENIZER_HELP)
     p.add_argument("--backend", default="auto",
                    help="auto, cpu or cuda (falcontune's triton and torch mean cuda here). Default: %(default)s")
     p.add_argument("--device", default=None, help="alias of --backend that also accepts cuda:N")
@@ -54,7 +59,7 @@ def _add_model_args(p: argparse.ArgumentParser, weights_help: str) -> None:
 def _finetune_parser(sub: Any) -> None:
     p = sub.add_parser("finetune", help="train a LoRA adapter",
                        description="Fine-tune a GPTQ Falcon model with LoRA.")
-    _add_model_args(p, "the GPTQ .safetensors file or its directory (needed with a model name)")
+    _add_model_args(p, _WEIGHTS_HELP)
     p.add_argument("--data_type", default="alpaca", choices=("alpaca", "gpt4all"), help="Dataset format")
     p.add_argument("--dataset", default=None, help="Path to local dataset file (JSON array or JSON Lines).")
     p.add_argument("--lora_out_dir", default="alpaca_lora", help="Directory to place new LoRA. Default: %(default)s")
@@ -92,7 +97,7 @@ def _finetune_parser(sub: Any) -> None:
 
 def _generate_parser(sub: Any) -> None:
     p = sub.add_parser("generate", help="generate text", description="Generate text with a model (+ LoRA).")
-    _add_model_args(p, "the GPTQ .safetensors file or its directory (needed with a model name)")
+    _add_model_args(p, _WEIGHTS_HELP)
     p.add_argument("--lora_apply_dir", default=None, help="LoRA adapter directory to apply.")
     p.add_argument("--prompt", default="", help="Text used to initialize generation")
     p.add_argument("--instruction", default="", help="Instruction for an alpaca-style model")
@@ -124,6 +129,23 @@ def _check_parser(sub: Any) -> None:
     p.set_defaults(func=_run_check)
 
 
+def _export_parser(sub: Any) -> None:
+    p = sub.add_parser("export", help="write the merged model (base + LoRA) as GGUF or HF safetensors",
+                       description="Fold a LoRA adapter into the base model and write it as GGUF (llama.cpp, "
+                                   "Ollama) or as a float16 Hugging Face checkpoint (what -c writes). "
+                                   "No engine is built: this needs memory for one tensor at a time.")
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
+    p.add_argument("--weights", default=None, help=_WEIGHTS_HELP)
+    p.add_argument("--tokenizer", default=None, help=_TOKENIZER_HELP)
+    p.add_argument("--lora_apply_dir", default=None, help="the LoRA adapter to fold in (default: none, the base alone)")
+    p.add_argument("--format", default="gguf", choices=("gguf", "hf"), help="Default: %(default)s")
+    p.add_argument("--outtype", default="f16", choices=("f16", "q8_0"),
+                   help="GGUF matrices as float16 or llama.cpp's 8-bit q8_0. Default: %(default)s")
+    p.add_argument("--out", required=True, help="the .gguf file, or the directory for --format=hf")
+    _add_bool(p, "--verbose", help="Print the traceback of errors.")
+    p.set_defaults(func=_run_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -134,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _finetune_parser(sub)
     _generate_parser(sub)
     _check_parser(sub)
+    _export_parser(sub)
     return parser
 
 
@@ -210,6 +233,15 @@ def _run_check(args: argparse.Namespace) -> int:
                            template=args.prompt_template)
     print(report)
     return 0 if report.ok else 1
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    out = export(args.model, args.out, format=args.format, outtype=args.outtype, weights=args.weights,
+                 lora_apply_dir=args.lora_apply_dir, tokenizer=args.tokenizer)
+    print(f"Modèle fusionné écrit / merged model written: {out}", file=sys.stderr, flush=True)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------

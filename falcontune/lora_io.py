@@ -34,6 +34,12 @@ class AdapterError(ValueError):
     """An adapter directory that cannot be used with this model."""
 
 
+def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """What the adapter's B @ A is multiplied by (PEFT's rule): alpha / r, or alpha / sqrt(r)
+    for rsLoRA. The one place this is computed (the engine, -c and export all use it)."""
+    return float(alpha) / (math.sqrt(r) if use_rslora else r)
+
+
 @dataclass
 class Adapter:
     r: int
@@ -45,9 +51,13 @@ class Adapter:
     weights_path: Path
 
     @property
+    def scale(self) -> float:
+        return lora_scale(self.r, self.alpha, self.use_rslora)
+
+    @property
     def engine_alpha(self) -> float:
-        """The engine scales by alpha / r; rsLoRA scales by alpha / sqrt(r)."""
-        return self.alpha * math.sqrt(self.r) if self.use_rslora else self.alpha
+        """The engine scales by alpha / r: the alpha that gives this adapter's scale."""
+        return self.scale * self.r
 
 
 def normalise_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _C
-from . import lora_io
-from .models import (FalconConfig, QuantizeConfig, get_known_model, parse_config,
+from . import hub, lora_io
+from .models import (FalconConfig, ModelSpec, QuantizeConfig, get_known_model, parse_config,
                      parse_quantize_config)
 from .weights import TensorNotFoundError, WeightStore, to_float32
 
@@ -84,49 +85,82 @@ def _read_json(path: Path) -> Any:
         raise ModelLoadError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
+def _local_or_hub(text: str, role: str) -> Path:
+    """An existing local path as it is; else a Hub repo id (``ORG/NAME[@REV]``) -> its snapshot
+    directory (see hub.snapshot for ``role``); else the path as given (callers report it missing)."""
+    p = Path(text)
+    if p.exists():
+        return p
+    ref = hub.parse_repo_ref(text)
+    return _typed_snapshot(ref, role) if ref is not None else p
+
+
+def _typed_snapshot(ref: hub.RepoRef, role: str) -> Path:
+    """hub.snapshot of a repo id the user typed: a failure also says it is no local path."""
+    try:
+        return hub.snapshot(ref, role)
+    except hub.HubError as e:
+        raise hub.HubError(f"{e} ('{ref}' is not a local path either)") from None
+
+
+def _locate_model(name: str, have_weights: bool) -> tuple[Optional[Path], Optional[ModelSpec], Optional[Path]]:
+    """-> (directory holding config.json or None, known-model spec or None, default weights path)."""
+    p = Path(name)
+    if p.is_dir():
+        return p, None, p
+    ref = None if p.exists() else hub.parse_repo_ref(name)
+    if ref is not None:  # only the JSON files when the weights come from elsewhere
+        d = _typed_snapshot(ref, "config" if have_weights else "model")
+        return d, None, d
+    try:
+        spec = get_known_model(name)
+    except ValueError as e:
+        raise ModelLoadError(f"{e} (or give a directory holding config.json, or a Hub repo id ORG/NAME)") from None
+    if have_weights:
+        return None, spec, None
+    try:  # a known name without local weights: its Hub repo
+        d = hub.snapshot(hub.parse_repo_ref(spec.repo_id), "weights")
+    except hub.HubError as e:
+        raise ModelLoadError(f"model {name!r}: {e}; or give --weights (the .safetensors file or its "
+                             "directory)") from None
+    # the repo's own config.json describes its files; the table's config is the fallback
+    return (d if (d / "config.json").is_file() else None), spec, d
+
+
 def _resolve(model: PathLike, weights: Optional[PathLike]) -> tuple[FalconConfig, Optional[QuantizeConfig], Path, list[Path]]:
     """-> (config, quantize config (None: not found), weights path, directories to search for a tokenizer)."""
     model_str = os.fspath(model)
-    model_dir = Path(model_str)
+    model_dir, spec, default_weights = _locate_model(model_str, weights is not None)
     search: list[Path] = []
     qcfg: Optional[QuantizeConfig] = None
-    if model_dir.is_dir() and (model_dir / "config.json").is_file():
-        cfg = parse_config(_read_json(model_dir / "config.json"), source=str(model_dir / "config.json"))
-        search.append(model_dir)
+    if model_dir is not None:
+        if not (model_dir / "config.json").is_file():
+            raise ModelLoadError(f"{model_dir}: no config.json in this directory")
         raw = _read_json(model_dir / "config.json")
+        cfg = parse_config(raw, source=str(model_dir / "config.json"))
+        search.append(model_dir)
         if (model_dir / "quantize_config.json").is_file():
             qcfg = parse_quantize_config(_read_json(model_dir / "quantize_config.json"),
                                          source=str(model_dir / "quantize_config.json"))
         elif isinstance(raw, dict) and "quantization_config" in raw:
             qcfg = parse_quantize_config(raw, source=str(model_dir / "config.json"))
-        default_weights: Optional[Path] = model_dir
-        spec = None
-    elif model_dir.is_dir():
-        raise ModelLoadError(f"{model_dir}: no config.json in this directory")
     else:
-        try:
-            spec = get_known_model(model_str)
-        except ValueError as e:
-            raise ModelLoadError(f"{e} (or give a directory holding config.json)") from None
+        assert spec is not None
         cfg = spec.config
         qcfg = spec.quantize_config
-        default_weights = None
     if weights is not None:
-        wpath = Path(os.fspath(weights))
+        wpath = _local_or_hub(os.fspath(weights), "weights")
         if not wpath.exists():
             raise FileNotFoundError(f"weights not found: {wpath}")
-    elif default_weights is not None:
-        wpath = default_weights
     else:
-        raise ModelLoadError(f"model {model_str!r}: give --weights (the .safetensors file or its directory)")
+        assert default_weights is not None  # _locate_model gives one whenever no weights are given
+        wpath = default_weights
     wdir = wpath if wpath.is_dir() else wpath.parent
     if wdir not in search:
         search.append(wdir)
         if (wdir / "quantize_config.json").is_file():
             qcfg = parse_quantize_config(_read_json(wdir / "quantize_config.json"),
                                          source=str(wdir / "quantize_config.json"))
-        if spec is None and (wdir / "config.json").is_file():
-            pass  # the model directory's config wins
     return cfg, qcfg, wpath, search
 
 
@@ -315,6 +349,11 @@ class FalconModel:
     @property
     def engine(self) -> Any:
         return self._engine
+
+    @property
+    def store(self) -> WeightStore:
+        """The base checkpoint's tensors as loaded (memory-mapped): GPTQ-packed or float."""
+        return self._store
 
     def __repr__(self) -> str:
         c = self.config
@@ -507,28 +546,65 @@ def _opt_2d(a: Any) -> Optional[np.ndarray]:
     return None if a is None else _as_2d(a, "attention_mask")
 
 
-def load_model(model: PathLike, weights: Optional[PathLike] = None, device: str = "auto", dtype: str = "auto",
-               tokenizer: Optional[PathLike] = None, quantize_bits: int = 8,
-               quantize_group_size: int = 128) -> FalconModel:
-    """Load a Falcon model: a known name (with ``weights``), ``"demo"``, or a directory.
+@dataclass
+class Checkpoint:
+    """A model's files, found and opened, with no engine: what load_model binds and what
+    merge / export read."""
 
-    GPTQ checkpoints are used as they are. Unquantized checkpoints (falcon-7b, falcon-rw-1b, ...)
-    are quantized on load in C to ``quantize_bits`` (8 by default; 4 fits a 16 GB T4 for 40B-class
-    memory budgets) with groups of ``quantize_group_size`` input features."""
-    from .tokenizer import Tokenizer
+    name: str
+    config: FalconConfig
+    quantize_config: Optional[QuantizeConfig]  # None: float weights (load_model quantizes them)
+    store: WeightStore
+    tokenizer_file: Optional[Path]  # None: no tokenizer found
 
+    def load_tokenizer(self) -> Any:
+        from .tokenizer import Tokenizer
+        return Tokenizer.from_file(self.tokenizer_file) if self.tokenizer_file is not None else None
+
+
+def open_checkpoint(model: PathLike, weights: Optional[PathLike] = None,
+                    tokenizer: Optional[PathLike] = None) -> Checkpoint:
+    """Find and open a model's files: ``model`` is a directory holding config.json, a Hub repo id
+    (``ORG/NAME`` or ``ORG/NAME@REV``), a known name (KNOWN_MODELS: its repo when ``weights`` is
+    None) or ``"demo"``; ``weights`` and ``tokenizer`` may be local paths or repo ids too."""
     if os.fspath(model) == "demo":
         from .demo import demo_model_dir
         model = demo_model_dir()
     cfg, qcfg, wpath, search = _resolve(model, weights)
     store = WeightStore.open(_find_weights_file(wpath, qcfg))
-    quantize = not _is_gptq(store)
+    if not _is_gptq(store):
+        qcfg = None
+    elif qcfg is None:
+        store.close()
+        raise ModelLoadError(f"{os.fspath(model)}: GPTQ weights but no quantize_config.json (bits, group_size) "
+                             "next to the model or the weights")
+    tok_file: Optional[Path] = None
+    if tokenizer is not None:
+        tok_file = _local_or_hub(os.fspath(tokenizer), "tokenizer")
+        if tok_file.is_dir():
+            tok_file = tok_file / "tokenizer.json"  # Tokenizer.from_file explains when it is missing
+    else:
+        tok_file = next((d / "tokenizer.json" for d in search if (d / "tokenizer.json").is_file()), None)
+    return Checkpoint(os.fspath(model), cfg, qcfg, store, tok_file)
+
+
+def load_model(model: PathLike, weights: Optional[PathLike] = None, device: str = "auto", dtype: str = "auto",
+               tokenizer: Optional[PathLike] = None, quantize_bits: int = 8,
+               quantize_group_size: int = 128) -> FalconModel:
+    """Load a Falcon model: a directory, a Hub repo id, a known name or ``"demo"`` (see
+    open_checkpoint).
+
+    GPTQ checkpoints are used as they are. Unquantized checkpoints (falcon-7b, falcon-rw-1b, ...)
+    are quantized on load in C to ``quantize_bits`` (8 by default; 4 fits a 16 GB T4 for 40B-class
+    memory budgets) with groups of ``quantize_group_size`` input features."""
+    ckpt = open_checkpoint(model, weights, tokenizer)
+    cfg, store = ckpt.config, ckpt.store
+    quantize = ckpt.quantize_config is None
     if quantize:
         qcfg = QuantizeConfig(bits=quantize_bits, group_size=quantize_group_size, checkpoint_format="gptq_v2",
                               source="quantize on load")
-    elif qcfg is None:
-        raise ModelLoadError(f"{os.fspath(model)}: GPTQ weights but no quantize_config.json (bits, group_size) "
-                             "next to the model or the weights")
+    else:
+        qcfg = ckpt.quantize_config
     weights_map = _bind_weights(store, cfg, qcfg, quantize)
     dev = _pick_device(device)
     if dtype not in _DTYPES:
@@ -544,15 +620,8 @@ def load_model(model: PathLike, weights: Optional[PathLike] = None, device: str 
         if isinstance(e, ValueError):
             raise ModelLoadError(msg) from None
         raise type(e)(msg) from None
-    tok = None
-    if tokenizer is not None:
-        tok = Tokenizer.from_file(tokenizer)
-    else:
-        for d in search:
-            if (d / "tokenizer.json").is_file():
-                tok = Tokenizer.from_file(d / "tokenizer.json")
-                break
+    tok = ckpt.load_tokenizer()
     if tok is not None and tok.vocab_size > cfg.vocab_size:
         raise ModelLoadError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}: "
                              "they do not belong together")
-    return FalconModel(engine, cfg, qcfg, tok, store, os.fspath(model))
+    return FalconModel(engine, cfg, qcfg, tok, store, ckpt.name)

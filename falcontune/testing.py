@@ -1,20 +1,10 @@
 """Random GPTQ-quantized Falcon checkpoints for tests, the demo and benchmarks, plus a numpy
-reference GPTQ packer / dequantizer (the reference the C engine is tested against).
+reference GPTQ packer (the C engine is tested against it and gptq.py's dequantizer).
 
-GPTQ storage (AutoGPTQ, "gptq" = v1 and "gptq_v2"):
-
-* ``qweight`` int32 [in*bits/32, out]: the values of each column form a little-endian bit
-  stream along ``in`` (value k of a 32-value block occupies stream bits k*bits .. k*bits+bits-1,
-  word j of the block holding stream bits 32j..32j+31). For 2/4/8 bits that is "lowest bits
-  first" within each word; for 3 bits 32 values fill 3 words and values 10 and 21 straddle
-  word boundaries, exactly like AutoGPTQ's packer.
-* ``qzeros`` int32 [groups, out*bits/32]: the same bit stream, along ``out``.
-* ``scales`` float16 [groups, out]; ``g_idx`` int32 [in] (group of each input row).
-* W[i, o] = scales[g, o] * (q[i, o] - z[g, o]), g = g_idx[i], with z = stored + 1 for v1 and
-  z = stored for v2. The v1 "+1" is done after masking the stored field to ``bits`` and does
-  NOT wrap (stored 2^bits-1 means z = 2^bits), as in AutoGPTQ's original kernels. Our packer
-  never writes that value: a v1 zero of 0 cannot be stored, so groups that would need it get a
-  slightly larger scale and zero 1 instead.
+The GPTQ storage format and the dequantizer live in falcontune/gptq.py (production code);
+this module adds the reference round-to-nearest packer ``gptq_quantize``. Our packer never
+writes a v1 zero field of 2^bits-1: a v1 zero of 0 cannot be stored, so groups that would
+need it get a slightly larger scale and zero 1 instead.
 
 group_size: -1 means one group. ``gptq_quantize`` accepts any positive group size (the last
 group may be shorter, as AutoGPTQ's ceil(in/group_size)); ``make_checkpoint`` requires that
@@ -31,6 +21,8 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import numpy as np
 
 from . import models
+from .gptq import check_bits, check_format, pack_bits
+from .gptq import gptq_dequantize, gptq_unpack  # noqa: F401  (re-exported: the tests' reference)
 from .weights import atomic_write, float32_to_bf16_bits, save_safetensors
 
 __all__ = [
@@ -107,54 +99,6 @@ def preset_config(preset: Union[str, Mapping[str, Any]] = "tiny", **overrides: A
 
 
 # ---------------------------------------------------------------------------------------------
-# bit packing (a little-endian bit stream of `bits`-bit values, 32 values per `bits` words)
-
-
-def _check_bits(bits: int) -> None:
-    if bits not in (2, 3, 4, 8) or isinstance(bits, bool):
-        raise TestingError(f"unsupported bits {bits!r} (supported: 2, 3, 4, 8)")
-
-
-def _check_format(fmt: str) -> None:
-    if fmt not in ("gptq", "gptq_v2"):
-        raise TestingError(f"unsupported checkpoint_format {fmt!r} (expected 'gptq' or 'gptq_v2')")
-
-
-def _pack(values: np.ndarray, bits: int) -> np.ndarray:
-    """uint32 [A, 32, B] values < 2**bits -> uint32 words [A, bits, B]."""
-    a, _, b = values.shape
-    words = np.zeros((a, bits, b), dtype=np.uint32)
-    for k in range(32):  # loop over bit positions; each step is vectorized over A x B
-        w, s = divmod(k * bits, 32)
-        vk = values[:, k, :]
-        words[:, w, :] |= vk << np.uint32(s)
-        if s + bits > 32:
-            words[:, w + 1, :] |= vk >> np.uint32(32 - s)
-    return words
-
-
-def _unpack(words: np.ndarray, bits: int) -> np.ndarray:
-    """uint32 words [A, bits, B] -> uint8 values [A, 32, B]."""
-    a, _, b = words.shape
-    mask = np.uint32((1 << bits) - 1)
-    out = np.empty((a, 32, b), dtype=np.uint8)
-    for k in range(32):
-        w, s = divmod(k * bits, 32)
-        val = words[:, w, :] >> np.uint32(s)
-        if s + bits > 32:
-            val |= words[:, w + 1, :] << np.uint32(32 - s)
-        out[:, k, :] = val & mask
-    return out
-
-
-def _as_u32(a: np.ndarray, what: str) -> np.ndarray:
-    a = np.ascontiguousarray(a)
-    if a.dtype not in (np.int32, np.uint32):
-        raise TestingError(f"{what} must be int32, got {a.dtype}")
-    return a.view(np.uint32)
-
-
-# ---------------------------------------------------------------------------------------------
 # quantize / dequantize
 
 
@@ -202,8 +146,8 @@ def gptq_quantize(w: np.ndarray, bits: int, group_size: int, desc_act: bool = Fa
     w = np.asarray(w)
     if w.ndim != 2 or w.dtype.kind != "f":
         raise TestingError(f"gptq_quantize: w must be a 2-D float array [in, out], got {w.dtype} {w.shape}")
-    _check_bits(bits)
-    _check_format(checkpoint_format)
+    check_bits(bits, TestingError)
+    check_format(checkpoint_format, TestingError)
     in_f, out_f = w.shape
     if in_f % 32 or out_f % 32 or in_f == 0 or out_f == 0:
         raise TestingError(f"gptq_quantize: in and out features must be positive multiples of 32, got {w.shape}")
@@ -254,59 +198,15 @@ def gptq_quantize(w: np.ndarray, bits: int, group_size: int, desc_act: bool = Fa
         q[dest] = v
     del ws
 
-    qweight = _pack(q.reshape(in_f // 32, 32, out_f), bits).reshape(in_f * bits // 32, out_f)
+    qweight = pack_bits(q.reshape(in_f // 32, 32, out_f), bits).reshape(in_f * bits // 32, out_f)
     stored = (zero - (1 if checkpoint_format == "gptq" else 0)).astype(np.uint32)
-    qzeros = _pack(stored.reshape(n_groups * out_f // 32, 32, 1), bits).reshape(n_groups, out_f * bits // 32)
+    qzeros = pack_bits(stored.reshape(n_groups * out_f // 32, 32, 1), bits).reshape(n_groups, out_f * bits // 32)
     return {
         "qweight": qweight.view(np.int32),
         "qzeros": qzeros.view(np.int32),
         "scales": scale16,
         "g_idx": g_idx,
     }
-
-
-def gptq_unpack(qweight: np.ndarray, qzeros: np.ndarray, bits: int, in_features: int,
-                out_features: int) -> tuple[np.ndarray, np.ndarray]:
-    """Unpack to (q uint8 [in, out], z uint8 [groups, out]); z is the stored field, before
-    any v1 "+1"."""
-    _check_bits(bits)
-    if in_features % 32 or out_features % 32:
-        raise TestingError(f"gptq_unpack: in/out features must be multiples of 32, got "
-                           f"{in_features} x {out_features}")
-    qw = _as_u32(qweight, "qweight")
-    qz = _as_u32(qzeros, "qzeros")
-    if qw.shape != (in_features * bits // 32, out_features):
-        raise TestingError(f"gptq_unpack: qweight shape {qw.shape}, expected "
-                           f"{(in_features * bits // 32, out_features)} for {bits}-bit {in_features}x{out_features}")
-    if qz.ndim != 2 or qz.shape[1] != out_features * bits // 32:
-        raise TestingError(f"gptq_unpack: qzeros shape {qz.shape}, expected "
-                           f"(groups, {out_features * bits // 32})")
-    groups = qz.shape[0]
-    q = _unpack(qw.reshape(in_features // 32, bits, out_features), bits).reshape(in_features, out_features)
-    z = _unpack(qz.reshape(groups * out_features // 32, bits, 1), bits).reshape(groups, out_features)
-    return q, z
-
-
-def gptq_dequantize(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray,
-                    g_idx: np.ndarray, bits: int, checkpoint_format: str = "gptq") -> np.ndarray:
-    """Reference dequantization -> float64 W [in, out] (see the module docstring)."""
-    _check_bits(bits)
-    _check_format(checkpoint_format)
-    qw = np.asarray(qweight)
-    if qw.ndim != 2 or (qw.shape[0] * 32) % bits:
-        raise TestingError(f"gptq_dequantize: qweight shape {qw.shape} is not [in*bits/32, out]")
-    in_f, out_f = qw.shape[0] * 32 // bits, qw.shape[1]
-    q, z = gptq_unpack(qweight, qzeros, bits, in_f, out_f)
-    sc = np.asarray(scales)
-    gi = np.asarray(g_idx)
-    if sc.shape != z.shape:
-        raise TestingError(f"gptq_dequantize: scales shape {sc.shape}, expected {z.shape}")
-    if gi.shape != (in_f,) or gi.dtype.kind not in "iu":
-        raise TestingError(f"gptq_dequantize: g_idx must be integer [{in_f}], got {gi.dtype} {gi.shape}")
-    if gi.size and (gi.min() < 0 or gi.max() >= z.shape[0]):
-        raise TestingError(f"gptq_dequantize: g_idx values must lie in [0, {z.shape[0]})")
-    zf = z.astype(np.float64) + (1.0 if checkpoint_format == "gptq" else 0.0)
-    return sc.astype(np.float64)[gi] * (q.astype(np.float64) - zf[gi])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,8 +260,8 @@ def make_checkpoint(directory: Union[str, Path], preset: Union[str, Mapping[str,
     dense = _DENSE[dense_dtype]
     if not isinstance(seed, int) or seed < 0:
         raise TestingError(f"seed must be a non-negative integer, got {seed!r}")
-    _check_bits(bits)
-    _check_format(checkpoint_format)
+    check_bits(bits, TestingError)
+    check_format(checkpoint_format, TestingError)
     if group_size != -1:
         for mod, (fin, _) in cfg.linear_shapes.items():
             if not isinstance(group_size, int) or group_size <= 0 or fin % group_size:

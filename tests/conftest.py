@@ -4,6 +4,7 @@
   skipped when it is absent, except under ``CI=true`` where its absence is a failure.
 * ``cuda`` marker: tests marked ``@pytest.mark.cuda`` are skipped unless
   ``falcontune.cuda_available()`` returns True (any import problem counts as "no CUDA").
+* ``HF_HUB_OFFLINE=1`` for the whole session: Hub repo ids resolve only from caches the tests fill.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import os
 from pathlib import Path
 
 import pytest
+
+# No test reaches the Hugging Face Hub: repo ids resolve from caches the tests build (test_hub.py).
+# Set before anything imports huggingface_hub; subprocesses (the falcontune command) inherit it.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # FALCONTUNE_SHARED_DATA overrides the location (the GPU machine gets a copy inside the checkout)

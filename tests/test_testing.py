@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from falcontune import models, testing
+from falcontune import gptq, models, testing
 from falcontune.testing import (PRESETS, TestingError, gptq_dequantize, gptq_quantize, gptq_unpack,
                                 make_checkpoint, preset_config, random_lora)
+from falcontune.gptq import GPTQError
 from falcontune.weights import SafetensorsFile, WeightStore, to_float32
 
 # --------------------------------------------------------------------------------------------
@@ -52,7 +53,7 @@ def test_pack_matches_bitwise_reference(bits):
     rng = np.random.default_rng(bits)
     vals = rng.integers(0, 2 ** bits, (64, 5), dtype=np.uint32)
     ref = ref_pack(vals, bits)
-    got = testing._pack(vals.reshape(2, 32, 5), bits).reshape(64 * bits // 32, 5)
+    got = gptq.pack_bits(vals.reshape(2, 32, 5), bits).reshape(64 * bits // 32, 5)
     np.testing.assert_array_equal(got, ref)
 
 
@@ -74,22 +75,22 @@ def test_3bit_layout_straddles_words_like_autogptq():
     # value 21 = stream bits 63..65 (word1 bit 31 + word2 bits 0,1)
     vals = np.zeros((32, 1), dtype=np.uint32)
     vals[10, 0] = 0b101
-    words = testing._pack(vals.reshape(1, 32, 1), 3).reshape(3)
+    words = gptq.pack_bits(vals.reshape(1, 32, 1), 3).reshape(3)
     assert list(words) == [1 << 30, 1, 0]
     vals[:] = 0
     vals[21, 0] = 0b011
-    words = testing._pack(vals.reshape(1, 32, 1), 3).reshape(3)
+    words = gptq.pack_bits(vals.reshape(1, 32, 1), 3).reshape(3)
     assert list(words) == [0, 1 << 31, 1]
     vals[:] = 0
     vals[0, 0], vals[11, 0], vals[22, 0], vals[31, 0] = 7, 7, 7, 7
-    words = testing._pack(vals.reshape(1, 32, 1), 3).reshape(3)
+    words = gptq.pack_bits(vals.reshape(1, 32, 1), 3).reshape(3)
     assert list(words) == [0b111, 0b111 << 1, (0b111 << 2) | (0b111 << 29)]
 
 
 def test_4bit_lowest_bits_first_and_negative_int32():
     vals = np.arange(8, dtype=np.uint32)[:, None] * np.uint32(2) + np.uint32(1)  # 1,3,...,15
     vals = np.concatenate([vals, np.zeros((24, 1), np.uint32)])
-    words = testing._pack(vals.reshape(1, 32, 1), 4).reshape(4)
+    words = gptq.pack_bits(vals.reshape(1, 32, 1), 4).reshape(4)
     assert int(words[0]) == 0xFDB97531
     assert words.view(np.int32)[0] == np.int32(np.uint32(0xFDB97531).view(np.int32))  # two's complement
 
@@ -218,15 +219,15 @@ def test_quantize_errors(kwargs, pattern):
 
 def test_dequantize_shape_errors():
     d = gptq_quantize(np.ones((64, 32), np.float32), 4, 32)
-    with pytest.raises(TestingError, match="scales shape"):
+    with pytest.raises(GPTQError, match="scales shape"):
         gptq_dequantize(d["qweight"], d["qzeros"], d["scales"][:1], d["g_idx"], 4)
-    with pytest.raises(TestingError, match="g_idx values"):
+    with pytest.raises(GPTQError, match="g_idx values"):
         gptq_dequantize(d["qweight"], d["qzeros"], d["scales"], d["g_idx"] + 5, 4)
-    with pytest.raises(TestingError, match="qzeros shape"):
+    with pytest.raises(GPTQError, match="qzeros shape"):
         gptq_unpack(d["qweight"], d["qzeros"][:, :2], 4, 64, 32)
-    with pytest.raises(TestingError, match="qweight shape"):
+    with pytest.raises(GPTQError, match="qweight shape"):
         gptq_unpack(d["qweight"], d["qzeros"], 3, 64, 32)
-    with pytest.raises(TestingError, match="int32"):
+    with pytest.raises(GPTQError, match="int32"):
         gptq_unpack(d["qweight"].astype(np.int64), d["qzeros"], 4, 64, 32)
 
 
