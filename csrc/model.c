@@ -822,8 +822,9 @@ static ft_status layer_backward(ft_model *m, const step_ctx *s, int l, layer_act
 /* ------------------------------------------------------------------------ */
 /* steps                                                                     */
 
+/* segments: the mask may hold segment ids (packed rows, no KV cache); else only 0/1 */
 static ft_status check_ids(const ft_model *m, const int32_t *ids, const int32_t *mask, int B, int T,
-                           int mask_T, ft_error *err)
+                           int mask_T, int segments, ft_error *err)
 {
     if (B <= 0 || T <= 0) return ft_fail(err, FT_EINVAL, "input_ids: expected a non-empty [batch, tokens] array");
     if ((int64_t)B * T > (1 << 26)) return ft_fail(err, FT_EINVAL, "input_ids: too many tokens (%d x %d)", B, T);
@@ -834,30 +835,49 @@ static ft_status check_ids(const ft_model *m, const int32_t *ids, const int32_t 
                 return ft_fail(err, FT_EINVAL, "input_ids[%d, %d] = %d is outside the vocabulary [0, %d)", b, t,
                                (int)id, m->cfg.vocab_size);
         }
-    if (mask)
-        for (size_t i = 0; i < (size_t)B * mask_T; i++)
-            if (mask[i] != 0 && mask[i] != 1)
-                return ft_fail(err, FT_EINVAL, "attention_mask: expected 0 or 1, got %d at [%zu, %zu]",
-                               (int)mask[i], i / mask_T, i % mask_T);
+    if (!mask) return FT_OK;
+    for (int b = 0; b < B; b++) {
+        int32_t prev = 0; /* the last segment id seen in this row */
+        for (int j = 0; j < mask_T; j++) {
+            const int32_t s = mask[(size_t)b * mask_T + j];
+            if (s < 0 || (!segments && s > 1))
+                return ft_fail(err, FT_EINVAL, "attention_mask[%d, %d] = %d: expected 0 or 1%s", b, j, (int)s,
+                               segments ? " or a segment id > 0 (packed rows)"
+                                        : " (segment ids need a call without the KV cache)");
+            if (s != 0 && s < prev)
+                return ft_fail(err, FT_EINVAL, "attention_mask[%d, %d] = %d: segment ids must not decrease along a "
+                               "row (segment %d came earlier; each segment is one block of tokens)", b, j, (int)s,
+                               (int)prev);
+            if (s != 0) prev = s;
+        }
+    }
     return FT_OK;
 }
 
-/* Positions of the last T of Tk tokens per row = count of real tokens before
- * each; alibi key positions likewise (0 on padding); row_real[b] (when given) = real tokens of
- * row b, the position of its next token. Host arrays. */
+/* Positions of the last T of Tk tokens per row = count of the real tokens of the same segment
+ * before each (mask values are segment ids, 0 = padding; check_ids makes them non-decreasing, so a
+ * segment is one block and its count restarts where it begins); a padding token counts every real
+ * token before it. Alibi key positions likewise (0 on padding). With 0/1 masks: the real tokens
+ * before each. row_real[b] (when given) = real tokens of row b, the position of its next token.
+ * Host arrays. */
 static void positions(const int32_t *mask, int B, int T, int Tk, int32_t *pos, int32_t *kmask, int32_t *kpos,
                       int32_t *row_real)
 {
     for (int b = 0; b < B; b++) {
-        int32_t seen = 0;
+        int32_t seen = 0, seg = 0, in_seg = 0; /* real tokens so far; current segment, its tokens so far */
         for (int j = 0; j < Tk; j++) {
-            int32_t mj = mask ? mask[(size_t)b * Tk + j] : 1;
+            const int32_t mj = mask ? mask[(size_t)b * Tk + j] : 1;
+            if (mj != 0 && mj != seg) {
+                seg = mj;
+                in_seg = 0;
+            }
             if (kmask) {
                 kmask[(size_t)b * Tk + j] = mj;
-                kpos[(size_t)b * Tk + j] = mj ? seen : 0;
+                kpos[(size_t)b * Tk + j] = mj ? in_seg : 0;
             }
-            if (j >= Tk - T) pos[(size_t)b * T + j - (Tk - T)] = seen;
-            seen += mj;
+            if (j >= Tk - T) pos[(size_t)b * T + j - (Tk - T)] = mj ? in_seg : seen;
+            seen += mj != 0;
+            in_seg += mj != 0;
         }
         if (row_real) row_real[b] = seen;
     }
@@ -901,7 +921,7 @@ static ft_status run_layers(ft_model *m, const step_ctx *s, int save, ft_error *
 ft_status ft_forward(ft_model *m, const int32_t *ids, const int32_t *mask, int B, int T, float *logits,
                      ft_error *err)
 {
-    CALL(check_ids(m, ids, mask, B, T, T, err));
+    CALL(check_ids(m, ids, mask, B, T, T, 1, err));
     CALL(ensure_workspace(m, B * T, 0, err));
     step_ctx s;
     CALL(prepare_step(m, &s, ids, mask, B, T, err));
@@ -925,7 +945,7 @@ static ft_status loss_step(ft_model *m, const int32_t *ids, const int32_t *label
 {
     const ft_config *c = &m->cfg;
     const ft_backend_ops *op = m->be->ops;
-    CALL(check_ids(m, ids, mask, B, T, T, err));
+    CALL(check_ids(m, ids, mask, B, T, T, 1, err));
     if (backward && !m->lora_r)
         return ft_fail(err, FT_ESTATE, "forward_backward needs a LoRA adapter (call add_lora first)");
     if (!isfinite(grad_scale)) return ft_fail(err, FT_EINVAL, "grad_scale must be finite");
@@ -1144,7 +1164,7 @@ ft_status ft_forward_cached(ft_model *m, const int32_t *ids, const int32_t *mask
     const int Tk = kc->len + T;
     if (Tk > kc->cap)
         return ft_fail(err, FT_EINVAL, "KV cache full: %d + %d tokens exceed its capacity %d", kc->len, T, kc->cap);
-    CALL(check_ids(m, ids, mask, B, T, Tk, err));
+    CALL(check_ids(m, ids, mask, B, T, Tk, 0, err));
     const int N = B * T, D = c->hidden, L = c->n_layer;
     CALL(ensure_workspace(m, N, 0, err));
     workspace *ws = &m->ws;
@@ -1266,7 +1286,7 @@ ft_status ft_decode_step(ft_model *m, const int32_t *ids, const int32_t *mask, i
     if (kc->len + 1 > kc->cap)
         return ft_fail(err, FT_EINVAL, "KV cache full: %d + 1 tokens exceed its capacity %d", kc->len, kc->cap);
     if (!last_logits == !out_ids) return ft_fail(err, FT_EINVAL, "decode_step: ask for logits or for ids");
-    CALL(check_ids(m, ids, mask, B, 1, 1, err));
+    CALL(check_ids(m, ids, mask, B, 1, 1, 0, err));
     const int past = kc->len;
     CALL(ensure_workspace(m, B, 0, err));
     workspace *ws = &m->ws;
