@@ -529,18 +529,25 @@ def length_grouped_batches(lengths: Sequence[int] | np.ndarray, mbatch_size: int
     return [batches[i] for i in order]
 
 
-def collate(dataset: TokenizedDataset, indices: Sequence[int] | np.ndarray,
+def collate(dataset: Any, indices: Sequence[int] | np.ndarray,
             pad_id: int) -> dict[str, np.ndarray]:
-    """Right-pad the selected examples to the longest one.
+    """Right-pad the selected examples (or packed rows) to the longest one.
 
     Returns int64 arrays [B, T]: ``input_ids`` (pad_id on padding), ``labels``
-    (-100 on padding) and ``attention_mask`` (1 on tokens, 0 on padding).
+    (-100 on padding) and ``attention_mask`` (1 on tokens, 0 on padding; for a
+    ``packing.PackedDataset``, the segment id of each token: see falcontune.packing).
     """
+    from .packing import PackedDataset
+
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     if idx.size == 0:
         raise ValueError("collate: expected at least one example index")
-    rows_x = [dataset.input_ids[i] for i in idx]
-    rows_y = [dataset.labels[i] for i in idx]
+    rows_seg: Optional[list[np.ndarray]] = None
+    if isinstance(dataset, PackedDataset):
+        rows_x, rows_y, rows_seg = dataset.row_arrays(idx)
+    else:
+        rows_x = [dataset.input_ids[i] for i in idx]
+        rows_y = [dataset.labels[i] for i in idx]
     lens = np.fromiter((len(r) for r in rows_x), dtype=np.int64, count=len(rows_x))
     width = max(int(lens.max()), 1)
     mask = np.arange(width)[None, :] < lens[:, None]
@@ -548,8 +555,10 @@ def collate(dataset: TokenizedDataset, indices: Sequence[int] | np.ndarray,
     labels = np.full(mask.shape, IGNORE_INDEX, dtype=np.int64)
     input_ids[mask] = np.concatenate(rows_x)
     labels[mask] = np.concatenate(rows_y)
-    return {"input_ids": input_ids, "labels": labels,
-            "attention_mask": mask.astype(np.int64)}
+    attention_mask = mask.astype(np.int64)
+    if rows_seg is not None:
+        attention_mask[mask] = np.concatenate(rows_seg)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
 # ----------------------------------------------------------------- checking
