@@ -173,9 +173,9 @@ class ChatTemplate:
                                     f"{exc.message}") from None
 
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False) -> str:
+        compiled = self._compiled  # first: a clear error when jinja2 is missing
         import jinja2
 
-        compiled = self._compiled
         tokens = {"bos_token": "", "eos_token": "", **self.special_tokens}
         try:
             return str(compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
