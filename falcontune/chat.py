@@ -9,8 +9,8 @@ Both become ``{"messages": [{"role", "content"}, ...], "format": shape}`` with O
 
 Templates. A conversation is rendered with a Jinja2 chat template the way Hugging Face's
 ``apply_chat_template`` renders it: a sandboxed environment with ``trim_blocks`` and
-``lstrip_blocks``, the ``loopcontrols`` extension, ``raise_exception(msg)``, a ``tojson`` that
-keeps non-ASCII characters, and the variables ``messages``, ``add_generation_prompt``,
+``lstrip_blocks``, the ``loopcontrols`` extension, ``raise_exception(msg)``, ``strftime_now(fmt)``,
+a ``tojson`` that keeps non-ASCII characters, and the variables ``messages``, ``add_generation_prompt``,
 ``bos_token``, ``eos_token`` (and the tokenizer's other special tokens). The template is, in order:
 ``--chat_template`` (a built-in name, a .jinja file, or a tokenizer_config.json), else the
 ``chat_template`` of the tokenizer_config.json (or chat_template.jinja) next to tokenizer.json,
@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -166,6 +167,7 @@ class ChatTemplate:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # used by some Hub templates
         try:
             return env.from_string(self.source)
         except jinja2.exceptions.TemplateSyntaxError as exc:
@@ -183,6 +185,10 @@ class ChatTemplate:
         except jinja2.exceptions.TemplateError as exc:
             raise ChatTemplateError(f"chat template {self.name} failed to render: "
                                     f"{' '.join(str(exc).split()) or type(exc).__name__}") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as exc:
+            # Python errors inside the template's expressions (e.g. str + int) are failures to render too
+            raise ChatTemplateError(f"chat template {self.name} failed to render: {type(exc).__name__}: "
+                                    f"{' '.join(str(exc).split())}") from None
 
 
 def _tokenizer_dir(tokenizer: Any) -> Optional[Path]:

@@ -159,11 +159,30 @@ def test_rendering_matches_hugging_face(shared_data: Path, source: str) -> None:
             ours.render(bad)
 
 
+def test_hub_globals() -> None:
+    import datetime
+
+    t = ChatTemplate("date", "{{ strftime_now('%Y') }}")
+    assert t.render([]) == str(datetime.date.today().year)
+
+
+def test_help_documents_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    for command, flags in (("finetune", ("--data_type", "chat", "text", "--chat_template", "--packing")),
+                           ("check-dataset", ("--data_type", "chat", "text", "--chat_template")),
+                           ("generate", ("--chat", "--chat_template"))):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = capsys.readouterr().out
+        assert all(f in text for f in flags), command
+
+
 def test_template_errors_are_one_line() -> None:
     with pytest.raises(ChatTemplateError, match=r"chat template broken: syntax error at line 1"):
         ChatTemplate("broken", "{% for m in messages %}").render(CONV)
     with pytest.raises(ChatTemplateError, match="failed to render"):
         ChatTemplate("undef", "{{ messages[0].nope.deeper }}").render(CONV)
+    with pytest.raises(ChatTemplateError, match="failed to render: TypeError"):
+        ChatTemplate("types", "{{ messages[0]['content'] + 1 }}").render(CONV)
     with pytest.raises(ChatTemplateError, match="access to attribute"):  # the sandbox
         ChatTemplate("sandbox", "{{ messages.__class__.__mro__ }}").render(CONV)
 
