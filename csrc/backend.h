@@ -36,8 +36,9 @@ typedef struct ft_attn_args {
     int hd;
     float scale;          /* 1/sqrt(hd) */
     int kstride;          /* row stride of kmask / kpos (>= Tk: the cache keeps rows of cap) */
-    const int32_t *kmask; /* i32 [B, kstride], first Tk used: 1 where the key is a real token */
-    const int32_t *kpos;  /* i32 [B, kstride], first Tk used: alibi position of each key */
+    const int32_t *kmask; /* i32 [B, kstride], first Tk used: segment id of each key, 0 on padding
+                           * (0/1 masks: one segment). See ft_key_visible. */
+    const int32_t *kpos;  /* i32 [B, kstride], first Tk used: alibi position of each key in its segment */
     const float *slopes;  /* f32 [H] alibi slopes, NULL: no alibi */
     /* i32 [1] or NULL (T == 1 only): the same Tk in backend memory, for a step that is replayed
      * (replay below) at later cache lengths. A path that reads it bounds its keys by cap; a path
@@ -45,6 +46,21 @@ typedef struct ft_attn_args {
      * same value: the host one is authoritative and the device copy is uploaded from it. */
     const int32_t *tk_dev;
 } ft_attn_args;
+
+#ifdef __CUDACC__
+#define FT_HOST_DEVICE __host__ __device__
+#else
+#define FT_HOST_DEVICE
+#endif
+
+/* Packed rows: query t (segment kmask[Tk-T+t]) sees causal key j when the key is a real token of
+ * its own segment. A padding query (segment 0) sees every real key before it, as with 0/1 masks:
+ * its output is never used, and this keeps 0/1 masks exactly as they were. The decode path
+ * (T == 1 with a cache) only ever holds 0/1 masks. */
+static inline FT_HOST_DEVICE int ft_key_visible(int32_t key_segment, int32_t query_segment)
+{
+    return key_segment != 0 && (query_segment == 0 || key_segment == query_segment);
+}
 
 typedef struct ft_qkv_args {
     int B, T, H, KV, hd, qkv_width;

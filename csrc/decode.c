@@ -91,7 +91,7 @@ ft_status ft_forward_cached(ft_model *m, const int32_t *ids, const int32_t *mask
     if (T <= 0 || (int64_t)kc->len + T > kc->cap)
         return ft_fail(err, FT_EINVAL, "KV cache full: %d + %d tokens exceed its capacity %d", kc->len, T, kc->cap);
     const int Tk = kc->len + T;
-    CALL(check_ids(m, ids, mask, B, T, Tk, err));
+    CALL(check_ids(m, ids, mask, B, T, Tk, 0, err));
     const int N = B * T, D = c->hidden, L = c->n_layer;
     CALL(workspace_ensure(m, N, 0, err));
     workspace *ws = &m->ws;
@@ -201,7 +201,7 @@ ft_status ft_decode_step(ft_model *m, const int32_t *ids, const int32_t *mask, i
     if (kc->len >= kc->cap)
         return ft_fail(err, FT_EINVAL, "KV cache full: %d + 1 tokens exceed its capacity %d", kc->len, kc->cap);
     if (!last_logits == !out_ids) return ft_fail(err, FT_EINVAL, "decode_step: ask for logits or for ids");
-    CALL(check_ids(m, ids, mask, B, 1, 1, err));
+    CALL(check_ids(m, ids, mask, B, 1, 1, 0, err));
     const int past = kc->len;
     CALL(workspace_ensure(m, B, 0, err));
     workspace *ws = &m->ws;

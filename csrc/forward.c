@@ -7,7 +7,7 @@
 #include "model_internal.h"
 
 ft_status check_ids(const ft_model *m, const int32_t *ids, const int32_t *mask, int B, int T, int mask_T,
-                    ft_error *err)
+                    int segments, ft_error *err)
 {
     if (B <= 0 || T <= 0) return ft_fail(err, FT_EINVAL, "input_ids: expected a non-empty [batch, tokens] array");
     if ((int64_t)B * T > (1 << 26)) return ft_fail(err, FT_EINVAL, "input_ids: too many tokens (%d x %d)", B, T);
@@ -24,11 +24,22 @@ ft_status check_ids(const ft_model *m, const int32_t *ids, const int32_t *mask, 
                 return ft_fail(err, FT_EINVAL, "input_ids[%d, %d] = %d is outside the vocabulary [0, %d)", b, t,
                                (int)id, m->cfg.vocab_size);
         }
-    if (mask)
-        for (size_t i = 0; i < (size_t)B * mask_T; i++)
-            if (mask[i] != 0 && mask[i] != 1)
-                return ft_fail(err, FT_EINVAL, "attention_mask: expected 0 or 1, got %d at [%zu, %zu]",
-                               (int)mask[i], i / mask_T, i % mask_T);
+    if (!mask) return FT_OK;
+    for (int b = 0; b < B; b++) {
+        int32_t prev = 0; /* the last segment id seen in this row */
+        for (int j = 0; j < mask_T; j++) {
+            const int32_t s = mask[(size_t)b * mask_T + j];
+            if (s < 0 || (!segments && s > 1))
+                return ft_fail(err, FT_EINVAL, "attention_mask[%d, %d] = %d: expected 0 or 1%s", b, j, (int)s,
+                               segments ? " or a segment id > 0 (packed rows)"
+                                        : " (segment ids need a call without the KV cache)");
+            if (s != 0 && s < prev)
+                return ft_fail(err, FT_EINVAL, "attention_mask[%d, %d] = %d: segment ids must not decrease along a "
+                               "row (segment %d came earlier; each segment is one block of tokens)", b, j, (int)s,
+                               (int)prev);
+            if (s != 0) prev = s;
+        }
+    }
     return FT_OK;
 }
 
@@ -37,15 +48,20 @@ void token_positions(const int32_t *mask, int B, int T, int Tk, int32_t *pos, in
                      int32_t *row_real)
 {
     for (int b = 0; b < B; b++) {
-        int32_t seen = 0;
+        int32_t seen = 0, seg = 0, in_seg = 0; /* real tokens so far; current segment, its tokens so far */
         for (int j = 0; j < Tk; j++) {
-            int32_t mj = mask ? mask[(size_t)b * Tk + j] : 1;
+            const int32_t mj = mask ? mask[(size_t)b * Tk + j] : 1;
+            if (mj != 0 && mj != seg) {
+                seg = mj;
+                in_seg = 0;
+            }
             if (kmask) {
                 kmask[(size_t)b * Tk + j] = mj;
-                kpos[(size_t)b * Tk + j] = mj ? seen : 0;
+                kpos[(size_t)b * Tk + j] = mj ? in_seg : 0;
             }
-            if (j >= Tk - T) pos[(size_t)b * T + j - (Tk - T)] = seen;
-            seen += mj;
+            if (j >= Tk - T) pos[(size_t)b * T + j - (Tk - T)] = mj ? in_seg : seen;
+            seen += mj != 0;
+            in_seg += mj != 0;
         }
         if (row_real) row_real[b] = seen;
     }
@@ -101,7 +117,7 @@ ft_status head_logits(ft_model *m, const void *h, int n, float *logits, ft_error
 ft_status ft_forward(ft_model *m, const int32_t *ids, const int32_t *mask, int B, int T, float *logits,
                      ft_error *err)
 {
-    CALL(check_ids(m, ids, mask, B, T, T, err));
+    CALL(check_ids(m, ids, mask, B, T, T, 1, err));
     CALL(workspace_ensure(m, B * T, 0, err));
     step_ctx s;
     CALL(prepare_step(m, &s, ids, mask, B, T, err));

@@ -137,7 +137,11 @@ void ft_set_checkpointing(ft_model *m, float ratio);
 /* ---- compute ------------------------------------------------------------
  * ids/labels/mask are int32 [B, T] host arrays; mask may be NULL (all ones).
  * Token positions (rotary, alibi) count the unmasked tokens before each one,
- * so left and right padding both work. */
+ * so left and right padding both work.
+ * Packed rows: mask values are segment ids (0 = padding, k > 0 = a token of
+ * example k; non-decreasing along a row). A token attends to the earlier tokens
+ * of its own segment and its position counts only those, so each example is
+ * computed as if alone. Segment ids are refused where a KV cache is used. */
 ft_status ft_forward(ft_model *m, const int32_t *ids, const int32_t *mask, int B, int T,
                      float *logits /* [B, T, V] */, ft_error *err);
 /* Loss = mean over labels != -100 of CE(logits[t], labels[t+1]) (shift inside).

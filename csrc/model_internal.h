@@ -156,11 +156,13 @@ ft_status layer_backward(ft_model *m, const step_ctx *s, int l, layer_acts *A, c
                          ft_error *err);
 
 /* ---- forward.c ---- */
-/* ids in [0, V), mask (B x mask_T) of 0 or 1, and the B*T rows of every activation of the step
- * within FT_MAX_ELEMS. */
+/* ids in [0, V), mask (B x mask_T) of 0 or 1 -- or, with segments (packed rows, no KV cache),
+ * segment ids >= 0 that never decrease along a row -- and the B*T rows of every activation of the
+ * step within FT_MAX_ELEMS. */
 ft_status check_ids(const ft_model *m, const int32_t *ids, const int32_t *mask, int B, int T, int mask_T,
-                    ft_error *err);
-/* Host arrays: positions of the last T of Tk tokens per row (real tokens before each), key masks
+                    int segments, ft_error *err);
+/* Host arrays: positions of the last T of Tk tokens per row (tokens of the same segment before
+ * each; a padding token counts every real token before it), key masks
  * and alibi key positions (each may be NULL), row_real[b] = real tokens of row b (may be NULL). */
 void token_positions(const int32_t *mask, int B, int T, int Tk, int32_t *pos, int32_t *kmask, int32_t *kpos,
                      int32_t *row_real);

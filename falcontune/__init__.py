@@ -30,10 +30,11 @@ def finetune(**kwargs: Any) -> Any:
 
 
 def check_dataset(path: Any, data_type: str = "alpaca", tokenizer: Any = None, cutoff_len: int = 256,
-                  template: str = "alpaca") -> Any:
+                  template: str = "alpaca", chat_template: Any = None) -> Any:
     """Validate a dataset file; returns a report (counts, token lengths, errors by record)."""
     from .data import check_dataset as _check
     from .tokenizer import Tokenizer
     if isinstance(tokenizer, (str, bytes)) or hasattr(tokenizer, "__fspath__"):
         tokenizer = Tokenizer.from_file(tokenizer)
-    return _check(path, data_type=data_type, tokenizer=tokenizer, cutoff_len=cutoff_len, template=template)
+    return _check(path, data_type=data_type, tokenizer=tokenizer, cutoff_len=cutoff_len, template=template,
+                  chat_template=chat_template)

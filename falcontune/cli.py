@@ -56,12 +56,31 @@ def _add_model_args(p: argparse.ArgumentParser, weights_help: str) -> None:
     _add_bool(p, "--verbose", help="Print the traceback of errors and more details.")
 
 
+_DATA_TYPE_HELP = ("Dataset format: alpaca (instruction/input/output), gpt4all (prompt/response), chat (OpenAI "
+                   "'messages' or ShareGPT 'conversations', rendered with a chat template) or text (raw documents: "
+                   ".txt separated by blank lines, or {\"text\": ...} records; cut into cutoff_len windows). "
+                   "Default: %(default)s")
+
+
+def _add_data_type(p: argparse.ArgumentParser) -> None:
+    from .data import DATA_TYPES
+    p.add_argument("--data_type", default="alpaca", choices=DATA_TYPES, help=_DATA_TYPE_HELP)
+
+
+def _add_chat_template(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat_template", default=None, metavar="NAME|FILE",
+                   help="Chat template for --data_type=chat: a built-in name (falcon, chatml), a Jinja file, or a "
+                        "tokenizer_config.json. Default: the chat_template of the tokenizer_config.json next to "
+                        "tokenizer.json, else falcon (User: / Assistant: lines)")
+
+
 def _finetune_parser(sub: Any) -> None:
     p = sub.add_parser("finetune", help="train a LoRA adapter",
                        description="Fine-tune a GPTQ Falcon model with LoRA.")
     _add_model_args(p, _WEIGHTS_HELP)
-    p.add_argument("--data_type", default="alpaca", choices=("alpaca", "gpt4all"), help="Dataset format")
-    p.add_argument("--dataset", default=None, help="Path to local dataset file (JSON array or JSON Lines).")
+    _add_data_type(p)
+    p.add_argument("--dataset", default=None,
+                   help="Path to local dataset file (JSON array or JSON Lines; .txt for --data_type=text).")
     p.add_argument("--lora_out_dir", default="alpaca_lora", help="Directory to place new LoRA. Default: %(default)s")
     p.add_argument("--lora_apply_dir", default=None, help="Directory of a LoRA adapter to start from.")
     p.add_argument("--resume_checkpoint", default=None,
@@ -91,7 +110,12 @@ def _finetune_parser(sub: Any) -> None:
     p.add_argument("--prompt_template", default="alpaca", choices=("alpaca", "fr"),
                    help="Prompt template for alpaca data. Default: %(default)s")
     p.add_argument("--train_on_inputs", type=str2bool, default=None, metavar="BOOL",
-                   help="Learn the prompt tokens too (default: true for alpaca, false for gpt4all)")
+                   help="Learn the prompt tokens too (default: true for alpaca, false for gpt4all and chat, where "
+                        "only the assistant turns are learned; text learns every token)")
+    _add_chat_template(p)
+    _add_bool(p, "--packing", help="Pack several examples into each cutoff_len row (each example only sees "
+                                   "itself; positions restart per example): less padding, fewer steps. "
+                                   "Evaluation is packed too.")
     p.set_defaults(func=_run_finetune)
 
 
@@ -104,6 +128,9 @@ def _generate_parser(sub: Any) -> None:
     p.add_argument("--input", default="", help="Input (context) of the instruction")
     p.add_argument("--prompt_template", default="alpaca", choices=("alpaca", "fr"),
                    help="Template wrapping --instruction. Default: %(default)s")
+    _add_bool(p, "--chat", help="Chat model: the prompt (or each line with --interactive, which keeps the "
+                                "conversation) is a user message rendered with the chat template.")
+    _add_chat_template(p)
     for name, typ, default, help_ in (
             ("--max_new_tokens", int, 400, "Maximum new tokens."), ("--top_p", float, 0.95, "Top-p."),
             ("--top_k", int, 40, "Top-k."), ("--temperature", float, 0.8, "Sampling temperature."),
@@ -121,10 +148,14 @@ def _check_parser(sub: Any) -> None:
     p = sub.add_parser("check-dataset", help="validate a dataset file",
                        description="Check every record of a dataset and report token lengths.")
     p.add_argument("file", help="dataset file (JSON array or JSON Lines)")
-    p.add_argument("--data_type", default="alpaca", choices=("alpaca", "gpt4all"))
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (or its directory) for token lengths")
-    p.add_argument("--cutoff_len", type=int, default=256)
-    p.add_argument("--prompt_template", default="alpaca", choices=("alpaca", "fr"))
+    _add_data_type(p)
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json (or its directory) for token lengths; its tokenizer_config.json gives the "
+                        "chat template")
+    p.add_argument("--cutoff_len", type=int, default=256, help="Maximum tokens per example. Default: %(default)s")
+    p.add_argument("--prompt_template", default="alpaca", choices=("alpaca", "fr"),
+                   help="Prompt template for alpaca data. Default: %(default)s")
+    _add_chat_template(p)
     _add_bool(p, "--verbose", help="Print the traceback of errors.")
     p.set_defaults(func=_run_check)
 
@@ -199,10 +230,13 @@ def _run_generate(args: argparse.Namespace) -> int:
     model.eval()
     instruction_mode = bool(args.instruction) or not args.prompt
     kw = _generation_kwargs(args)
+    chat = _Chat(model, args.chat_template) if args.chat else None
 
     def answer(text: str) -> None:
         t0 = time.perf_counter()
-        if instruction_mode:
+        if chat is not None:
+            out = chat.reply(text, kw)
+        elif instruction_mode:
             out = model.generate(instruction=text, input=args.input, template=args.prompt_template, **kw)
         else:
             out = model.generate(prompt=text, **kw)
@@ -224,13 +258,35 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Chat:
+    """generate --chat: the conversation so far, rendered with the chat template for each reply."""
+
+    def __init__(self, model: Any, chat_template: Optional[str]) -> None:
+        from .chat import resolve_template
+
+        self.model = model
+        self.template = resolve_template(chat_template, model.tokenizer)
+        self.messages: list[dict[str, str]] = []
+
+    def reply(self, text: str, kw: dict[str, Any]) -> str:
+        import numpy as np
+
+        from .chat import encode_chat
+
+        self.messages.append({"role": "user", "content": text})
+        ids = encode_chat(self.template, self.messages, self.model.tokenizer, add_generation_prompt=True)
+        out = self.model.generate(input_ids=np.asarray([ids], dtype=np.int64), **kw)
+        self.messages.append({"role": "assistant", "content": out.strip()})
+        return out
+
+
 def _run_check(args: argparse.Namespace) -> int:
     from .data import check_dataset
     from .tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(args.tokenizer) if args.tokenizer else None
     report = check_dataset(args.file, data_type=args.data_type, tokenizer=tok, cutoff_len=args.cutoff_len,
-                           template=args.prompt_template)
+                           template=args.prompt_template, chat_template=args.chat_template)
     print(report)
     return 0 if report.ok else 1
 

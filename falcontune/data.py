@@ -6,6 +6,10 @@ Formats (``data_type``):
   optional, default "") and ``output`` (str), as a JSON array or JSON Lines.
 * ``gpt4all``: records with ``prompt`` (non-empty str) and ``response`` (str);
   the training text is ``prompt + "\\n" + response`` as in falcontune.
+* ``chat``: OpenAI ``messages`` or ShareGPT ``conversations`` records, rendered
+  with a chat template (falcontune.chat).
+* ``text``: raw documents (.txt or ``{"text": ...}`` records) cut into
+  ``cutoff_len`` windows (falcontune.textdata).
 
 Tokenization (``tokenize_records``): the prompt and the answer are encoded
 separately and concatenated, then EOS is appended.  Encoding the prompt on its
@@ -23,12 +27,12 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
 IGNORE_INDEX = -100
-DATA_TYPES = ("alpaca", "gpt4all")
+DATA_TYPES = ("alpaca", "gpt4all", "chat", "text")
 
 PathLike = Union[str, Path]
 
@@ -266,7 +270,7 @@ _FIELDS = {
 
 
 def _check_data_type(data_type: str) -> None:
-    if data_type not in _FIELDS:
+    if data_type not in DATA_TYPES:
         raise ValueError(f"unknown data_type {data_type!r}; expected one of "
                          f"{', '.join(DATA_TYPES)}")
 
@@ -308,28 +312,48 @@ def _validate(raw: _Raw, path: Path, data_type: str) -> dict[str, str]:
     return clean
 
 
-def _scan(path: Path, data_type: str) -> tuple[int, list[dict[str, str]], list[DatasetError]]:
+def _record_checker(data_type: str) -> Optional[Callable[[Any, int], dict[str, Any]]]:
+    """check(value, record number) -> clean record, raising ValueError with the problem, for the
+    data types whose records live in their own modules (None: alpaca / gpt4all, _validate)."""
+    if data_type == "chat":
+        from .chat import ConversationValidator
+        return ConversationValidator()  # one per file: it remembers the file's shape
+    if data_type == "text":
+        from .textdata import validate_text_record
+        return validate_text_record
+    return None
+
+
+def _scan(path: Path, data_type: str) -> tuple[int, list[dict[str, Any]], list[DatasetError]]:
     """(n_records, valid records, every record error in record order)."""
-    raws, errors = _parse_file(path)
+    if data_type == "text" and path.suffix.lower() == ".txt":
+        from .textdata import read_txt
+        raws, errors = read_txt(_read_text(path)), []
+    else:
+        raws, errors = _parse_file(path)
+    check = _record_checker(data_type)
     bad = {e.record for e in errors}
-    valid: list[dict[str, str]] = []
+    valid: list[dict[str, Any]] = []
     for raw in raws:
         if raw.number in bad:
             continue
         try:
-            valid.append(_validate(raw, path, data_type))
+            valid.append(_validate(raw, path, data_type) if check is None else check(raw.value, raw.number))
         except DatasetError as exc:
             errors.append(exc)
+        except ValueError as exc:
+            errors.append(DatasetError(path, str(exc), record=raw.number, line=raw.line))
     errors.sort(key=lambda e: e.record or 0)
     return len(raws), valid, errors
 
 
-def load_records(path: PathLike, data_type: str = "alpaca") -> list[dict[str, str]]:
-    """Load and validate every record of an Alpaca or gpt4all dataset.
+def load_records(path: PathLike, data_type: str = "alpaca") -> list[dict[str, Any]]:
+    """Load and validate every record of a dataset.
 
-    Accepts a JSON array or JSON Lines (detected from the first character).
-    Returns dicts with only the known fields (alpaca: instruction, input,
-    output; gpt4all: prompt, response).  Raises ``DatasetError`` for the first
+    Accepts a JSON array or JSON Lines (detected from the first character), and
+    for ``text`` a .txt file. Returns dicts with only the known fields (alpaca:
+    instruction, input, output; gpt4all: prompt, response; chat: messages with
+    OpenAI roles; text: text).  Raises ``DatasetError`` for the first
     bad record (the message counts the others; ``check_dataset`` lists them all).
     """
     _check_data_type(data_type)
@@ -422,23 +446,32 @@ def _split_texts(records: Sequence[dict[str, str]], data_type: str,
 
 
 def tokenize_records(
-    records: Sequence[dict[str, str]],
+    records: Sequence[dict[str, Any]],
     tokenizer: SupportsEncode,
     data_type: str = "alpaca",
     cutoff_len: Optional[int] = 256,
     template: TemplateLike = "alpaca",
     train_on_inputs: bool = True,
     add_eos: bool = True,
+    chat_template: Optional[str] = None,
 ) -> TokenizedDataset:
     """Tokenize validated records (see the module docstring for the rules).
 
     ``train_on_inputs=False`` masks the prompt tokens (template, instruction,
-    input; for gpt4all the prompt and its newline).  ``cutoff_len=None`` keeps
-    every token.
+    input; for gpt4all the prompt and its newline; for chat every non-assistant
+    token).  ``cutoff_len=None`` keeps every token.  ``chat_template``: see
+    falcontune.chat.resolve_template; ``text`` ignores train_on_inputs (every
+    token is learned).
     """
     _check_data_type(data_type)
     if cutoff_len is not None and cutoff_len < 1:
         raise ValueError(f"cutoff_len={cutoff_len}: expected a positive number of tokens")
+    if data_type == "chat":
+        from .chat import tokenize_conversations
+        return tokenize_conversations(records, tokenizer, cutoff_len, train_on_inputs, add_eos, chat_template)
+    if data_type == "text":
+        from .textdata import tokenize_documents
+        return tokenize_documents(records, tokenizer, cutoff_len, add_eos)
     eos = getattr(tokenizer, "eos_token_id", None)
     if add_eos and eos is None:
         raise ValueError("tokenizer has no EOS token id (no '<|endoftext|>' in its "
@@ -529,18 +562,25 @@ def length_grouped_batches(lengths: Sequence[int] | np.ndarray, mbatch_size: int
     return [batches[i] for i in order]
 
 
-def collate(dataset: TokenizedDataset, indices: Sequence[int] | np.ndarray,
+def collate(dataset: Any, indices: Sequence[int] | np.ndarray,
             pad_id: int) -> dict[str, np.ndarray]:
-    """Right-pad the selected examples to the longest one.
+    """Right-pad the selected examples (or packed rows) to the longest one.
 
     Returns int64 arrays [B, T]: ``input_ids`` (pad_id on padding), ``labels``
-    (-100 on padding) and ``attention_mask`` (1 on tokens, 0 on padding).
+    (-100 on padding) and ``attention_mask`` (1 on tokens, 0 on padding; for a
+    ``packing.PackedDataset``, the segment id of each token: see falcontune.packing).
     """
+    from .packing import PackedDataset
+
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     if idx.size == 0:
         raise ValueError("collate: expected at least one example index")
-    rows_x = [dataset.input_ids[i] for i in idx]
-    rows_y = [dataset.labels[i] for i in idx]
+    rows_seg: Optional[list[np.ndarray]] = None
+    if isinstance(dataset, PackedDataset):
+        rows_x, rows_y, rows_seg = dataset.row_arrays(idx)
+    else:
+        rows_x = [dataset.input_ids[i] for i in idx]
+        rows_y = [dataset.labels[i] for i in idx]
     lens = np.fromiter((len(r) for r in rows_x), dtype=np.int64, count=len(rows_x))
     width = max(int(lens.max()), 1)
     mask = np.arange(width)[None, :] < lens[:, None]
@@ -548,8 +588,10 @@ def collate(dataset: TokenizedDataset, indices: Sequence[int] | np.ndarray,
     labels = np.full(mask.shape, IGNORE_INDEX, dtype=np.int64)
     input_ids[mask] = np.concatenate(rows_x)
     labels[mask] = np.concatenate(rows_y)
-    return {"input_ids": input_ids, "labels": labels,
-            "attention_mask": mask.astype(np.int64)}
+    attention_mask = mask.astype(np.int64)
+    if rows_seg is not None:
+        attention_mask[mask] = np.concatenate(rows_seg)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
 # ----------------------------------------------------------------- checking
@@ -572,6 +614,7 @@ class DatasetReport:
     length_median: Optional[float] = None
     length_p95: Optional[float] = None
     length_max: Optional[int] = None
+    details: list[str] = field(default_factory=list)  # data-type specific lines (chat, text)
 
     @property
     def ok(self) -> bool:
@@ -595,7 +638,12 @@ class DatasetReport:
             out.append(f"  longueur en tokens / token length: min {self.length_min}, "
                        f"moyenne / mean {self.length_mean:.1f}, médiane / median "
                        f"{self.length_median:g}, p95 {self.length_p95:g}, max {self.length_max}")
-            out.append(f"  tronqués à / truncated to {self.cutoff_len} tokens: {self.n_truncated}")
+            if self.data_type == "text":
+                out.append(f"  plus longs que / longer than {self.cutoff_len} tokens (découpés en fenêtres, "
+                           f"rien n'est perdu / cut into windows, nothing dropped): {self.n_truncated}")
+            else:
+                out.append(f"  tronqués à / truncated to {self.cutoff_len} tokens: {self.n_truncated}")
+        out.extend(f"  {line}" for line in self.details)
         shown = 20
         for title, items in (("erreurs / errors", self.errors),
                              ("avertissements / warnings", self.warnings)):
@@ -611,11 +659,14 @@ class DatasetReport:
 
 def check_dataset(path: PathLike, data_type: str = "alpaca", tokenizer: Any = None,
                   cutoff_len: Optional[int] = 256,
-                  template: TemplateLike = "alpaca") -> DatasetReport:
+                  template: TemplateLike = "alpaca",
+                  chat_template: Optional[str] = None) -> DatasetReport:
     """Validate a dataset file and describe it, collecting every record error.
 
     With a tokenizer, token lengths (prompt + answer + EOS, before truncation)
-    and the number of examples longer than ``cutoff_len`` are reported.
+    and the number of examples longer than ``cutoff_len`` are reported.  Chat
+    conversations are also rendered with their template (``chat_template``, see
+    falcontune.chat), so a template that fails is reported per record.
     """
     _check_data_type(data_type)
     get_template(template)
@@ -630,8 +681,16 @@ def check_dataset(path: PathLike, data_type: str = "alpaca", tokenizer: Any = No
     report.errors = [(e.record or 0, _short(e)) for e in errors]
     if n == 0:
         report.errors.append((0, "empty dataset: no records"))
-    answer_field = "output" if data_type == "alpaca" else "response"
     numbered = _valid_numbers(n, errors)
+    if data_type in ("chat", "text"):
+        if data_type == "chat":
+            from .chat import describe as describe_records
+        else:
+            from .textdata import describe as describe_records
+        describe_records(report, valid, numbered, tokenizer, cutoff_len, chat_template)
+        report.errors.sort(key=lambda e: e[0])
+        return report
+    answer_field = "output" if data_type == "alpaca" else "response"
     for num, rec in zip(numbered, valid):
         if not rec[answer_field].strip():
             report.warnings.append((num, f"field '{answer_field}' is empty: only EOS is learned"))
@@ -640,15 +699,21 @@ def check_dataset(path: PathLike, data_type: str = "alpaca", tokenizer: Any = No
     if tokenizer is not None and valid:
         ds = tokenize_records(valid, tokenizer, data_type=data_type, cutoff_len=None,
                               template=template)
-        lens = ds.lengths
-        report.length_min = int(lens.min())
-        report.length_mean = float(lens.mean())
-        report.length_median = float(np.median(lens))
-        report.length_p95 = float(np.percentile(lens, 95))
-        report.length_max = int(lens.max())
-        if cutoff_len is not None:
-            report.n_truncated = int((lens > cutoff_len).sum())
+        set_lengths(report, ds.lengths)
     return report
+
+
+def set_lengths(report: DatasetReport, lens: np.ndarray) -> None:
+    """Token-length statistics of the report (lengths before truncation)."""
+    if len(lens) == 0:
+        return
+    report.length_min = int(lens.min())
+    report.length_mean = float(lens.mean())
+    report.length_median = float(np.median(lens))
+    report.length_p95 = float(np.percentile(lens, 95))
+    report.length_max = int(lens.max())
+    if report.cutoff_len is not None:
+        report.n_truncated = int((lens > report.cutoff_len).sum())
 
 
 def _valid_numbers(n: int, errors: list[DatasetError]) -> list[int]:

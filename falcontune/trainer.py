@@ -136,8 +136,8 @@ class _StopRequest:
 
 @dataclass
 class _Data:
-    train: TokenizedDataset
-    val: Optional[TokenizedDataset]
+    train: Any  # TokenizedDataset, or packing.PackedDataset with --packing
+    val: Optional[Any]
     n_records: int
     fingerprint: str
 
@@ -157,9 +157,10 @@ def _usable(ds: TokenizedDataset) -> np.ndarray:
 
 def prepare_data(dataset: PathLike, records: list[dict[str, str]], tokenizer: Any, data_type: str,
                  cutoff_len: int, template: str, train_on_inputs: bool, add_eos: bool, val_set_size: float,
-                 seed: int, say: Callable[[str], None]) -> _Data:
+                 seed: int, say: Callable[[str], None], chat_template: Optional[str] = None,
+                 packing: bool = False) -> _Data:
     ds = tokenize_records(records, tokenizer, data_type=data_type, cutoff_len=cutoff_len, template=template,
-                          train_on_inputs=train_on_inputs, add_eos=add_eos)
+                          train_on_inputs=train_on_inputs, add_eos=add_eos, chat_template=chat_template)
     train_idx, val_idx = train_val_split(len(ds), val_set_size, seed)
     train, val = ds.subset(train_idx.tolist()), ds.subset(val_idx.tolist()) if len(val_idx) else None
     keep = _usable(train).tolist()
@@ -173,7 +174,11 @@ def prepare_data(dataset: PathLike, records: list[dict[str, str]], tokenizer: An
         raise ValueError(f"{dataset}: no training example has a token to learn (cutoff_len={cutoff_len} "
                          "may be shorter than the prompts; raise --cutoff_len or use --train_on_inputs=true)")
     lens = ds.lengths
-    say(f"Dataset {dataset}: {len(records)} records ({data_type}, template {template}), "
+    how = f", template {template}" if data_type == "alpaca" else ""
+    if data_type == "chat":
+        from .chat import resolve_template
+        how = f", chat template {resolve_template(chat_template, tokenizer).name}"
+    say(f"Dataset {dataset}: {len(records)} records ({data_type}{how}), "
         f"{len(train)} train / {0 if val is None else len(val)} validation; tokens per example: "
         f"mean {lens.mean():.0f}, max {lens.max()}")
     if ds.n_truncated:
@@ -181,10 +186,28 @@ def prepare_data(dataset: PathLike, records: list[dict[str, str]], tokenizer: An
             "token is not learned); see falcontune check-dataset")
     if dropped:
         say(f"  {dropped} example(s) have nothing to learn after truncation and were left out")
+    if data_type == "text":
+        say(f"  documents cut into {len(ds)} windows of at most cutoff_len={cutoff_len} tokens")
+    if packing:
+        train, val = _pack(train, val, cutoff_len, say)
     return _Data(train=train, val=val, n_records=len(records), fingerprint=_file_sha256(Path(dataset)))
 
 
-def evaluate(model: Any, ds: TokenizedDataset, batch_size: int, pad_id: int) -> tuple[float, float, int]:
+def _pack(train: TokenizedDataset, val: Optional[TokenizedDataset], cutoff_len: int,
+          say: Callable[[str], None]) -> tuple[Any, Optional[Any]]:
+    """--packing: examples packed into cutoff_len rows (falcontune.packing), evaluation too."""
+    from .packing import pack_dataset
+
+    packed_train = pack_dataset(train, cutoff_len)
+    packed_val = pack_dataset(val, cutoff_len) if val is not None else None
+    fill = packed_train.lengths.sum() / (len(packed_train) * cutoff_len)
+    say(f"  packing: {len(train)} training examples in {len(packed_train)} rows of {cutoff_len} tokens "
+        f"({100 * fill:.0f}% filled)" + (f", {len(val)} validation examples in {len(packed_val)} rows"
+                                           if val is not None and packed_val is not None else ""))
+    return packed_train, packed_val
+
+
+def evaluate(model: Any, ds: Any, batch_size: int, pad_id: int) -> tuple[float, float, int]:
     """(mean eval loss over label tokens, runtime in s, number of batches)."""
     t0 = time.perf_counter()
     was_training = model.training
@@ -367,7 +390,7 @@ class Trainer:
             self.good_steps = 0
             if retries >= DIVERGENCE_STREAK or self.scale < 1.0:
                 raise self._diverged(loss, f"the fp16 loss scale fell to {self.scale:g}")
-        tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+        tokens = int(sum(np.count_nonzero(b["attention_mask"]) for b in batches))
         if self.fp16:
             self.good_steps += 1
             if self.good_steps >= SCALE_GROWTH_INTERVAL:
@@ -536,9 +559,7 @@ def _validate(mbatch_size: int, batch_size: int, epochs: int, lr: float, cutoff_
     if batch_size % mbatch_size:
         raise ValueError(f"--batch_size={batch_size} must be a multiple of --mbatch_size={mbatch_size} "
                          "(gradient accumulation = batch_size / mbatch_size)")
-    _positive("lr", lr, 0, integer=False)
-    if not lr > 0:
-        raise ValueError(f"--lr={lr!r}: expected a learning rate > 0")
+    _positive("lr", lr, 0, integer=False)  # 0 is allowed: an evaluation-only run (LoRA unchanged)
     _positive("lora_alpha", lora_alpha, 0, integer=False)
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"--lora_dropout={lora_dropout!r}: expected a probability in [0, 1)")
@@ -592,7 +613,8 @@ def finetune(model: Any, weights: Optional[PathLike] = None, dataset: Optional[P
              tokenizer: Optional[PathLike] = None, prompt_template: str = "alpaca",
              train_on_inputs: Optional[bool] = None, seed: int = 42, device: Optional[str] = None,
              eval_steps: Optional[int] = None, merged_dir: Optional[PathLike] = None,
-             callback: Optional[Callable[[dict[str, Any]], Any]] = None, progress: bool = True) -> FinetuneResult:
+             callback: Optional[Callable[[dict[str, Any]], Any]] = None, progress: bool = True,
+             chat_template: Optional[str] = None, packing: bool = False) -> FinetuneResult:
     """Fine-tune a LoRA adapter; the names and defaults are falcontune's CLI flags (see
     ``falcontune finetune --help``). ``model`` may also be an already loaded FalconModel.
     ``callback(info)`` is called after every optimizer step with a dict (step, total_steps, loss,
@@ -632,7 +654,8 @@ def finetune(model: Any, weights: Optional[PathLike] = None, dataset: Optional[P
         "gradient_checkpointing_ratio": gradient_checkpointing_ratio, "warmup_steps": warmup_steps,
         "save_steps": save_steps, "save_total_limit": save_total_limit, "logging_steps": logging_steps,
         "checkpoint": bool(checkpoint), "skip": bool(skip), "device": m.device, "prompt_template": prompt_template,
-        "train_on_inputs": bool(train_on_inputs), "use_eos_token": bool(use_eos_token), "seed": seed}))
+        "train_on_inputs": bool(train_on_inputs), "use_eos_token": bool(use_eos_token), "seed": seed,
+        "chat_template": chat_template, "packing": bool(packing)}))
 
     if verbose:
         say(f"{m!r} on {m.device}, activations {m.dtype}")
@@ -649,7 +672,8 @@ def finetune(model: Any, weights: Optional[PathLike] = None, dataset: Optional[P
             raise _no_tokenizer_error(model)
         assert dataset is not None
         data = prepare_data(dataset, records, m.tokenizer, data_type, cutoff_len, prompt_template,
-                            bool(train_on_inputs), bool(use_eos_token), val_set_size, seed, say)
+                            bool(train_on_inputs), bool(use_eos_token), val_set_size, seed, say,
+                            chat_template=chat_template, packing=bool(packing))
         settings = Settings(mbatch_size=mbatch_size, batch_size=batch_size, epochs=epochs, lr=float(lr),
                             warmup_steps=warmup_steps, save_steps=save_steps, save_total_limit=save_total_limit,
                             logging_steps=logging_steps, eval_steps=eval_steps, seed=seed, out_dir=out_dir)
@@ -659,7 +683,8 @@ def finetune(model: Any, weights: Optional[PathLike] = None, dataset: Optional[P
                     "mbatch_size": mbatch_size, "batch_size": batch_size, "epochs": epochs, "lr": float(lr),
                     "warmup_steps": warmup_steps, "lora_r": lora_cfg["r"],
                     "lora_alpha": float(lora_cfg["lora_alpha"]), "lora_dropout": float(lora_dropout),
-                    "target_modules": list(lora_cfg["target_modules"]), "n_train": len(data.train)}
+                    "target_modules": list(lora_cfg["target_modules"]), "n_train": len(data.train),
+                    "chat_template": chat_template, "packing": bool(packing)}
         pad_id = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
         trainer = Trainer(m, data, settings, console, pad_id, run_args, callback=callback, progress=progress)
         if resume is not None:
@@ -680,7 +705,8 @@ def finetune(model: Any, weights: Optional[PathLike] = None, dataset: Optional[P
         result.total_steps, result.checkpoint_dir = trainer.total_steps, trainer.last_ckpt
         result.train_loss = trainer.loss_total / trainer.loss_steps if trainer.loss_steps else None
         result.eval_loss = trainer.last_eval_loss
-        result.n_train, result.n_val = len(data.train), 0 if data.val is None else len(data.val)
+        result.n_train = getattr(data.train, "n_examples", len(data.train))  # examples, also when packed
+        result.n_val = 0 if data.val is None else getattr(data.val, "n_examples", len(data.val))
     result.adapter_dir = m.save_lora(out_dir)
     say(f"Adapter LoRA enregistré / LoRA adapter saved in {result.adapter_dir}")
     if checkpoint:

@@ -271,8 +271,8 @@ def test_bad_masks_labels_and_lora_shapes(model_dir):
     ids = np.random.default_rng(0).integers(0, m.config.vocab_size, size=(2, 4))
     with pytest.raises(ValueError, match="attention_mask"):
         m.forward(ids, np.ones((2, 5), dtype=int))
-    with pytest.raises(ValueError, match="0 or 1"):
-        m.forward(ids, np.full((2, 4), 2))
+    with pytest.raises(ValueError, match="0 or 1"):  # (2 is a segment id of packed rows: test_packing.py)
+        m.forward(ids, np.full((2, 4), -1))
     with pytest.raises(RuntimeError, match="add_lora"):
         m.forward_backward(ids, ids)
     m.add_lora(r=2, target_modules=["dense"])

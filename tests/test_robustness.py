@@ -780,7 +780,8 @@ IDS_CASES: dict[str, tuple[Any, Any, tuple, tuple[str, ...]]] = {
     "empty_tokens": (np.zeros((1, 0), int), None, (ValueError,), ("input_ids",)),
     "empty_batch": (np.zeros((0, 4), int), None, (ValueError,), ("input_ids",)),
     "none": (None, None, (TypeError, ValueError), ()),
-    "mask_value_2": ([[1, 2]], [[1, 2]], (ValueError,), ("attention_mask", "0 or 1")),
+    # mask values > 1 are segment ids of packed rows (test_packing.py); they may not decrease
+    "mask_segment_decreasing": ([[1, 2]], [[2, 1]], (ValueError,), ("attention_mask", "must not decrease")),
     "mask_negative": ([[1, 2]], [[1, -1]], (ValueError,), ("attention_mask",)),
     "mask_shape": ([[1, 2]], [[1, 1, 1]], (ValueError,), ("attention_mask", "shape")),
     "mask_batch": ([[1, 2]], [[1, 1], [1, 1]], (ValueError,), ("attention_mask",)),

@@ -2,7 +2,8 @@
  *
  * Attention never stores the T x T probabilities: forward saves the
  * log-sum-exp per query and backward recomputes probabilities from it, the
- * same contract the CUDA flash kernels follow.
+ * same contract the CUDA flash kernels follow. Key masks hold segment ids (packed rows): a
+ * query sees the causal keys ft_key_visible allows (backend.h).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -144,10 +145,11 @@ ft_status cpu_attention_fwd(ft_backend *be, void *out_, float *lse, const void *
         }
         for (int t = 0; t < T; t++) {
             const int last = w.first_q_pos + t; /* causal: keys 0..last */
+            const int32_t qseg = w.kmask[last];
             float *o = out + ((size_t)b * T + t) * H * hd + (size_t)h * hd;
             float mx = -INFINITY;
             for (int j = 0; j <= last; j++) {
-                p[j] = w.kmask[j] ? score(a, &w, t, j) : -INFINITY;
+                p[j] = ft_key_visible(w.kmask[j], qseg) ? score(a, &w, t, j) : -INFINITY;
                 if (p[j] > mx) mx = p[j];
             }
             memset(o, 0, hd * sizeof(float));
@@ -157,7 +159,7 @@ ft_status cpu_attention_fwd(ft_backend *be, void *out_, float *lse, const void *
             }
             double sum = 0.0;
             for (int j = 0; j <= last; j++) {
-                p[j] = w.kmask[j] ? expf(p[j] - mx) : 0.0f;
+                p[j] = p[j] == -INFINITY ? 0.0f : expf(p[j] - mx);
                 sum += p[j];
             }
             const float inv = (float)(1.0 / sum);
@@ -210,8 +212,9 @@ ft_status cpu_attention_bwd(ft_backend *be, void *dq_, void *dk_, void *dv_, con
         const float l = lse[bht];
         if (l == -INFINITY) continue;
         const float *go = dout + ((size_t)b * T + t) * row + (size_t)h * hd;
+        const int32_t qseg = w.kmask[w.first_q_pos + t];
         for (int j = 0; j <= w.first_q_pos + t; j++) {
-            if (!w.kmask[j]) continue;
+            if (!ft_key_visible(w.kmask[j], qseg)) continue;
             float p = expf(score(a, &w, t, j) - l);
             float ds = p * (cpu_dot(go, w.v + (size_t)j * hd, hd) - Dt[bht]) * a->scale;
             const float *kr = w.k + (size_t)j * hd;
@@ -225,12 +228,13 @@ ft_status cpu_attention_bwd(ft_backend *be, void *dq_, void *dk_, void *dv_, con
         float *dkr = dk + (size_t)bgj * hd, *dvr = dv + (size_t)bgj * hd;
         memset(dkr, 0, hd * sizeof(float));
         memset(dvr, 0, hd * sizeof(float));
-        if (!a->kmask[(size_t)b * a->kstride + j]) continue;
+        const int32_t *kmb = a->kmask + (size_t)b * a->kstride;
+        if (!kmb[j]) continue;
         for (int h = g * gs; h < (g + 1) * gs; h++) {
             attn_view w = view_of(a, q, k, v, b, h);
             const float *vr = w.v + (size_t)j * hd;
             for (int t = j - w.first_q_pos; t < T; t++) {
-                if (t < 0) continue;
+                if (t < 0 || !ft_key_visible(kmb[j], kmb[w.first_q_pos + t])) continue;
                 const size_t bht = ((size_t)b * H + h) * T + t;
                 const float l = lse[bht];
                 if (l == -INFINITY) continue;

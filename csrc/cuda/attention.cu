@@ -9,7 +9,8 @@
  *   dv_h = sum_t p dout_t, dk_h = scale sum_t dS q_t   (one thread per key and query head)
  * and dk/dv of a kv head sum dk_h/dv_h over its query heads in a fixed order
  * (f32 scratch, no atomics: deterministic).
- * score = (q.k + slope * kpos) * scale; query t sits at key position Tk - T + t.
+ * score = (q.k + slope * kpos) * scale; query t sits at key position Tk - T + t and sees the
+ * causal keys ft_key_visible allows (segment ids of packed rows, backend.h).
  * One thread owns one query (or key) row of up to HDM dims in registers;
  * head dims are padded with zeros up to HDM in {32, 64, 128, 256}.
  */
@@ -213,6 +214,7 @@ __global__ void __launch_bounds__(BQ) attn_fwd_kernel(T *out, float *lse, const 
     const T *kb = k + ((size_t)b * a.KV + g) * a.cap * a.hd;
     const T *vb = v + ((size_t)b * a.KV + g) * a.cap * a.hd;
     const int32_t *kmb = a.kmask + (size_t)b * a.kstride, *kpb = a.kpos + (size_t)b * a.kstride;
+    const int32_t qseg = valid ? kmb[qpos] : 0; /* the query's segment (packed rows) */
 
     float qr[HDM], o[HDM];
     if (valid) load_row<T, HDM>(qr, q + ((size_t)bh * a.T + t) * a.hd, a.hd);
@@ -241,7 +243,7 @@ __global__ void __launch_bounds__(BQ) attn_fwd_kernel(T *out, float *lse, const 
         for (int jj = 0; jj < BK; jj++) {
             const int j = j0 + jj;
             float sc = -INFINITY;
-            if (valid && j <= qpos && km[jj]) {
+            if (valid && j <= qpos && ft_key_visible(km[jj], qseg)) {
                 float d = dot_sh<HDM>(qr, Ks + jj * HDM);
                 if (a.slopes) d += slope * kp[jj];
                 sc = d * a.scale;
@@ -298,6 +300,7 @@ __global__ void __launch_bounds__(BQ) attn_dq_kernel(T *dq, float *Dt, const T *
     const T *kb = k + ((size_t)b * a.KV + g) * a.cap * a.hd;
     const T *vb = v + ((size_t)b * a.KV + g) * a.cap * a.hd;
     const int32_t *kmb = a.kmask + (size_t)b * a.kstride, *kpb = a.kpos + (size_t)b * a.kstride;
+    const int32_t qseg = valid ? kmb[qpos] : 0;
 
     float qr[HDM], go[HDM], acc[HDM];
     float L = -INFINITY, D = 0.0f;
@@ -334,7 +337,7 @@ __global__ void __launch_bounds__(BQ) attn_dq_kernel(T *dq, float *Dt, const T *
 #pragma unroll 4
         for (int jj = 0; jj < BK; jj++) {
             const int j = j0 + jj;
-            if (j > qpos || !km[jj]) continue;
+            if (j > qpos || !ft_key_visible(km[jj], qseg)) continue;
             float sc = dot_sh<HDM>(qr, Ks + jj * HDM);
             if (a.slopes) sc += slope * kp[jj];
             sc *= a.scale;
@@ -361,6 +364,7 @@ __global__ void __launch_bounds__(BQ) attn_dkv_kernel(float *dst, const T *dout,
     __shared__ __align__(16) float Qs[BT * HDM];
     __shared__ __align__(16) float Gs[BT * HDM];
     __shared__ float Ls[BT], Ds[BT];
+    __shared__ int Qseg[BT]; /* segment of each query of the tile (Tk == T: query t is key t) */
     int bh, tile;
     attn_block(a, bh, tile);
     const int b = bh / a.H, h = bh % a.H, g = h / (a.H / a.KV);
@@ -368,7 +372,9 @@ __global__ void __launch_bounds__(BQ) attn_dkv_kernel(float *dst, const T *dout,
     const bool valid = j < a.T;
     const float slope = a.slopes ? a.slopes[h] : 0.0f;
     const size_t krow = (((size_t)b * a.KV + g) * a.cap + j) * a.hd;
-    const bool live = valid && a.kmask[(size_t)b * a.kstride + j];
+    const int32_t *kmb = a.kmask + (size_t)b * a.kstride;
+    const int32_t kseg = valid ? kmb[j] : 0;
+    const bool live = kseg != 0;
     const float kpj = valid ? (float)a.kpos[(size_t)b * a.kstride + j] : 0.0f;
 
     float kr[HDM], vr[HDM], acc[HDM];
@@ -395,13 +401,14 @@ __global__ void __launch_bounds__(BQ) attn_dkv_kernel(float *dst, const T *dout,
             const int t = t0 + r;
             Ls[r] = t < a.T ? lse[(size_t)bh * a.T + t] : -INFINITY;
             Ds[r] = t < a.T ? Dt[(size_t)bh * a.T + t] : 0.0f;
+            Qseg[r] = t < a.T ? kmb[t] : 0;
         }
         __syncthreads();
         if (!live) continue;
 #pragma unroll 2
         for (int r = 0; r < BT; r++) {
             const int t = t0 + r;
-            if (t < j || Ls[r] == -INFINITY) continue;
+            if (t < j || Ls[r] == -INFINITY || !ft_key_visible(kseg, Qseg[r])) continue;
             float sc = dot_sh<HDM>(kr, Qs + r * HDM);
             if (a.slopes) sc += slope * kpj;
             sc *= a.scale;

@@ -1,7 +1,8 @@
 /* attention_gemm.cu -- causal softmax attention through cuBLAS batched GEMMs (tensor cores).
  *
  * Same contract as the flash kernels of attention.cu and csrc/cpu/attention.c:
- *   score s_tj = (q_t . k_j + slope_h * kpos_j) * scale, visible when j <= Tk - T + t and kmask_j,
+ *   score s_tj = (q_t . k_j + slope_h * kpos_j) * scale, visible when j <= Tk - T + t and
+ *   ft_key_visible(kmask_j, kmask_{Tk-T+t}) (segment ids of packed rows, backend.h),
  *   out_t = sum_j p_tj v_j with p = softmax over visible keys; lse_t saved (-inf, out 0: no visible key).
  *
  * Work is cut into chunks whose f32 score block stays within be->attn_chunk_bytes
@@ -63,6 +64,7 @@ struct ag_row {
     size_t qrow;  /* row in q / dq / lse: i*gs*T + r */
     size_t orow;  /* element offset of this (b, t, h) in out / dout [B, T, H*hd] */
     int n;        /* causally visible keys: 0 .. n-1 (n = Tk - T + t + 1 >= 1) */
+    int32_t qseg; /* the query's segment id: kmask at key position n - 1 */
 };
 
 /* chunk row w (0 .. ni*R) -> the query it stands for */
@@ -77,14 +79,15 @@ __device__ __forceinline__ ag_row ag_row_of(const ag_p &a, int w)
     o.qrow = (size_t)i * a.rows_item + r;
     o.orow = (((size_t)o.b * a.T + o.t) * a.H + o.h) * a.hd;
     o.n = a.Tk - a.T + o.t + 1;
+    o.qseg = a.kmask[(size_t)o.b * a.kstride + o.n - 1];
     return o;
 }
 
-/* masked, scaled score of key j (j < n causal) from the raw dot product */
-__device__ __forceinline__ float ag_score(const ag_p &a, const int32_t *km, const int32_t *kp, float slope, int n,
-                                          int j, float dot)
+/* masked, scaled score of key j for the query of row ro from the raw dot product */
+__device__ __forceinline__ float ag_score(const ag_p &a, const int32_t *km, const int32_t *kp, float slope,
+                                          const ag_row &ro, int j, float dot)
 {
-    if (j >= n || !km[j]) return -INFINITY;
+    if (j >= ro.n || !ft_key_visible(km[j], ro.qseg)) return -INFINITY;
     if (a.slopes) dot += slope * (float)kp[j];
     return dot * a.scale;
 }
@@ -112,7 +115,7 @@ __device__ __forceinline__ void ag_write_probs(T *p, const float *s, float ls, c
             const float d[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                const float x = ag_score(a, km, kp, slope, ro.n, j + e, d[e]);
+                const float x = ag_score(a, km, kp, slope, ro, j + e, d[e]);
                 o.v[e] = cv<T>(x == -INFINITY ? 0.0f : expf(x - ls));
             }
         } else {
@@ -142,7 +145,7 @@ __global__ void __launch_bounds__(32 * AG_WARPS) ag_softmax_fwd(T *P, float *lse
         const float d[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            const float x = ag_score(a, km, kp, slope, ro.n, j + e, d[e]);
+            const float x = ag_score(a, km, kp, slope, ro, j + e, d[e]);
             if (x > m) {
                 l = l * expf(m - x) + 1.0f; /* m == -inf: l == 0 */
                 m = x;
