@@ -99,19 +99,10 @@ struct ft_model {
     kv_cache cache;
 };
 
-static int mod_in(const ft_config *c, int mod)
-{
-    return mod == FT_MOD_4H_TO_H ? c->ffn : c->hidden;
-}
-
-static int mod_out(const ft_config *c, int mod, int qkv_width)
-{
-    switch (mod) {
-    case FT_MOD_QKV: return qkv_width;
-    case FT_MOD_H_TO_4H: return c->ffn;
-    default: return c->hidden;
-    }
-}
+/* Module widths come from the module table (common.c); qkv_width (m->qkv_width) is the same
+ * ft_qkv_width the table gives for query_key_value. */
+static int mod_in(const ft_config *c, int mod) { return ft_module_in(c, mod); }
+static int mod_out(const ft_config *c, int mod, int qkv_width) { (void)qkv_width; return ft_module_out(c, mod); }
 
 static size_t act_bytes(const ft_model *m, size_t n)
 {
@@ -256,9 +247,8 @@ static ft_status create_backend(const char *device, int act_dtype, ft_backend **
     }
     if (strncmp(device, "cuda", 4) == 0) {
 #ifdef FT_WITH_CUDA
-        int index = 0;
-        if (device[4] == ':') index = atoi(device + 5);
-        else if (device[4] != '\0') return ft_fail(err, FT_EINVAL, "unknown device '%s'", device);
+        int index;
+        CALL(ft_parse_device(device, &index, err));
         return ft_cuda_backend_create(index, act_dtype, be, err);
 #else
         (void)act_dtype;
@@ -284,11 +274,7 @@ ft_status ft_model_create(const ft_config *cfg, const ft_host_weights *w, const 
     m->rng_seed = 0;
     m->lora_min_layer = cfg->n_layer;
     const ft_config *c = &m->cfg;
-    switch (c->qkv_layout) {
-    case FT_QKV_MULTI_QUERY: m->qkv_width = c->hidden + 2 * c->head_dim; break;
-    case FT_QKV_GROUPED: m->qkv_width = (c->n_head + 2 * c->n_kv_head) * c->head_dim; break;
-    case FT_QKV_INTERLEAVED: m->qkv_width = 3 * c->hidden; break;
-    }
+    m->qkv_width = ft_qkv_width(c);
     ft_status st = create_backend(device, act_dtype, &m->be, err);
     if (st) {
         free(m);
@@ -395,8 +381,7 @@ ft_status ft_lora_init(ft_model *m, int r, float alpha, float dropout, unsigned 
     if (!(dropout >= 0.0f && dropout < 1.0f))
         return ft_fail(err, FT_EINVAL, "lora dropout must be in [0, 1), got %g", (double)dropout);
     if (!target_mask || target_mask >= (1u << FT_NMOD))
-        return ft_fail(err, FT_EINVAL, "lora target modules: expected a non-empty subset of "
-                                       "query_key_value, dense, dense_h_to_4h, dense_4h_to_h");
+        return ft_fail(err, FT_EINVAL, "lora target modules: mask 0x%x is not a non-empty set of the %d modules", target_mask, FT_NMOD);
     ft_lora_remove(m);
     free_workspace(m); /* xa buffers depend on r */
     m->lora_off = malloc((size_t)c->n_layer * FT_NMOD * sizeof(size_t));

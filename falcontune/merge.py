@@ -19,14 +19,12 @@ from typing import Any, Iterator, Optional, Union
 import numpy as np
 
 from .checkpoint import _hidden_tmp, replace_dir, write_json
+from .layout import MODULES, lora_key
 from .models import config_to_hf_dict
 from .testing import gptq_dequantize
 from .weights import save_safetensors, to_float32
 
 PathLike = Union[str, "os.PathLike[str]"]
-MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
-PARENT = {"query_key_value": "self_attention", "dense": "self_attention",
-          "dense_h_to_4h": "mlp", "dense_4h_to_h": "mlp"}
 DEFAULT_SHARD_BYTES = 2 * 1024 ** 3
 
 
@@ -35,8 +33,7 @@ def _lora_delta(model: Any, lora: dict[str, np.ndarray], layer: int, module: str
     cfg = model.lora_config
     if not cfg or module not in cfg["target_modules"]:
         return None
-    key = f"base_model.model.transformer.h.{layer}.{PARENT[module]}.{module}"
-    A, B = lora[f"{key}.lora_A.weight"], lora[f"{key}.lora_B.weight"]
+    A, B = lora[lora_key(layer, module, "A")], lora[lora_key(layer, module, "B")]
     r = int(cfg["r"])
     scaling = float(cfg["lora_alpha"]) / (math.sqrt(r) if cfg.get("use_rslora") else r)
     return scaling * (B.astype(np.float64) @ A.astype(np.float64))
@@ -75,10 +72,9 @@ def _tensors(model: Any) -> Iterator[tuple[str, np.ndarray]]:
             for p in ("weight", "bias"):
                 yield f"{pre}.{ln}.{p}", _dense(store, f"{pre}.{ln}.{p}")
         for module in MODULES:
-            path = f"{PARENT[module]}.{module}"
-            fin, _ = cfg.linear_shapes[path]
-            base = f"{pre}.{path}"
-            yield f"{base}.weight", _linear_weight(model, store, base, fin, _lora_delta(model, lora, layer, module))
+            fin, _ = cfg.linear_shapes[module.path]
+            base = f"{pre}.{module.path}"
+            yield f"{base}.weight", _linear_weight(model, store, base, fin, _lora_delta(model, lora, layer, module.name))
             if store.has(f"{base}.bias"):
                 yield f"{base}.bias", _dense(store, f"{base}.bias")
     for p in ("weight", "bias"):
