@@ -1,5 +1,5 @@
-/* py_binding.h -- what the files of falcontune._C share (pymodule.c, py_convert.c, py_model.c).
- * These files are the binding: the only ones that include Python.h and numpy.
+/* py_binding.h -- what the files of falcontune._C share (pymodule.c, py_convert.c, py_model.c,
+ * py_oprunner.c). These files are the binding: the only ones that include Python.h and numpy.
  * Each other C file of the engine sees ft.h / backend.h only.
  *
  * numpy's C API is a table of function pointers that import_array() fills once, in pymodule.c;
@@ -75,5 +75,8 @@ int ft_py_bind_weights(PyObject *weights, PyObject *keep, const ft_config *c, ft
 
 /* ---- types ---- */
 extern PyTypeObject ft_py_ModelType;    /* py_model.c */
+extern PyTypeObject ft_py_OpRunnerType; /* py_oprunner.c */
+/* _C.OPS: (name, coverage) of every entry of the backend op table (py_oprunner.c) */
+int ft_py_add_op_constants(PyObject *module);
 
 #endif /* FT_PY_BINDING_H */

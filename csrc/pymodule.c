@@ -5,6 +5,7 @@
  *   pymodule.c     the module: init, exceptions, module functions, the module table as constants
  *   py_convert.c   Python objects -> engine structs (array checks, config dict, checkpoint names)
  *   py_model.c     the Model type (one ft_model; busy guard; GIL released around compute)
+ *   py_oprunner.c  the OpRunner type: one op of the backend table on numpy arrays (opdebug.c)
  * py_binding.h holds what they share.
  */
 #define FT_PY_IMPORT_ARRAY /* this file calls import_array() for the whole extension */
@@ -254,7 +255,7 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC PyInit__C(void)
 {
     import_array();
-    if (PyType_Ready(&ft_py_ModelType) < 0) return NULL;
+    if (PyType_Ready(&ft_py_ModelType) < 0 || PyType_Ready(&ft_py_OpRunnerType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (!m) return NULL;
     ft_py_OutOfMemoryError = PyErr_NewExceptionWithDoc("falcontune._C.OutOfMemoryError",
@@ -264,6 +265,7 @@ PyMODINIT_FUNC PyInit__C(void)
                                                   PyExc_RuntimeError, NULL);
     if (!ft_py_OutOfMemoryError || !ft_py_DeviceError ||
         PyModule_AddObjectRef(m, "Model", (PyObject *)&ft_py_ModelType) < 0 ||
+        PyModule_AddObjectRef(m, "OpRunner", (PyObject *)&ft_py_OpRunnerType) < 0 || ft_py_add_op_constants(m) < 0 ||
         PyModule_AddObjectRef(m, "OutOfMemoryError", ft_py_OutOfMemoryError) < 0 ||
         PyModule_AddObjectRef(m, "DeviceError", ft_py_DeviceError) < 0 || add_layout_constants(m) < 0) {
         Py_DECREF(m);

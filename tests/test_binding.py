@@ -122,7 +122,7 @@ def _c_callables():
         obj = getattr(_C, name)
         if callable(obj) and not isinstance(obj, type):
             yield f"_C.{name}", obj
-    for cls in (_C.Model,):
+    for cls in (_C.Model, _C.OpRunner):
         yield f"_C.{cls.__name__}", cls
         for name, obj in vars(cls).items():
             if not name.startswith("_") and callable(obj):
@@ -229,7 +229,7 @@ def test_closed_model_refuses_every_method(tiny_dir):
 @pytest.mark.parametrize("device", ["cuda:abc", "cuda:-1", "cuda:1x", "cuda:", "cuda: 1", "cuda:+1", "cudax",
                                     "cuda:99999999999", "gpu"])
 def test_bad_device_strings_are_rejected(device):
-    for make in (lambda: _C.Model({}, {}, device),):
+    for make in (lambda: _C.Model({}, {}, device), lambda: _C.OpRunner(device)):
         with pytest.raises(ValueError, match=re.escape(f"'{device}'")):
             make()
 
