@@ -446,7 +446,7 @@ static ft_status lora_locate(const ft_model *m, ft_lora_slot slot, int layer, in
 {
     *A = *B = NULL;
     *na = *nb = 0;
-    if (!m->lora_r) return ft_fail(err, FT_ESTATE, "the model has no LoRA adapter (call add_lora first)");
+    if (!m->lora_r) return ft_fail(err, FT_ESTATE, "the model has no LoRA adapter");
     if (slot < FT_LORA_WEIGHT || slot > FT_LORA_ADAM_V) return ft_fail(err, FT_EINVAL, "bad LoRA slot");
     if (layer < 0 || layer >= m->cfg.n_layer || mod < 0 || mod >= FT_NMOD)
         return ft_fail(err, FT_EINVAL, "LoRA layer %d / module %d out of range", layer, mod);
@@ -633,8 +633,7 @@ static ft_status ensure_workspace(ft_model *m, int N, int train, ft_error *err)
     if (st) {
         free_workspace(m);
         if (st == FT_EDEVMEM || st == FT_ENOMEM)
-            return ft_fail(err, st, "out of memory allocating %.1f MiB of activations for %d tokens: lower "
-                           "mbatch_size or cutoff_len, or enable gradient_checkpointing", cv.off / 1048576.0, N);
+            return ft_fail(err, st, "out of memory allocating %.1f MiB of activations for %d tokens", cv.off / 1048576.0, N);
         return st;
     }
     ws->block = block;
@@ -912,7 +911,7 @@ static ft_status loss_step(ft_model *m, const int32_t *ids, const int32_t *label
     const ft_backend_ops *op = m->be->ops;
     CALL(check_ids(m, ids, mask, B, T, T, err));
     if (backward && !m->lora_r)
-        return ft_fail(err, FT_ESTATE, "forward_backward needs a LoRA adapter (call add_lora first)");
+        return ft_fail(err, FT_ESTATE, "forward_backward: the model has no LoRA adapter to train");
     if (!isfinite(grad_scale)) return ft_fail(err, FT_EINVAL, "grad_scale must be finite");
     const int N = B * T, V = c->vocab_size, D = c->hidden, L = c->n_layer;
 
@@ -1091,8 +1090,7 @@ ft_status ft_cache_init(ft_model *m, int B, int capacity, ft_error *err)
     if (st) {
         ft_cache_free(m);
         if (st == FT_EDEVMEM || st == FT_ENOMEM)
-            return ft_fail(err, st, "out of memory allocating the KV cache for %d x %d tokens: lower the batch "
-                           "or max_new_tokens", B, capacity);
+            return ft_fail(err, st, "out of memory allocating the KV cache for %d x %d tokens", B, capacity);
         return st;
     }
     kc->B = B;
@@ -1124,7 +1122,7 @@ ft_status ft_forward_cached(ft_model *m, const int32_t *ids, const int32_t *mask
     const ft_config *c = &m->cfg;
     const ft_backend_ops *op = m->be->ops;
     kv_cache *kc = &m->cache;
-    if (!kc->k) return ft_fail(err, FT_ESTATE, "no KV cache: call cache_init first");
+    if (!kc->k) return ft_fail(err, FT_ESTATE, "no KV cache (cache_init was not called)");
     if (B != kc->B) return ft_fail(err, FT_EINVAL, "batch %d does not match the cache's %d", B, kc->B);
     const int Tk = kc->len + T;
     if (Tk > kc->cap)
@@ -1246,7 +1244,7 @@ ft_status ft_decode_step(ft_model *m, const int32_t *ids, const int32_t *mask, i
     const ft_config *c = &m->cfg;
     const ft_backend_ops *op = m->be->ops;
     kv_cache *kc = &m->cache;
-    if (!kc->k) return ft_fail(err, FT_ESTATE, "no KV cache: call cache_init first");
+    if (!kc->k) return ft_fail(err, FT_ESTATE, "no KV cache (cache_init was not called)");
     if (B != kc->B) return ft_fail(err, FT_EINVAL, "batch %d does not match the cache's %d", B, kc->B);
     if (kc->len + 1 > kc->cap)
         return ft_fail(err, FT_EINVAL, "KV cache full: %d + 1 tokens exceed its capacity %d", kc->len, kc->cap);
