@@ -9,6 +9,9 @@
  * The list of ft_backend_ops entries below is checked against the struct at compile time (same
  * count, same order), so an op added to the table does not build until it is listed here, and
  * tests/test_ops.py fails until it has a test case.
+ *
+ * Longer than ~700 lines on purpose: one short runner per op of the table (about thirty), kept in
+ * one file with the list they must match, so an op's runner and its entry are reviewed together.
  */
 #include <math.h>
 #include <stddef.h>
