@@ -381,7 +381,8 @@ ft_status ft_lora_init(ft_model *m, int r, float alpha, float dropout, unsigned 
     if (!(dropout >= 0.0f && dropout < 1.0f))
         return ft_fail(err, FT_EINVAL, "lora dropout must be in [0, 1), got %g", (double)dropout);
     if (!target_mask || target_mask >= (1u << FT_NMOD))
-        return ft_fail(err, FT_EINVAL, "lora target modules: mask 0x%x is not a non-empty set of the %d modules", target_mask, FT_NMOD);
+        return ft_fail(err, FT_EINVAL, "lora target modules: mask 0x%x is not a non-empty set of the %d modules",
+                       target_mask, FT_NMOD);
     ft_lora_remove(m);
     free_workspace(m); /* xa buffers depend on r */
     m->lora_off = malloc((size_t)c->n_layer * FT_NMOD * sizeof(size_t));
@@ -633,7 +634,8 @@ static ft_status ensure_workspace(ft_model *m, int N, int train, ft_error *err)
     if (st) {
         free_workspace(m);
         if (st == FT_EDEVMEM || st == FT_ENOMEM)
-            return ft_fail(err, st, "out of memory allocating %.1f MiB of activations for %d tokens", cv.off / 1048576.0, N);
+            return ft_fail(err, st, "out of memory allocating %.1f MiB of activations for %d tokens",
+                           cv.off / 1048576.0, N);
         return st;
     }
     ws->block = block;

@@ -291,8 +291,10 @@ static const ft_qlinear *qlinear(op_ctx *c, int in, int out)
         FAIL(c, FT_EINVAL, "op %s: 'bias' has %lld elements, expected %d", c->op, (long long)c->hq.bias.shape[0], out);
         return NULL;
     }
-    const size_t n_scales = (size_t)c->hq.scales.shape[0] * (size_t)(c->hq.scales.ndim == 2 ? c->hq.scales.shape[1] : 1);
-    if (!(c->scales_f16 = malloc(n_scales * 2 + 2))) return FAIL(c, FT_ENOMEM, "op %s: out of host memory", c->op), NULL;
+    const ft_host_tensor *sc = &c->hq.scales;
+    const size_t n_scales = (size_t)sc->shape[0] * (size_t)(sc->ndim == 2 ? sc->shape[1] : 1);
+    if (!(c->scales_f16 = malloc(n_scales * 2 + 2)))
+        return FAIL(c, FT_ENOMEM, "op %s: out of host memory", c->op), NULL;
     floats_to(FT_F16, c->hq.scales.data, c->scales_f16, n_scales);
     c->hq.scales.data = c->scales_f16;
     c->hq.scales.dtype = FT_F16;

@@ -426,7 +426,8 @@ static PyObject *m_decode_step(ModelObject *self, PyObject *args, PyObject *kwds
         mask = ft_py_int32_array(mask_obj, 1, "mask", 1);
         if (!mask) goto fail;
         if (PyArray_DIM(mask, 0) != B) {
-            PyErr_Format(PyExc_ValueError, "mask: expected shape (%d,), got (%zd,)", B, (Py_ssize_t)PyArray_DIM(mask, 0));
+            PyErr_Format(PyExc_ValueError, "mask: expected shape (%d,), got (%zd,)", B,
+                         (Py_ssize_t)PyArray_DIM(mask, 0));
             goto fail;
         }
     }
@@ -503,7 +504,8 @@ static PyObject *Model_get_act_dtype(ModelObject *self, void *closure)
     X(set_lora_dropout, "set_lora_dropout($self, /, p)\n--\n\nThe LoRA dropout probability, in [0, 1).")            \
     X(lora_read, "lora_read($self, /, slot, layer, module)\n--\n\n"                                               \
                  "(A [r, in], B [out, r]) float32 of one module; slot: 0 weight, 1 grad, 2 Adam m, 3 Adam v.")   \
-    X(lora_write, "lora_write($self, /, slot, layer, module, A, B)\n--\n\nSet A [r, in] and B [out, r] of one module.") \
+    X(lora_write, "lora_write($self, /, slot, layer, module, A, B)\n--\n\n"                                     \
+                  "Set A [r, in] and B [out, r] of one module.")                                                  \
     X(zero_grad, "zero_grad($self, /)\n--\n\nZero the LoRA gradients.")                                             \
     X(set_training, "set_training($self, /, training)\n--\n\nLoRA dropout on (True) or off.")                       \
     X(set_rng, "set_rng($self, /, seed, counter)\n--\n\nThe dropout stream's seed and position.")                   \

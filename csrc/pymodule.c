@@ -57,8 +57,8 @@ static PyObject *mod_module_shapes(PyObject *self, PyObject *args, PyObject *kwd
             found = 1;
         }
     if (!found)
-        return PyErr_Format(PyExc_ValueError, "qkv_layout: expected 'multi_query', 'grouped' or 'interleaved', got '%s'",
-                            layout);
+        return PyErr_Format(PyExc_ValueError,
+                            "qkv_layout: expected 'multi_query', 'grouped' or 'interleaved', got '%s'", layout);
     PyObject *out = PyTuple_New(FT_NMOD);
     if (!out) return NULL;
     for (int mod = 0; mod < FT_NMOD; mod++) {

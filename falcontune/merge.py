@@ -74,7 +74,8 @@ def _tensors(model: Any) -> Iterator[tuple[str, np.ndarray]]:
         for module in MODULES:
             fin, _ = cfg.linear_shapes[module.path]
             base = f"{pre}.{module.path}"
-            yield f"{base}.weight", _linear_weight(model, store, base, fin, _lora_delta(model, lora, layer, module.name))
+            delta = _lora_delta(model, lora, layer, module.name)
+            yield f"{base}.weight", _linear_weight(model, store, base, fin, delta)
             if store.has(f"{base}.bias"):
                 yield f"{base}.bias", _dense(store, f"{base}.bias")
     for p in ("weight", "bias"):

@@ -46,7 +46,8 @@ def test_module_table_is_the_engine_order():
     assert layout.QKV_LAYOUTS == ("multi_query", "grouped", "interleaved")
     qkv = layout.module("query_key_value")
     assert qkv.path == "self_attention.query_key_value" and qkv.out_width == "qkv"
-    assert layout.lora_key(3, "dense_4h_to_h", "B") == "base_model.model.transformer.h.3.mlp.dense_4h_to_h.lora_B.weight"
+    key = layout.lora_key(3, "dense_4h_to_h", "B")
+    assert key == "base_model.model.transformer.h.3.mlp.dense_4h_to_h.lora_B.weight"
     assert layout.target_mask(["dense", "query_key_value"]) == 0b11
     with pytest.raises(ValueError, match="q_proj"):
         layout.module("q_proj")

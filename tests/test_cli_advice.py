@@ -81,4 +81,5 @@ def test_other_errors_get_no_memory_advice(tiny, capsys):
     line = _error_line(["generate", f"--model={tiny['model']}", "--backend=cpu", "--prompt=x", "--num_beams=0"],
                        capsys)
     assert "--max_new_tokens" not in line and not [w for w in TRAINING_WORDS if w in line]
-    assert cli._message(MemoryError("cannot allocate 2 GiB"), "check-dataset") == "out of memory (cannot allocate 2 GiB)"
+    plain = cli._message(MemoryError("cannot allocate 2 GiB"), "check-dataset")
+    assert plain == "out of memory (cannot allocate 2 GiB)"

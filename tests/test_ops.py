@@ -56,6 +56,11 @@ def d(a: Any) -> np.ndarray:
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
+def gelu_grad(x: np.ndarray) -> np.ndarray:
+    """d/dx of x * Phi(x) = Phi(x) + x * phi(x)"""
+    return 0.5 * (1 + _erf(x / math.sqrt(2))) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
 # ---------------------------------------------------------------------------------------------
 # the dropout mask of csrc/rng.h, in numpy (uint64 arithmetic wraps as C's does)
 
@@ -148,9 +153,7 @@ def gelu_cases(rng):
                    lambda v: {"y": 0.5 * d(v["x"]) * (1 + _erf(d(v["x"]) / math.sqrt(2)))}, lowp=("x", "y"),
                    graph=True)
         yield Case("gelu_bwd", f"n{n}", {"n": n, "x": x, "dy": f32(rng, n), "dx": f32(rng, n)},
-                   lambda v: {"dx": d(v["dy"]) * (0.5 * (1 + _erf(d(v["x"]) / math.sqrt(2)))
-                                                  + d(v["x"]) * np.exp(-0.5 * d(v["x"]) ** 2) / math.sqrt(2 * math.pi))},
-                   lowp=("x", "dy", "dx"))
+                   lambda v: {"dx": d(v["dy"]) * gelu_grad(d(v["x"]))}, lowp=("x", "dy", "dx"))
 
 
 def add_cases(rng):

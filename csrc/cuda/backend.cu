@@ -502,7 +502,7 @@ extern "C" ft_status ft_cuda_backend_create(int device, int act_dtype, ft_backen
         return ft_fail(err, FT_EUNSUPPORTED, "the CUDA backend computes in float16 or bfloat16, not %s",
                        ft_dtype_name((ft_dtype)act_dtype));
     if (dt == FT_BF16 && sm < 80)
-        return ft_fail(err, FT_EUNSUPPORTED, "bfloat16 needs compute capability 8.0+ (%s is %d.%d; it computes in float16)",
+        return ft_fail(err, FT_EUNSUPPORTED, "bfloat16 needs compute capability 8.0+ (%s is %d.%d: float16 only)",
                        prop.name, prop.major, prop.minor);
 
     /* attention implementation: FT_CUDA_ATTN=gemm (default, cuBLAS tensor cores) or flash */
