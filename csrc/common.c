@@ -38,11 +38,91 @@ const char *ft_dtype_name(ft_dtype dt)
     return "?";
 }
 
+/* The linears of a Falcon layer (ft.h). Every place that names a module or sizes one reads this
+ * table: model.c and pymodule.c directly, Python through falcontune._C.MODULES (layout.py). */
+static const ft_module_desc modules[] = {
+    [FT_MOD_QKV] = {"query_key_value", "self_attention", FT_WIDTH_HIDDEN, FT_WIDTH_QKV},
+    [FT_MOD_DENSE] = {"dense", "self_attention", FT_WIDTH_HIDDEN, FT_WIDTH_HIDDEN},
+    [FT_MOD_H_TO_4H] = {"dense_h_to_4h", "mlp", FT_WIDTH_HIDDEN, FT_WIDTH_FFN},
+    [FT_MOD_4H_TO_H] = {"dense_4h_to_h", "mlp", FT_WIDTH_FFN, FT_WIDTH_HIDDEN},
+};
+_Static_assert(sizeof modules / sizeof modules[0] == FT_NMOD, "one entry of `modules` per FT_MOD_* index");
+
+const ft_module_desc *ft_module(int mod) { return mod >= 0 && mod < FT_NMOD ? &modules[mod] : NULL; }
+
 const char *ft_module_name(int mod)
 {
-    static const char *const names[FT_NMOD] = {"query_key_value", "dense", "dense_h_to_4h",
-                                               "dense_4h_to_h"};
-    return (mod >= 0 && mod < FT_NMOD) ? names[mod] : "?";
+    const ft_module_desc *d = ft_module(mod);
+    return d ? d->name : "?";
+}
+
+const char *ft_width_name(ft_width w)
+{
+    static const char *const names[] = {[FT_WIDTH_HIDDEN] = "hidden", [FT_WIDTH_FFN] = "ffn",
+                                        [FT_WIDTH_QKV] = "qkv"};
+    _Static_assert(sizeof names / sizeof names[0] == FT_NWIDTH, "one name per ft_width");
+    return w >= 0 && w < FT_NWIDTH ? names[w] : "?";
+}
+
+static int positive_int(int64_t x) { return x > 0 && x <= INT32_MAX ? (int)x : -1; }
+
+int ft_qkv_width(const ft_config *c)
+{
+    const int64_t hidden = c->hidden, hd = c->head_dim;
+    switch (c->qkv_layout) {
+    case FT_QKV_MULTI_QUERY: return positive_int(hidden + 2 * hd);                       /* q heads, 1 k, 1 v */
+    case FT_QKV_GROUPED: return positive_int(((int64_t)c->n_head + 2 * (int64_t)c->n_kv_head) * hd);
+    case FT_QKV_INTERLEAVED: return positive_int(3 * hidden);                            /* q, k, v per head */
+    }
+    return -1;
+}
+
+int ft_width_of(const ft_config *c, ft_width w)
+{
+    switch (w) {
+    case FT_WIDTH_HIDDEN: return positive_int(c->hidden);
+    case FT_WIDTH_FFN: return positive_int(c->ffn);
+    case FT_WIDTH_QKV: return ft_qkv_width(c);
+    case FT_NWIDTH: break;
+    }
+    return -1;
+}
+
+int ft_module_in(const ft_config *c, int mod)
+{
+    const ft_module_desc *d = ft_module(mod);
+    return d ? ft_width_of(c, d->in) : -1;
+}
+
+int ft_module_out(const ft_config *c, int mod)
+{
+    const ft_module_desc *d = ft_module(mod);
+    return d ? ft_width_of(c, d->out) : -1;
+}
+
+ft_status ft_parse_device(const char *device, int *cuda_index, ft_error *err)
+{
+    *cuda_index = -1;
+    if (!device) return ft_fail(err, FT_EINVAL, "no device given");
+    if (strcmp(device, "cpu") == 0) return FT_OK;
+    if (strcmp(device, "cuda") == 0) {
+        *cuda_index = 0;
+        return FT_OK;
+    }
+    if (strncmp(device, "cuda:", 5) != 0)
+        return ft_fail(err, FT_EINVAL, "unknown device '%s' (expected 'cpu', 'cuda' or 'cuda:N')", device);
+    const char *p = device + 5;
+    long long n = 0;
+    if (!*p) return ft_fail(err, FT_EINVAL, "device '%s': no device number after 'cuda:'", device);
+    for (; *p; p++) {
+        if (*p < '0' || *p > '9')
+            return ft_fail(err, FT_EINVAL, "device '%s': the device number must be a non-negative decimal integer",
+                           device);
+        n = n * 10 + (*p - '0');
+        if (n > INT32_MAX) return ft_fail(err, FT_EINVAL, "device '%s': device number out of range", device);
+    }
+    *cuda_index = (int)n;
+    return FT_OK;
 }
 
 float ft_half_to_float(uint16_t h)

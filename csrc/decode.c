@@ -59,8 +59,8 @@ ft_status ft_cache_init(ft_model *m, int B, int capacity, ft_error *err)
     if (st) {
         ft_cache_free(m);
         if (st == FT_EDEVMEM || st == FT_ENOMEM)
-            return ft_fail(err, st, "out of memory allocating the KV cache for %d x %d tokens: lower the batch "
-                           "or max_new_tokens", B, capacity);
+            return ft_fail(err, st, "out of memory allocating the KV cache for %d x %d tokens", B,
+                           capacity);
         return st;
     }
     kc->B = B;
@@ -86,7 +86,7 @@ ft_status ft_forward_cached(ft_model *m, const int32_t *ids, const int32_t *mask
     const ft_config *c = &m->cfg;
     const ft_backend_ops *op = m->be->ops;
     kv_cache *kc = &m->cache;
-    if (!kc->k) return ft_fail(err, FT_ESTATE, "no KV cache: call cache_init first");
+    if (!kc->k) return ft_fail(err, FT_ESTATE, "no KV cache (cache_init was not called)");
     if (B != kc->B) return ft_fail(err, FT_EINVAL, "batch %d does not match the cache's %d", B, kc->B);
     if (T <= 0 || (int64_t)kc->len + T > kc->cap)
         return ft_fail(err, FT_EINVAL, "KV cache full: %d + %d tokens exceed its capacity %d", kc->len, T, kc->cap);
@@ -196,7 +196,7 @@ ft_status ft_decode_step(ft_model *m, const int32_t *ids, const int32_t *mask, i
     const ft_config *c = &m->cfg;
     const ft_backend_ops *op = m->be->ops;
     kv_cache *kc = &m->cache;
-    if (!kc->k) return ft_fail(err, FT_ESTATE, "no KV cache: call cache_init first");
+    if (!kc->k) return ft_fail(err, FT_ESTATE, "no KV cache (cache_init was not called)");
     if (B != kc->B) return ft_fail(err, FT_EINVAL, "batch %d does not match the cache's %d", B, kc->B);
     if (kc->len >= kc->cap)
         return ft_fail(err, FT_EINVAL, "KV cache full: %d + 1 tokens exceed its capacity %d", kc->len, kc->cap);

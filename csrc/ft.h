@@ -60,9 +60,38 @@ typedef struct ft_config {
     float ln_eps, rope_theta;
 } ft_config;
 
-/* The four linears of a Falcon layer. */
+/* ---- the linears of a Falcon layer: the one description every other place reads ----
+ * (common.c holds the table; Python gets it as falcontune._C.MODULES.) A module's checkpoint
+ * names are transformer.h.<layer>.<parent>.<name>.{qweight, qzeros, scales, g_idx, bias}; its
+ * PEFT LoRA names are base_model.model.transformer.h.<layer>.<parent>.<name>.lora_{A,B}.weight,
+ * A [r, in] and B [out, r]; the GPTQ qweight is [in*bits/32, out]. */
 enum { FT_MOD_QKV = 0, FT_MOD_DENSE = 1, FT_MOD_H_TO_4H = 2, FT_MOD_4H_TO_H = 3, FT_NMOD = 4 };
-const char *ft_module_name(int mod); /* "query_key_value", "dense", ... */
+
+/* A width of the config that a module's input or output has. */
+typedef enum {
+    FT_WIDTH_HIDDEN = 0, /* hidden */
+    FT_WIDTH_FFN = 1,    /* ffn */
+    FT_WIDTH_QKV = 2,    /* the fused qkv output: ft_qkv_width */
+    FT_NWIDTH = 3
+} ft_width;
+
+typedef struct ft_module_desc {
+    const char *name;   /* "query_key_value": the PEFT target name */
+    const char *parent; /* "self_attention" or "mlp" */
+    ft_width in, out;
+} ft_module_desc;
+
+/* The module of index mod (FT_MOD_*), NULL when out of range. */
+const ft_module_desc *ft_module(int mod);
+const char *ft_module_name(int mod); /* "query_key_value", ...; "?" when out of range */
+const char *ft_width_name(ft_width w); /* "hidden", "ffn", "qkv" */
+/* Columns of the fused qkv output (multi-query: hidden + 2 head_dim; grouped:
+ * (heads + 2 kv heads) head_dim; interleaved: 3 hidden). These four return -1 for a
+ * width that is not positive or does not fit in an int, or an unknown layout / module. */
+int ft_qkv_width(const ft_config *c);
+int ft_width_of(const ft_config *c, ft_width w);
+int ft_module_in(const ft_config *c, int mod);  /* in_features of module mod */
+int ft_module_out(const ft_config *c, int mod); /* out_features */
 
 /* A host array handed over by the caller, who keeps it alive for the model's life. */
 typedef struct ft_host_tensor {
@@ -98,7 +127,11 @@ typedef struct ft_host_weights {
 
 typedef struct ft_model ft_model;
 
-/* device: "cpu" or "cuda:N". act_dtype: FT_F32 (cpu), FT_BF16 or FT_F16 (cuda);
+/* A device string: "cpu" (*cuda_index = -1), "cuda" (0) or "cuda:N" with N decimal digits only
+ * (no sign, space or suffix). Anything else is FT_EINVAL. */
+ft_status ft_parse_device(const char *device, int *cuda_index, ft_error *err);
+
+/* device: "cpu" or "cuda:N" (ft_parse_device). act_dtype: FT_F32 (cpu), FT_BF16 or FT_F16 (cuda);
  * -1 picks the device's default. */
 ft_status ft_model_create(const ft_config *cfg, const ft_host_weights *w, const char *device,
                           int act_dtype, ft_model **out, ft_error *err);

@@ -17,8 +17,8 @@ ft_status ft_lora_init(ft_model *m, int r, float alpha, float dropout, unsigned 
     if (!(dropout >= 0.0f && dropout < 1.0f))
         return ft_fail(err, FT_EINVAL, "lora dropout must be in [0, 1), got %g", (double)dropout);
     if (!target_mask || target_mask >= (1u << FT_NMOD))
-        return ft_fail(err, FT_EINVAL, "lora target modules: expected a non-empty subset of "
-                                       "query_key_value, dense, dense_h_to_4h, dense_4h_to_h");
+        return ft_fail(err, FT_EINVAL, "lora target modules: mask 0x%x is not a non-empty set of the %d modules",
+                       target_mask, FT_NMOD);
     ft_lora_remove(m);
     workspace_free(m); /* xa buffers depend on r */
     m->lora_off = malloc((size_t)c->n_layer * FT_NMOD * sizeof(size_t));
@@ -83,7 +83,7 @@ ft_status lora_locate(const ft_model *m, ft_lora_slot slot, int layer, int mod, 
 {
     *A = *B = NULL;
     *na = *nb = 0;
-    if (!m->lora_r) return ft_fail(err, FT_ESTATE, "the model has no LoRA adapter (call add_lora first)");
+    if (!m->lora_r) return ft_fail(err, FT_ESTATE, "the model has no LoRA adapter");
     if (slot < FT_LORA_WEIGHT || slot > FT_LORA_ADAM_V) return ft_fail(err, FT_EINVAL, "bad LoRA slot");
     if (layer < 0 || layer >= m->cfg.n_layer || mod < 0 || mod >= FT_NMOD)
         return ft_fail(err, FT_EINVAL, "LoRA layer %d / module %d out of range", layer, mod);

@@ -154,9 +154,8 @@ static ft_status create_backend(const char *device, int act_dtype, ft_backend **
     }
     if (strncmp(device, "cuda", 4) == 0) {
 #ifdef FT_WITH_CUDA
-        int index = 0;
-        if (device[4] == ':') index = atoi(device + 5);
-        else if (device[4] != '\0') return ft_fail(err, FT_EINVAL, "unknown device '%s'", device);
+        int index;
+        CALL(ft_parse_device(device, &index, err));
         return ft_cuda_backend_create(index, act_dtype, be, err);
 #else
         (void)act_dtype;
@@ -182,11 +181,7 @@ ft_status ft_model_create(const ft_config *cfg, const ft_host_weights *w, const 
     m->rng_seed = 0;
     m->lora_min_layer = cfg->n_layer;
     const ft_config *c = &m->cfg;
-    switch (c->qkv_layout) {
-    case FT_QKV_MULTI_QUERY: m->qkv_width = c->hidden + 2 * c->head_dim; break;
-    case FT_QKV_GROUPED: m->qkv_width = (c->n_head + 2 * c->n_kv_head) * c->head_dim; break;
-    case FT_QKV_INTERLEAVED: m->qkv_width = 3 * c->hidden; break;
-    }
+    m->qkv_width = ft_qkv_width(c);
     ft_status st = create_backend(device, act_dtype, &m->be, err);
     if (!st) st = ft_cost_wrap_from_env(&m->be, err); /* FT_COUNT_COSTS: cost.h */
     if (st) {

@@ -105,18 +105,13 @@ struct ft_model {
 #define FT_MAX_DIM (1 << 24)
 #define FT_MAX_ELEMS ((int64_t)INT32_MAX)
 
-static inline int mod_in(const ft_config *c, int mod)
-{
-    return mod == FT_MOD_4H_TO_H ? c->ffn : c->hidden;
-}
-
+/* Module widths come from the module table (common.c); m->qkv_width is the ft_qkv_width the
+ * table gives for query_key_value. */
+static inline int mod_in(const ft_config *c, int mod) { return ft_module_in(c, mod); }
 static inline int mod_out(const ft_config *c, int mod, int qkv_width)
 {
-    switch (mod) {
-    case FT_MOD_QKV: return qkv_width;
-    case FT_MOD_H_TO_4H: return c->ffn;
-    default: return c->hidden;
-    }
+    (void)qkv_width;
+    return ft_module_out(c, mod);
 }
 
 static inline size_t act_bytes(const ft_model *m, size_t n)

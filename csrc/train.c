@@ -28,7 +28,7 @@ static ft_status loss_step(ft_model *m, const int32_t *ids, const int32_t *label
     const ft_backend_ops *op = m->be->ops;
     CALL(check_ids(m, ids, mask, B, T, T, 1, err));
     if (backward && !m->lora_r)
-        return ft_fail(err, FT_ESTATE, "forward_backward needs a LoRA adapter (call add_lora first)");
+        return ft_fail(err, FT_ESTATE, "forward_backward: the model has no LoRA adapter to train");
     if (!isfinite(grad_scale)) return ft_fail(err, FT_EINVAL, "grad_scale must be finite");
     const int N = B * T, V = c->vocab_size, D = c->hidden, L = c->n_layer;
 

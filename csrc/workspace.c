@@ -143,8 +143,8 @@ ft_status workspace_ensure(ft_model *m, int N, int train, ft_error *err)
     if (st) {
         workspace_free(m);
         if (st == FT_EDEVMEM || st == FT_ENOMEM)
-            return ft_fail(err, st, "out of memory allocating %.1f MiB of activations for %d tokens: lower "
-                           "mbatch_size or cutoff_len, or enable gradient_checkpointing", cv.off / 1048576.0, N);
+            return ft_fail(err, st, "out of memory allocating %.1f MiB of activations for %d tokens",
+                           cv.off / 1048576.0, N);
         return st;
     }
     ws->block = block;

@@ -308,14 +308,26 @@ def _user_error_types() -> tuple[type, ...]:
     return (OSError, ValueError, KeyError, MemoryError, NotImplementedError)
 
 
-def _message(exc: BaseException) -> str:
+# What a user of each command can change when memory runs out. The engine's messages state facts
+# only (what it was allocating, how much); the advice is added here, once, for the command at hand.
+_OUT_OF_MEMORY_ADVICE = {
+    "finetune": "lower --mbatch_size or --cutoff_len, or use --gradient_checkpointing",
+    "generate": "lower --max_new_tokens or --num_beams",
+}
+
+
+def _message(exc: BaseException, command: Optional[str] = None) -> str:
+    """The one-line message of an error, with the advice that fits the command that failed."""
     if isinstance(exc, KeyError) and len(exc.args) == 1 and type(exc).__str__ is KeyError.__str__:
         text = str(exc.args[0])
     else:
         text = str(exc) or type(exc).__name__
     if isinstance(exc, MemoryError):
-        text = (f"out of memory ({text}): lower --mbatch_size or --cutoff_len, or use --gradient_checkpointing "
-                "(for generation: lower --max_new_tokens or --num_beams)")
+        if "out of memory" not in text.lower():
+            text = f"out of memory ({text})"
+        advice = _OUT_OF_MEMORY_ADVICE.get(command or "")
+        if advice:
+            text = f"{text}: {advice}"
     elif isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
         text = f"{text}: {exc.filename}"
     return " ".join(text.split())
@@ -338,7 +350,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             traceback.print_exc()
         user = isinstance(exc, _user_error_types())
         hint = "" if user or verbose else " (run with --verbose for the traceback)"
-        print(f"falcontune: error: {_message(exc)}{hint}", file=sys.stderr, flush=True)
+        print(f"falcontune: error: {_message(exc, args.command)}{hint}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR if user else 1
 
 

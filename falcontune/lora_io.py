@@ -21,13 +21,15 @@ from typing import Any, Mapping, Union
 
 import numpy as np
 
+from .layout import MODULE_NAMES, MODULES, lora_key
 from .models import FalconConfig
 from .weights import WeightStore, save_safetensors, to_float32
 
 PathLike = Union[str, os.PathLike]
-MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?transformer\.h\.(\d+)\.(self_attention|mlp)\."
-                  r"(query_key_value|dense|dense_h_to_4h|dense_4h_to_h)\.lora_([AB])(?:\.default)?\.weight$")
+# a PEFT LoRA key, with or without the adapter name; groups: layer, module path, A or B
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?transformer\.h\.(\d+)\."
+                  r"(" + "|".join(re.escape(m.path) for m in MODULES) + r")\.lora_([AB])(?:\.default)?\.weight$")
+_NAME_OF_PATH = {m.path: m.name for m in MODULES}
 
 
 class AdapterError(ValueError):
@@ -69,8 +71,8 @@ def normalise_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not m:
             name = k
         else:
-            layer, parent, module, which = m.groups()
-            name = f"base_model.model.transformer.h.{int(layer)}.{parent}.{module}.lora_{which}.weight"
+            layer, path, which = m.groups()
+            name = lora_key(int(layer), _NAME_OF_PATH[path], which)
         if name in out:
             raise AdapterError(f"LoRA keys '{origin[name]}' and '{k}' name the same matrix {name}")
         out[name] = v
@@ -237,11 +239,11 @@ def read_adapter(path: PathLike, config: FalconConfig) -> Adapter:
         targets = [targets]
     if not isinstance(targets, list):
         raise AdapterError(f"{cfg_path}: 'target_modules' must be a list of module names, got {targets!r}")
-    bad = [t for t in targets if not isinstance(t, str) or t not in MODULES]
+    bad = [t for t in targets if not isinstance(t, str) or t not in MODULE_NAMES]
     if bad or not targets:
         raise AdapterError(f"{cfg_path}: target_modules {bad or targets} are not Falcon linears "
-                           f"({', '.join(MODULES)})")
-    targets = tuple(sorted(set(targets), key=MODULES.index))
+                           f"({', '.join(MODULE_NAMES)})")
+    targets = tuple(sorted(set(targets), key=MODULE_NAMES.index))
 
     st_path, bin_path = d / "adapter_model.safetensors", d / "adapter_model.bin"
     if st_path.is_file():
@@ -267,25 +269,24 @@ def read_adapter(path: PathLike, config: FalconConfig) -> Adapter:
         raise AdapterError(f"{wpath}: {e}") from None
     # shapes: A [r, in], B [out, r]
     shapes = config.linear_shapes
-    parents = {"query_key_value": "self_attention", "dense": "self_attention",
-               "dense_h_to_4h": "mlp", "dense_4h_to_h": "mlp"}
     for k, v in tensors.items():
         m = _KEY.match(k)
         if not m:
             raise AdapterError(f"{wpath}: unexpected tensor {k}")
-        layer, parent, module, which = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+        layer, path, which = int(m.group(1)), m.group(2), m.group(3)
+        module = _NAME_OF_PATH[path]
         if layer >= config.num_hidden_layers:
             raise AdapterError(f"{wpath}: {k} is for layer {layer} but the model has {config.num_hidden_layers}")
         if module not in targets:
             raise AdapterError(f"{wpath}: {k} is not among target_modules {list(targets)}")
-        fin, fout = shapes[f"{parents[module]}.{module}"]
+        fin, fout = shapes[path]
         want = (r, fin) if which == "A" else (fout, r)
         if tuple(v.shape) != want:
             raise AdapterError(f"{wpath}: {k} has shape {list(v.shape)}, expected {list(want)} "
                                f"(r={r}, this model's {module} is {fin}->{fout})")
         if not np.isfinite(v).all():
             raise AdapterError(f"{wpath}: {k} holds NaN or infinite values")
-    missing = [f"base_model.model.transformer.h.{layer}.{parents[module]}.{module}.lora_{which}.weight"
+    missing = [lora_key(layer, module, which)
                for layer in range(config.num_hidden_layers) for module in targets for which in "AB"]
     missing = [k for k in missing if k not in tensors]
     if missing:

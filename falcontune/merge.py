@@ -25,12 +25,10 @@ from .checkpoint import _hidden_tmp, replace_dir, write_json
 from .gptq import gptq_dequantize
 from .lora_io import Adapter, lora_scale
 from .models import FalconConfig, QuantizeConfig, config_to_hf_dict
+from .layout import MODULE_NAMES, MODULES, lora_key
 from .weights import WeightStore, save_safetensors, to_float32
 
 PathLike = Union[str, "os.PathLike[str]"]
-MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
-PARENT = {"query_key_value": "self_attention", "dense": "self_attention",
-          "dense_h_to_4h": "mlp", "dense_4h_to_h": "mlp"}
 DEFAULT_SHARD_BYTES = 2 * 1024 ** 3
 
 
@@ -68,10 +66,10 @@ class MergeSource:
 
 def _lora_delta(src: MergeSource, layer: int, module: str) -> Optional[np.ndarray]:
     """scale * B @ A ([out, in], float64), or None when the module has no adapter."""
-    key = f"base_model.model.transformer.h.{layer}.{PARENT[module]}.{module}"
-    if f"{key}.lora_A.weight" not in src.lora:
+    key_a, key_b = lora_key(layer, module, "A"), lora_key(layer, module, "B")
+    if key_a not in src.lora:
         return None
-    A, B = src.lora[f"{key}.lora_A.weight"], src.lora[f"{key}.lora_B.weight"]
+    A, B = src.lora[key_a], src.lora[key_b]
     return src.lora_scale * (B.astype(np.float64) @ A.astype(np.float64))
 
 
@@ -115,7 +113,7 @@ def tensor_plan(config: FalconConfig, store: WeightStore) -> list[tuple[str, tup
         pre = f"transformer.h.{layer}"
         plan += [(f"{pre}.{ln}.{p}", (h,)) for ln in config.layer_norm_names for p in ("weight", "bias")]
         for module in MODULES:
-            path = f"{PARENT[module]}.{module}"
+            path = module.path
             fin, fout = config.linear_shapes[path]
             plan.append((f"{pre}.{path}.weight", (fout, fin)))
             if store.has(f"{pre}.{path}.bias"):
@@ -132,7 +130,7 @@ def merged_tensors(src: MergeSource) -> Iterator[tuple[str, np.ndarray]]:
     for name, shape in tensor_plan(cfg, src.store):
         parts = name.split(".")
         module = parts[-2]
-        if name.endswith(".weight") and parts[1] == "h" and module in MODULES:
+        if name.endswith(".weight") and parts[1] == "h" and module in MODULE_NAMES:
             layer = int(parts[2])
             w = _base_linear(src, name[: -len(".weight")], shape[1])
             delta = _lora_delta(src, layer, module)

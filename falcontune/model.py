@@ -9,24 +9,20 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import numpy as np
 
 from . import _C
 from . import hub, lora_io
+from .layout import MODULE_NAMES, QKV_LAYOUTS, lora_key, module, target_mask
 from .models import (FalconConfig, ModelSpec, QuantizeConfig, get_known_model, parse_config,
                      parse_quantize_config)
 from .weights import TensorNotFoundError, WeightStore, to_float32
 
 PathLike = Union[str, os.PathLike]
 
-# Order of the engine's module indices (csrc/ft.h FT_MOD_*).
-MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
-MODULE_PARENT = {"query_key_value": "self_attention", "dense": "self_attention",
-                 "dense_h_to_4h": "mlp", "dense_4h_to_h": "mlp"}
 SLOT_WEIGHT, SLOT_GRAD, SLOT_ADAM_M, SLOT_ADAM_V = 0, 1, 2, 3
-_QKV_LAYOUTS = {"multi_query": 0, "grouped": 1, "interleaved": 2}
 
 
 class ModelLoadError(ValueError):
@@ -57,18 +53,13 @@ def parse_target_modules(target_modules: Union[str, Iterable[str]]) -> tuple[str
             raise TypeError(f"target_modules: expected a list of module names, got {target_modules!r}") from None
     out = []
     for n in names:
-        if not isinstance(n, str) or n not in MODULES:
-            raise ValueError(f"target_modules: unknown module {n!r}; expected some of {', '.join(MODULES)}")
+        if not isinstance(n, str) or n not in MODULE_NAMES:
+            raise ValueError(f"target_modules: unknown module {n!r}; expected some of {', '.join(MODULE_NAMES)}")
         if n not in out:
             out.append(n)
     if not out:
         raise ValueError("target_modules: expected at least one module")
-    return tuple(sorted(out, key=MODULES.index))
-
-
-def lora_key(layer: int, module: str, which: str) -> str:
-    """PEFT's name of a LoRA matrix (which: 'A' or 'B')."""
-    return f"base_model.model.transformer.h.{layer}.{MODULE_PARENT[module]}.{module}.lora_{which}.weight"
+    return tuple(sorted(out, key=MODULE_NAMES.index))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +179,7 @@ def _engine_config(cfg: FalconConfig, q: QuantizeConfig) -> dict[str, Any]:
     return {
         "vocab_size": cfg.vocab_size, "hidden": cfg.hidden_size, "n_head": cfg.num_attention_heads,
         "n_kv_head": cfg.num_kv_heads, "n_layer": cfg.num_hidden_layers, "head_dim": cfg.head_dim,
-        "ffn": cfg.ffn_hidden_size, "qkv_layout": _QKV_LAYOUTS[cfg.qkv_layout],
+        "ffn": cfg.ffn_hidden_size, "qkv_layout": QKV_LAYOUTS.index(cfg.qkv_layout),
         "parallel_attn": int(cfg.parallel_attn), "n_ln": int(cfg.num_ln_in_parallel_attn),
         "alibi": int(cfg.alibi), "bias": int(cfg.bias), "ln_eps": float(cfg.layer_norm_epsilon),
         "rope_theta": float(cfg.rope_theta), "bits": q.bits, "zero_offset": q.zero_offset,
@@ -287,7 +278,7 @@ def _bind_weights(store: WeightStore, cfg: FalconConfig, q: QuantizeConfig, quan
         if name.startswith("transformer.") or name == "lm_head.weight":
             if name in weights:
                 continue
-            if name.endswith(".weight") and ".h." in name and name.split(".")[-2] in MODULES:
+            if name.endswith(".weight") and ".h." in name and name.split(".")[-2] in MODULE_NAMES:
                 continue  # dense copy of a quantized linear: not used
             layer = _layer_index(name)
             if layer is not None and layer >= cfg.num_hidden_layers:
@@ -295,7 +286,7 @@ def _bind_weights(store: WeightStore, cfg: FalconConfig, q: QuantizeConfig, quan
                     f"{store.file_of(name)}: tensor {name} is for layer {layer}, but the config has "
                     f"num_hidden_layers={cfg.num_hidden_layers}: weights and config do not match")
             if (not cfg.bias and layer is not None and name.endswith(".bias")
-                    and name.split(".")[-2] in MODULES):
+                    and name.split(".")[-2] in MODULE_NAMES):
                 # GPTQ-for-LLaMa / some AutoGPTQ exports store all-zero biases for bias-free linears
                 if np.any(_engine_float(store, name) != 0):
                     raise ModelLoadError(
@@ -362,9 +353,6 @@ class FalconModel:
                 f"{self.quantize_config.bits}-bit, device={self.device!r}{lora})")
 
     # -- LoRA -----------------------------------------------------------------------------
-    def _target_mask(self, modules: Sequence[str]) -> int:
-        return sum(1 << MODULES.index(m) for m in modules)
-
     def add_lora(self, r: int = 8, alpha: float = 16, dropout: float = 0.05,
                  target_modules: Union[str, Iterable[str]] = ("query_key_value",), seed: int = 0) -> None:
         """A fresh adapter initialised as PEFT does: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0."""
@@ -373,21 +361,18 @@ class FalconModel:
             raise ValueError(f"lora r must be an integer in [1, 4096], got {r!r}")
         if not np.isfinite(alpha):
             raise ValueError(f"lora alpha must be a finite number, got {alpha!r}")
-        self._engine.lora_init(int(r), float(alpha), float(dropout), self._target_mask(modules))
+        self._engine.lora_init(int(r), float(alpha), float(dropout), target_mask(modules))
         self.lora_config = {"r": int(r), "lora_alpha": float(alpha), "lora_dropout": float(dropout),
                             "target_modules": list(modules)}
         rng = np.random.default_rng(seed)
         for layer in range(self.config.num_hidden_layers):
             for m in modules:
-                fin, fout = self._module_shape(m)
+                fin, fout = self.config.linear_shapes[module(m).path]
                 bound = 1.0 / np.sqrt(fin)
                 A = rng.uniform(-bound, bound, size=(r, fin)).astype(np.float32)
                 B = np.zeros((fout, r), dtype=np.float32)
-                self._engine.lora_write(SLOT_WEIGHT, layer, MODULES.index(m), A, B)
+                self._engine.lora_write(SLOT_WEIGHT, layer, module(m).index, A, B)
         self._engine.set_training(self.training)
-
-    def _module_shape(self, module: str) -> tuple[int, int]:
-        return self.config.linear_shapes[f"{MODULE_PARENT[module]}.{module}"]
 
     def _require_lora(self) -> dict[str, Any]:
         if not self.lora_config:
@@ -399,7 +384,7 @@ class FalconModel:
         out: dict[str, np.ndarray] = {}
         for layer in range(self.config.num_hidden_layers):
             for m in cfg["target_modules"]:
-                A, B = self._engine.lora_read(slot, layer, MODULES.index(m))
+                A, B = self._engine.lora_read(slot, layer, module(m).index)
                 out[lora_key(layer, m, "A")] = A
                 out[lora_key(layer, m, "B")] = B
         return out
@@ -419,7 +404,7 @@ class FalconModel:
             raise ValueError(f"{what}: " + "; ".join(parts))
         for layer in range(self.config.num_hidden_layers):
             for m in cfg["target_modules"]:
-                self._engine.lora_write(slot, layer, MODULES.index(m), state[lora_key(layer, m, "A")],
+                self._engine.lora_write(slot, layer, module(m).index, state[lora_key(layer, m, "A")],
                                         state[lora_key(layer, m, "B")])
 
     def lora_state_dict(self) -> dict[str, np.ndarray]:
@@ -447,7 +432,7 @@ class FalconModel:
         """Load a PEFT adapter directory (adapter_config.json + adapter_model.safetensors or .bin)."""
         adapter = lora_io.read_adapter(path, self.config)
         self._engine.lora_init(adapter.r, adapter.engine_alpha, adapter.dropout,
-                               self._target_mask(adapter.target_modules))
+                               target_mask(adapter.target_modules))
         self.lora_config = {"r": adapter.r, "lora_alpha": adapter.alpha, "lora_dropout": adapter.dropout,
                             "target_modules": list(adapter.target_modules), "use_rslora": adapter.use_rslora}
         try:

@@ -1,7 +1,8 @@
 """Falcon model configurations: config.json parsing (HF and RW styles), GPTQ quantize configs
 and the table of model names falcontune knows.
 
-Everything here is pure Python over small dicts; nothing touches tensor data.
+Everything here is pure Python over small dicts; nothing touches tensor data. The widths of a
+layer's linears come from the engine's module table (layout.py).
 
 Facts encoded here (see docs/DESIGN.md):
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
+
+from . import layout
 
 __all__ = [
     "ConfigError",
@@ -177,12 +180,8 @@ class FalconConfig:
 
     @property
     def qkv_out(self) -> int:
-        layout = self.qkv_layout
-        if layout == "grouped":
-            return (2 * self.num_kv_heads + self.num_attention_heads) * self.head_dim
-        if layout == "multi_query":
-            return self.hidden_size + 2 * self.head_dim
-        return 3 * self.hidden_size
+        """Columns of the fused query_key_value output (the engine's rule)."""
+        return layout.widths(self)["qkv"]
 
     @property
     def rotary(self) -> bool:
@@ -199,15 +198,9 @@ class FalconConfig:
 
     @property
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """Per-layer linear modules -> (in_features, out_features)."""
-        h, f = self.hidden_size, self.ffn_hidden_size
-        assert f is not None
-        return {
-            "self_attention.query_key_value": (h, self.qkv_out),
-            "self_attention.dense": (h, h),
-            "mlp.dense_h_to_4h": (h, f),
-            "mlp.dense_4h_to_h": (f, h),
-        }
+        """Per-layer linear module path (``self_attention.query_key_value``, ...) ->
+        (in_features, out_features), from the engine's module table (layout.py)."""
+        return layout.linear_shapes(self)
 
 
 _RW_TYPES = ("RefinedWebModel", "RefinedWeb")

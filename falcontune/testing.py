@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import numpy as np
 
-from . import models
+from . import layout, models
 from .gptq import check_bits, check_format, pack_bits
 from .gptq import gptq_dequantize, gptq_unpack  # noqa: F401  (re-exported: the tests' reference)
 from .weights import atomic_write, float32_to_bf16_bits, save_safetensors
@@ -325,13 +325,8 @@ def make_checkpoint(directory: Union[str, Path], preset: Union[str, Mapping[str,
 # ---------------------------------------------------------------------------------------------
 # LoRA
 
-#: LoRA target module name -> parent module in a Falcon layer
-LORA_MODULES: dict[str, str] = {
-    "query_key_value": "self_attention",
-    "dense": "self_attention",
-    "dense_h_to_4h": "mlp",
-    "dense_4h_to_h": "mlp",
-}
+#: LoRA target module name -> parent module in a Falcon layer (the engine's module table)
+LORA_MODULES: dict[str, str] = {m.name: m.parent for m in layout.MODULES}
 
 
 def random_lora(config: Union[models.FalconConfig, str], r: int,
@@ -356,9 +351,8 @@ def random_lora(config: Union[models.FalconConfig, str], r: int,
         for k, mod in enumerate(LORA_MODULES):
             if mod not in mods:
                 continue
-            fin, fout = shapes[f"{LORA_MODULES[mod]}.{mod}"]
+            fin, fout = shapes[layout.module(mod).path]
             g = _rng(seed, i, k, 7)
-            key = f"base_model.model.transformer.h.{i}.{LORA_MODULES[mod]}.{mod}"
-            out[f"{key}.lora_A.weight"] = _normal(g, (r, fin), 1.0 / float(np.sqrt(fin)))
-            out[f"{key}.lora_B.weight"] = _normal(g, (fout, r), 0.1)
+            out[layout.lora_key(i, mod, "A")] = _normal(g, (r, fin), 1.0 / float(np.sqrt(fin)))
+            out[layout.lora_key(i, mod, "B")] = _normal(g, (fout, r), 0.1)
     return out

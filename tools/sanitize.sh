@@ -211,6 +211,22 @@ for preset, bits, fmt in (("tiny", 4, "gptq"), ("tiny-rw", 3, "gptq_v2"), ("tiny
     expect_error(lambda: _C.Model(ec, w, "cuda:7"))
     expect_error(lambda: _C.Model(ec, w, "cpu", 1))
 
+# the op runner (csrc/opdebug.c): every CPU case of tests/test_ops.py once, then its error paths,
+# some after arrays were already uploaded (they must be freed on the error path too)
+sys.path.insert(0, "tests")
+import test_ops  # noqa: E402
+runner = _C.OpRunner("cpu")
+for case in test_ops.CASES:
+    runner.run(case.op, **case.values)
+ones = np.ones(4, np.float32)
+expect_error(lambda: runner.run("gelu_fwd", n=4, x=ones))
+expect_error(lambda: runner.run("gelu_fwd", n=4, x=ones, y=ones, z=ones))
+expect_error(lambda: runner.run("embed", N=2, D=1, V=3, ids=np.array([0, 9]), table=ones[:3], out=ones[:2]))
+bad_q = {k: v for k, v in next(c for c in test_ops.CASES if c.op == "qlinear_fwd").values.items()}
+expect_error(lambda: runner.run("qlinear_fwd", **{**bad_q, "g_idx": bad_q["g_idx"] + 1000}))
+expect_error(lambda: runner.run("gelu_fwd", n=4, x=ones, y=ones, graph=True))
+del runner
+
 w = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
 _C.quantize_rtn(w, 4, 32)
 expect_error(lambda: _C.quantize_rtn(w, 5, 32))

@@ -157,8 +157,7 @@ ft_status cuda_fail(ft_error *err, cudaError_t e, const char *what)
 {
     cudaGetLastError(); /* clear a non-sticky error so the next call starts clean */
     if (e == cudaErrorMemoryAllocation)
-        return ft_fail(err, FT_EDEVMEM, "CUDA out of memory (%s): lower mbatch_size or cutoff_len, or enable "
-                       "gradient checkpointing", what);
+        return ft_fail(err, FT_EDEVMEM, "CUDA out of memory (%s)", what);
     return ft_fail(err, FT_EDEVICE, "CUDA error in %s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
 }
 
@@ -166,7 +165,7 @@ ft_status cublas_fail(ft_error *err, cublasStatus_t s, const char *what)
 {
     cudaGetLastError();
     if (s == CUBLAS_STATUS_ALLOC_FAILED)
-        return ft_fail(err, FT_EDEVMEM, "cuBLAS out of memory (%s): lower mbatch_size or cutoff_len", what);
+        return ft_fail(err, FT_EDEVMEM, "cuBLAS out of memory (%s)", what);
     return ft_fail(err, FT_EDEVICE, "cuBLAS error %d in %s", (int)s, what);
 }
 
@@ -185,8 +184,7 @@ ft_status cuda_malloc(cuda_backend *be, size_t bytes, void **ptr, ft_error *err,
             cudaMemGetInfo(&fr, &tot);
             cudaGetLastError();
             return ft_fail(err, FT_EDEVMEM,
-                           "CUDA out of memory allocating %.1f MiB for %s (%.1f MiB free of %.1f MiB): lower "
-                           "mbatch_size or cutoff_len, or enable gradient checkpointing",
+                           "CUDA out of memory allocating %.1f MiB for %s (%.1f MiB free of %.1f MiB)",
                            n / 1048576.0, what, fr / 1048576.0, tot / 1048576.0);
         }
         return cuda_fail(err, e, what);
@@ -476,7 +474,7 @@ extern "C" ft_status ft_cuda_backend_create(int device, int act_dtype, ft_backen
         return ft_fail(err, FT_EUNSUPPORTED, "the CUDA backend computes in float16 or bfloat16, not %s",
                        ft_dtype_name((ft_dtype)act_dtype));
     if (dt == FT_BF16 && sm < 80)
-        return ft_fail(err, FT_EUNSUPPORTED, "bfloat16 needs compute capability 8.0+ (%s is %d.%d): use float16",
+        return ft_fail(err, FT_EUNSUPPORTED, "bfloat16 needs compute capability 8.0+ (%s is %d.%d: float16 only)",
                        prop.name, prop.major, prop.minor);
 
     cuda_backend *be = (cuda_backend *)calloc(1, sizeof *be);
