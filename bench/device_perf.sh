@@ -14,7 +14,7 @@
 #
 # Writes six files under $OUT (default ./device_out): card.txt, build.log, tests.log, bench.log
 # (every benchmark's output, profiles included), results.json (every train_bench result by
-# variant) and $OUT/summary.md (the table). The 7B checkpoint is generated once into /tmp/ft7b.
+# variant) and the summary table (markdown). The 7B checkpoint is generated once into /tmp/ft7b.
 # Budget (H200, measured before: load ~1 s, a worker ~10 s): build ~1.5 min, tests <= 3.5 min
 # (pytest-xdist, 8 workers; TEST_TIMEOUT), 12 benchmark workers + 2 profiled ones ~3 min.
 set -o pipefail
