@@ -3,6 +3,7 @@ exit status 2, generation with an adapter, interactive generation through a pipe
 and -c merging."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -17,7 +18,8 @@ import falcontune as ft
 from falcontune import cli, testing
 from falcontune.data import make_prompt
 from falcontune.tokenizer import train_demo_tokenizer
-from falcontune.trainer import FinetuneResult, resolve_device
+from falcontune.model import resolve_device
+from falcontune.trainer import FinetuneResult
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "datasets" / "fr_instructions.json"
@@ -81,8 +83,9 @@ def test_tutorial_command_verbatim(tmp_path: Path, shared_data: Path, monkeypatc
     code, out, err = _main(TUTORIAL, capsys)
     assert code == 0, err
     lora = tmp_path / "falcon-7b-sample-4bit"
+    curves = ["training_curves.png"] if importlib.util.find_spec("matplotlib") else []  # drawn when it can be
     assert sorted(p.name for p in lora.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                      "log.jsonl"]  # 8 steps < save_steps: no checkpoint
+                                                      "log.jsonl", *curves]  # 8 steps < save_steps: no checkpoint
     cfg = json.loads((lora / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["target_modules"]) == (
         8, 16.0, 0.05, ["query_key_value"])
@@ -141,14 +144,26 @@ def test_flag_forms_and_booleans() -> None:
 
 
 def test_backend_aliases(capsys: pytest.CaptureFixture[str]) -> None:
+    """One resolution for --backend / --device and load_model(device=): concrete devices, falcontune's
+    triton / torch mean CUDA, --device wins, errors name the parameter that was given."""
     say = print
-    assert resolve_device("triton", None, say) == "cuda"
-    assert "triton" in capsys.readouterr().out
-    assert resolve_device("torch", None, say) == "cuda"
-    assert resolve_device("cpu", None, say) == "cpu" and resolve_device("auto", None, say) == "auto"
+    cuda = "cuda:0" if ft.cuda_available() else None
+    for alias in ("triton", "torch", "cuda"):
+        if cuda:
+            assert resolve_device(alias, None, say) == cuda
+        else:  # a CPU-only build or no GPU: a clear error naming the parameter, no weights path
+            with pytest.raises(ft.ParameterError, match=rf"^backend='{alias}': ") as e:
+                resolve_device(alias, None, say)
+            assert e.value.as_flags().startswith(f"--backend={alias}: ")
+    assert "triton" in capsys.readouterr().out  # told what triton means here
+    assert resolve_device("cpu", None, say) == "cpu"
+    assert resolve_device("auto", None, say) == (cuda or "cpu")
     assert resolve_device("triton", "cpu", say) == "cpu"  # --device wins
-    with pytest.raises(ValueError, match="--backend"):
+    with pytest.raises(ValueError, match="backend='opencl'") as e:
         resolve_device("opencl", None, say)
+    assert "--backend=opencl" in e.value.as_flags()
+    with pytest.raises(ValueError, match="device='cuda:x'"):
+        resolve_device(None, "cuda:x", say)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from falcontune import testing
 from falcontune.data import TokenizedDataset, make_prompt
 from falcontune.demo import demo_model_dir
 from falcontune.tokenizer import train_demo_tokenizer
-from falcontune.trainer import (FinetuneResult, Settings, Trainer, TrainingDivergedError, _Console, _Data,
+from falcontune.trainer import (FinetuneConfig, FinetuneResult, Trainer, TrainingDivergedError, _Console, _Data,
                                 check_world_size, lr_lambda)
 from falcontune.weights import WeightStore
 
@@ -46,7 +46,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _run(tiny: dict[str, Path], out: Path, **kw: Any) -> FinetuneResult:
     args: dict[str, Any] = dict(model=tiny["model"], dataset=tiny["data"], lora_out_dir=out, epochs=2, lr=5e-3,
-                                warmup_steps=2, logging_steps=1, save_steps=2, cutoff_len=48, mbatch_size=1,
+                                warmup_steps=2, logging_steps=1, save_steps=2, cutoff_len=64, mbatch_size=1,
                                 batch_size=2, device="cpu", progress=False)
     args.update(kw)
     return ft.finetune(**args)
@@ -80,7 +80,7 @@ def test_loss_goes_down_on_demo_model(tmp_path: Path, monkeypatch: pytest.Monkey
     data.write_text(json.dumps(json.loads(SAMPLE.read_text(encoding="utf-8"))[:8], ensure_ascii=False),
                     encoding="utf-8")
     res = ft.finetune(model="demo", dataset=data, lora_out_dir=tmp_path / "out", epochs=4, lr=2e-2,
-                      warmup_steps=0, mbatch_size=2, batch_size=2, cutoff_len=48, val_set_size=0,
+                      warmup_steps=0, mbatch_size=2, batch_size=2, cutoff_len=96, val_set_size=0,
                       logging_steps=1, save_steps=100, device="cpu", progress=False)
     losses = [r["loss"] for r in res.history if "loss" in r]
     assert len(losses) == res.global_step == res.total_steps == 16
@@ -236,9 +236,10 @@ def test_lora_apply_dir(tiny: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_errors_before_loading(tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ValueError, match="multiple of --mbatch_size"):
+    # the API names its parameters; the command (test_cli) names flags
+    with pytest.raises(ValueError, match="multiple of mbatch_size=2"):
         _run(tiny, tmp_path / "o", mbatch_size=2, batch_size=3)
-    with pytest.raises(ValueError, match="--lora_dropout"):
+    with pytest.raises(ValueError, match="lora_dropout=1.5"):
         _run(tiny, tmp_path / "o", lora_dropout=1.5)
     with pytest.raises(ValueError, match="dataset is required"):
         _run(tiny, tmp_path / "o", dataset=None)
@@ -288,8 +289,9 @@ class _FakeModel:
 def _fake_trainer(model: _FakeModel, tmp_path: Path) -> Trainer:
     ids = [np.arange(1, 9, dtype=np.int32) for _ in range(8)]
     ds = TokenizedDataset(ids, [x.copy() for x in ids], np.zeros(8, np.int64), np.zeros(8, bool))
-    s = Settings(mbatch_size=1, batch_size=2, epochs=1, lr=1e-3, warmup_steps=0, save_steps=100,
-                 save_total_limit=None, logging_steps=100, eval_steps=None, seed=0, out_dir=tmp_path)
+    s = FinetuneConfig(model="fake", lora_out_dir=tmp_path, mbatch_size=1, batch_size=2, epochs=1, lr=1e-3,
+                       warmup_steps=0, save_steps=100, save_total_limit=None, logging_steps=100, eval_steps=None,
+                       seed=0)
     return Trainer(model, _Data(ds, None, 8, "x"), s, _Console(), 0, {}, progress=False)
 
 
