@@ -64,8 +64,9 @@ def _add_setting(p: argparse.ArgumentParser, name: str) -> None:
     elif f.default is MISSING:
         p.add_argument(*flags, required=True, type=_KINDS[meta["kind"]], help=meta["help"])
     else:
+        default = "" if f.default is None else " Default: %(default)s"
         p.add_argument(*flags, type=_KINDS[meta["kind"]], default=f.default, choices=meta["choices"],
-                       help=f"{meta['help']} Default: %(default)s")
+                       help=meta["help"] + default)
 
 
 _MODEL_SETTINGS = ("model", "weights", "tokenizer", "backend", "device", "verbose")

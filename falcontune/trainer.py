@@ -380,8 +380,8 @@ class FinetuneConfig:
     local_rank: Optional[int] = _setting(0, "Local rank (multi-GPU is not supported yet).", kind="optional_int")
     checkpoint: bool = _setting(False, "Also write the merged float16 model (transformers format).", kind="bool",
                                 aliases=("-c",))
-    merged_dir: Optional[PathLike] = _setting(None, "Where checkpoint (-c) writes the merged model. "
-                                                    "Default: LORA_OUT_DIR/merged")
+    merged_dir: Optional[PathLike] = _setting(None, "Where checkpoint (-c) writes the merged model "
+                                                    "(default: LORA_OUT_DIR/merged).")
     skip: bool = _setting(False, "Don't train (e.g. to merge an existing adapter with -c).", kind="bool")
     verbose: bool = _setting(False, "Print more details (and the traceback of errors).", kind="bool")
 
