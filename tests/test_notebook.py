@@ -1,10 +1,14 @@
-"""The French tutorial notebook, executed end to end in demo mode.
+"""The French tutorial notebook, executed end to end in demo mode, as a user runs it.
 
-notebooks/falcontune_fr.ipynb runs with FALCONTUNE_MODE=demo in a fresh kernel (nbclient, kernel
-"python3" = this interpreter) inside a temporary working directory: the small ``demo`` model and
-a 40-example extract of datasets/fr_instructions.json replace Falcon-7B and the full corpus, and
-nothing is downloaded. The executed notebook is written next to the outputs (``executed.ipynb``)
-for inspection when a check fails.
+notebooks/falcontune_fr.ipynb runs with FALCONTUNE_MODE=demo in a fresh kernel of a fresh virtual
+environment (it sees this interpreter's packages: ipykernel, numpy, ...), from a working directory
+that is not the repository, with one edit a user would make: SOURCE_FALCONTUNE points at the sdist
+of this checkout (`python -m build --sdist`). The install cell must install falcontune from it
+(the kernel imports nothing from the checkout: no PYTHONPATH), and the rest of the notebook must
+run on that installation: the small ``demo`` model and a 40-example extract of
+datasets/fr_instructions.json replace Falcon-7B and the full corpus, and nothing is downloaded
+besides pip's build requirements. The executed notebook is written next to the outputs
+(``executed.ipynb``) for inspection when a check fails.
 
 Shell cells (``!falcontune ...``) do not raise when the command fails, so their outputs are
 checked here for the success messages and for the CLI's one-line error format.
@@ -15,6 +19,7 @@ import importlib.util
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,24 +90,55 @@ def test_flags_mentioned_exist():
 # execution (demo mode)
 
 
+def _with_source(nb: Any, source: Any) -> Any:
+    """The user's one edit: SOURCE_FALCONTUNE = "<source>" in the install cell."""
+    cell = _cell(nb, "install")
+    assert 'SOURCE_FALCONTUNE = ""' in cell.source
+    cell.source = cell.source.replace('SOURCE_FALCONTUNE = ""', f"SOURCE_FALCONTUNE = {str(source)!r}", 1)
+    return nb
+
+
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory):
-    """(executed notebook, working directory, {tag: concatenated text output})."""
-    work = tmp_path_factory.mktemp("notebook")
-    nb = _load()
-    env = dict(os.environ)
-    env["FALCONTUNE_MODE"] = "demo"
-    env["PYTHONUNBUFFERED"] = "1"
-    env["MPLBACKEND"] = "Agg"
-    # the kernel must import the falcontune under test and find its `falcontune` command
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+def venv(tmp_path_factory):
+    """(python of a fresh venv that sees this interpreter's packages, a kernel spec directory for it)."""
+    root = tmp_path_factory.mktemp("venv")
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(root / "env")], check=True)
+    python = root / "env" / "bin" / "python"
+    spec = root / "kernels" / "falcontune-venv"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "falcontune venv", "language": "python"}), encoding="utf-8")
+    return python, root / "kernels"
+
+
+def _kernel_env(python: Path, cache: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing from the checkout
+    env.update(FALCONTUNE_MODE="demo", PYTHONUNBUFFERED="1", MPLBACKEND="Agg", FALCONTUNE_CACHE=str(cache))
+    env["PATH"] = os.pathsep.join((str(python.parent), env.get("PATH", "")))
+    return env
+
+
+def _execute(nb: Any, venv: Any, work: Path, cache: Path, allow_errors: bool = False) -> Any:
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+
+    python, kernels = venv
+    km = KernelManager(kernel_name="falcontune-venv", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)]))
+    client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, allow_errors=allow_errors,
                             resources={"metadata": {"path": str(work)}})
     try:
-        client.execute(env=env)
+        client.execute(env=_kernel_env(python, cache))
     finally:
-        nbformat.write(nb, work / "executed.ipynb")
+        nbformat.write(nb, work.parent / f"{work.name}-executed.ipynb")
+    return nb
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory, sdist, venv):
+    """(executed notebook, working directory, {tag: concatenated text output})."""
+    work = tmp_path_factory.mktemp("notebook")
+    nb = _execute(_with_source(_load(), sdist), venv, work, tmp_path_factory.mktemp("cache"))
     texts: dict[str, str] = {}
     for cell in nb.cells:
         if cell.cell_type != "code":

@@ -484,7 +484,7 @@ def dataclasses_frozen_error() -> type:
 def test_demo_model_positional_with_the_bundled_sample(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ft.finetune("demo") takes the model positionally and trains on the French sample."""
     monkeypatch.setenv("FALCONTUNE_CACHE", str(tmp_path / "cache"))
-    res = ft.finetune("demo", lora_out_dir=tmp_path / "out", epochs=1, cutoff_len=320, val_set_size=0,
+    res = ft.finetune("demo", lora_out_dir=tmp_path / "out", epochs=1, cutoff_len=384, val_set_size=0,
                       progress=False, device="cpu", callback=lambda info: info["step"] == 2)
     assert res.interrupted and res.global_step == 2 and res.n_train == 174
 
@@ -500,3 +500,21 @@ def test_training_leaves_the_curves_next_to_the_log(tiny: dict[str, Path], tmp_p
     _run(tiny, tmp_path / "out", epochs=1, save_steps=100)
     png = tmp_path / "out" / "training_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_untrained_demo_model_starts_near_a_uniform_guess(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo model's logits start small: its loss on the sample is near ln(vocab) (a uniform guess),
+    not ~16 as with the unscaled random head. A changed recipe gets a new cache directory."""
+    from falcontune import demo
+    from falcontune.data import collate, load_records, tokenize_records
+
+    monkeypatch.setenv("FALCONTUNE_CACHE", str(tmp_path / "cache"))
+    model = ft.load_model("demo", device="cpu")
+    ds = tokenize_records(load_records(SAMPLE)[:24], model.tokenizer, cutoff_len=384)
+    batch = collate(ds, np.arange(len(ds)), 0)
+    loss, _ = model.loss(batch["input_ids"], batch["labels"], batch["attention_mask"])
+    assert abs(loss - math.log(model.config.vocab_size)) < 1.0, loss
+    first = demo_model_dir()
+    monkeypatch.setattr(demo, "DEMO_FINAL_NORM_SCALE", 0.5)
+    assert demo_model_dir() != first and (tmp_path / "cache").is_dir()  # rebuilt, not the stale one
+    assert json.loads((demo_model_dir() / "DEMO.json").read_text())["final_norm_scale"] == 0.5
