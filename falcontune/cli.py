@@ -1,7 +1,9 @@
-"""The ``falcontune`` command: ``finetune``, ``generate`` and ``check-dataset``.
+"""The ``falcontune`` command: ``finetune``, ``generate``, ``check-dataset`` and ``plot``.
 
 Flag names and defaults follow falcontune (rmihaylov/falcontune ``run.py``), so the commands
-of its tutorials work verbatim. ``--flag=value`` and ``--flag value`` both work; boolean flags
+of its tutorials work verbatim. finetune's flags (and generate's model flags) are built from the
+fields of ``trainer.FinetuneConfig``; a ``ParameterError`` raised by the API is printed with
+flag names. ``--flag=value`` and ``--flag value`` both work; boolean flags
 accept a bare ``--flag`` or ``--flag=true|false|1|0``.
 
 User errors (missing files, malformed data, bad flags, unknown models, out of memory) print a

@@ -7,6 +7,12 @@ Formats (``data_type``):
 * ``gpt4all``: records with ``prompt`` (non-empty str) and ``response`` (str);
   the training text is ``prompt + "\\n" + response`` as in falcontune.
 
+Other keys are ignored, but never silently: each unknown key is reported once
+(a ``DatasetWarning`` from ``load_records``, a warning of ``check_dataset``;
+an error with ``strict=True``) with the known field it probably means
+(``imput`` -> ``input``), since a misspelled optional field would otherwise
+drop its text from every example.
+
 Tokenization (``tokenize_records``): the prompt and the answer are encoded
 separately and concatenated, then EOS is appended.  Encoding the prompt on its
 own gives exactly the ids the model sees at generation time, and it makes the

@@ -1,4 +1,9 @@
-"""Fine-tuning: ``ft.finetune(**flags)`` and ``falcontune finetune``.
+"""Fine-tuning: ``ft.finetune(model, dataset, ...)`` and ``falcontune finetune``.
+
+``FinetuneConfig`` (a frozen dataclass) is the one description of a run's settings: finetune's
+signature and docstring, the command's flags (cli.py), their validation (errors name the Python
+parameter; the command rephrases them with flags), the printed "Parameters" block and the settings
+stored in checkpoints are all derived from its fields.
 
 Semantics (parity with falcontune, i.e. HF Trainer, where not stated otherwise):
 
@@ -14,7 +19,11 @@ Semantics (parity with falcontune, i.e. HF Trainer, where not stated otherwise):
   steps, falcontune's rule ``max(logging_steps, n_records // (10 * mbatch_size))`` by default,
   plus once at the end; eval loss is the mean over all validation label tokens.
 * logging every ``logging_steps``: HF-style dicts (loss averaged over the window) plus grad_norm
-  and tokens_per_second, printed and appended to ``lora_out_dir/log.jsonl``.
+  and tokens_per_second, printed (rounded) and appended to ``lora_out_dir/log.jsonl`` (full
+  precision); the final record's rates (train_steps_per_second, ...) are those of this run alone
+  (a resumed run counts its own steps and time). ``training_curves.png`` (falcontune.plot) is
+  drawn next to the log when matplotlib is installed.
+* a ``cutoff_len`` at which no example keeps a single answer token is an error.
 * ``checkpoint-N`` every ``save_steps`` (see ``falcontune.checkpoint``), ``save_total_limit``
   rotation, exact resume (on CPU the final adapter equals an uninterrupted run's bit for bit).
 * fp16 engines (CUDA on T4) use dynamic loss scaling: 2**16, halved on a non-finite gradient
