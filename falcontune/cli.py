@@ -54,11 +54,11 @@ _KINDS: dict[str, Callable[[str], Any]] = {"str": str, "int": int, "float": floa
 
 def _add_setting(p: argparse.ArgumentParser, name: str) -> None:
     """A flag described by the FinetuneConfig field of the same name (help, default, parsing)."""
-    from dataclasses import MISSING
+    from dataclasses import MISSING, fields
 
     from .trainer import FinetuneConfig
 
-    f = FinetuneConfig.__dataclass_fields__[name]
+    f = next(f for f in fields(FinetuneConfig) if f.name == name)
     meta = f.metadata
     flags = (*meta["aliases"], f"--{name}")
     if meta["kind"] == "bool":
