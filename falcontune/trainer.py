@@ -299,10 +299,12 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _int_at_least(minimum: int) -> Check:
+def _int_at_least(minimum: Optional[int]) -> Check:
+    """An integer (>= minimum unless it is None)."""
     def check(name: str, v: Any) -> None:
-        if not _is_int(v) or v < minimum:
-            raise ParameterError(f"{{{name}}}: expected an integer >= {minimum}", **{name: v})
+        if not _is_int(v) or (minimum is not None and v < minimum):
+            bound = "" if minimum is None else f" >= {minimum}"
+            raise ParameterError(f"{{{name}}}: expected an integer{bound}", **{name: v})
     return check
 
 
@@ -381,7 +383,7 @@ class FinetuneConfig:
     logging_steps: int = _setting(10, "Log every N steps.", kind="int", check=_POSITIVE)
     save_steps: int = _setting(50, "Checkpoint every N steps.", kind="int", check=_POSITIVE)
     save_total_limit: Optional[int] = _setting(3, "Checkpoints to keep.", kind="optional_int",
-                                               check=_optional(_int_at_least(-2 ** 31)))
+                                               check=_optional(_int_at_least(None)))
     seed: int = _setting(42, "Seed of the split, LoRA init, data order and dropout.", kind="int",
                          check=_NON_NEGATIVE, run=True)
     backend: str = _setting("auto", "auto, cpu or cuda (falcontune's triton and torch mean cuda here).")
