@@ -310,8 +310,9 @@ def closest_field(key: str, data_type: str) -> Optional[str]:
     low = key.strip().lower()
     if low in known:
         return low
-    if low in _FIELD_ALIASES[data_type]:
-        return _FIELD_ALIASES[data_type][low]
+    aliases = _FIELD_ALIASES.get(data_type, {})
+    if low in aliases:
+        return aliases[low]
     close = difflib.get_close_matches(low, known, n=1, cutoff=0.6)
     return close[0] if close else None
 
