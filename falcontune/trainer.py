@@ -211,11 +211,11 @@ def _check_cutoff(ds: TokenizedDataset, cutoff_len: int, say: Callable[[str], No
     it is every example, a note otherwise."""
     no_answer = ds.prompt_lengths >= cutoff_len
     if no_answer.all():
-        shortest, longest = int(ds.prompt_lengths.min()), int(ds.lengths.max())
+        shortest = int(ds.prompt_lengths.min())
         raise ParameterError(
             f"{{cutoff_len}} is too small for this dataset: the shortest prompt has {shortest} tokens, so no "
-            f"example keeps a single answer token; use at least {shortest + 1} ({longest} keeps every example "
-            "whole; check-dataset shows the token lengths)", cutoff_len=cutoff_len)
+            f"example keeps a single answer token; use more than {shortest} (check-dataset with --tokenizer "
+            "shows the lengths of the examples)", cutoff_len=cutoff_len)
     if no_answer.any():
         say(f"  warning: {int(no_answer.sum())} example(s) have prompts of cutoff_len={cutoff_len} tokens or more: "
             "none of their answer is learned (raise cutoff_len; check-dataset shows the token lengths)")
