@@ -17,7 +17,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 from .errors import ParameterError
 from .model import FalconModel, ModelLoadError, cuda_available, cuda_compiled, load_model, resolve_device
 from .optim import AdamW
-from .trainer import FinetuneConfig, FinetuneResult, finetune
+from .settings import FinetuneConfig
+from .trainer import FinetuneResult, finetune
 
 __version__ = "0.1.0"
 

@@ -2,7 +2,7 @@
 
 Flag names and defaults follow falcontune (rmihaylov/falcontune ``run.py``), so the commands
 of its tutorials work verbatim. finetune's flags (and generate's model flags) are built from the
-fields of ``trainer.FinetuneConfig``; a ``ParameterError`` raised by the API is printed with
+fields of ``settings.FinetuneConfig``; a ``ParameterError`` raised by the API is printed with
 flag names. ``--flag=value`` and ``--flag value`` both work; boolean flags
 accept a bare ``--flag`` or ``--flag=true|false|1|0``.
 
@@ -56,7 +56,7 @@ def _add_setting(p: argparse.ArgumentParser, name: str) -> None:
     """A flag described by the FinetuneConfig field of the same name (help, default, parsing)."""
     from dataclasses import MISSING, fields
 
-    from .trainer import FinetuneConfig
+    from .settings import FinetuneConfig
 
     f = next(f for f in fields(FinetuneConfig) if f.name == name)
     meta = f.metadata
@@ -77,7 +77,7 @@ _MODEL_SETTINGS = ("model", "weights", "tokenizer", "backend", "device", "verbos
 def _finetune_parser(sub: Any) -> None:
     from dataclasses import fields
 
-    from .trainer import FinetuneConfig
+    from .settings import FinetuneConfig
 
     p = sub.add_parser("finetune", help="train a LoRA adapter",
                        description="Fine-tune a GPTQ Falcon model with LoRA. Every flag is also a parameter of "
@@ -166,8 +166,9 @@ def _run_finetune(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from . import trainer
+    from .settings import FinetuneConfig
 
-    kwargs = {f.name: getattr(args, f.name) for f in fields(trainer.FinetuneConfig)}
+    kwargs = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig)}
     result = trainer.finetune(**kwargs)
     return EXIT_INTERRUPTED if result.interrupted else 0
 

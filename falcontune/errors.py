@@ -25,6 +25,11 @@ def flag_text(value: Any) -> str:
     return str(value)
 
 
+def escape_braces(text: str) -> str:
+    """Literal text inside a ParameterError template."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 class ParameterError(ValueError):
     """``template`` names each parameter as ``{name}``; ``values`` gives its value (or
     ``NAME_ONLY``). Literal braces in the template are doubled, as in ``str.format``."""
