@@ -1,10 +1,19 @@
 """Build falcontune._C from csrc/.
 
-The CPU engine (C11, OpenMP when the compiler has it) is always built. The
-CUDA backend is added when nvcc is found (FALCONTUNE_CUDA=0 or 1 forces it
-off or on). Architectures: FALCONTUNE_CUDA_ARCH="75;80;86;89;90" by default;
-when a GPU is visible at build time only its architecture is compiled, so an
-install on Colab is quick.
+The CPU engine (C11, OpenMP when the compiler has it) is always built. The CUDA backend is
+compiled only when it can be used or is asked for:
+
+* FALCONTUNE_CUDA=1, or FALCONTUNE_CUDA_ARCH set: compile it (nvcc must be found: CUDA_HOME,
+  CUDA_PATH, PATH or /usr/local/cuda; the build fails clearly otherwise);
+* FALCONTUNE_CUDA=0: never;
+* otherwise: when nvidia-smi lists a GPU at install time, for that GPU's architecture (a few
+  minutes on Colab); with no GPU visible, the CPU engine only (one line says so and how to get
+  CUDA), so an install on a machine with nvcc but no GPU takes seconds instead of ~8 minutes.
+
+Architectures: FALCONTUNE_CUDA_ARCH="75;80" if set, else the visible GPUs', else
+75;80;86;89;90. Each compiled CUDA file prints one progress line. pip shows a build's output
+only with -v, so these lines (and the CPU-only line) also go to the terminal (/dev/tty) when
+there is one; `pip install -v` shows them everywhere.
 """
 from __future__ import annotations
 
@@ -13,7 +22,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +39,21 @@ def _sources(pattern: str) -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pattern))
 
 
+def _say(msg: str) -> None:
+    """A line the user sees even behind pip's spinner: stderr (pip -v, or setup.py run by hand)
+    and, when stderr is captured, the terminal."""
+    line = f"falcontune: {msg}"
+    print(line, file=sys.stderr, flush=True)
+    if sys.stderr.isatty():
+        return
+    try:
+        with open("/dev/tty", "w", encoding="utf-8") as tty:
+            tty.write(f"\n{line}\n")
+    except OSError:
+        pass  # no terminal (CI, notebooks): the stderr line is what there is
+
+
 def _find_nvcc() -> str | None:
-    flag = os.environ.get("FALCONTUNE_CUDA", "").strip()
-    if flag == "0":
-        return None
     candidates = []
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
@@ -44,26 +65,51 @@ def _find_nvcc() -> str | None:
     for c in candidates:
         if c.is_file() and os.access(c, os.X_OK):
             return str(c)
-    if flag == "1":
-        sys.exit("FALCONTUNE_CUDA=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
     return None
+
+
+def _visible_gpus() -> list[str]:
+    """Compute capabilities ("75", "90", ...) of the GPUs nvidia-smi lists (none without a driver)."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return sorted({line.strip().replace(".", "") for line in out.splitlines() if line.strip()})
+
+
+def _cuda_plan() -> str | None:
+    """nvcc's path when the CUDA engine is to be compiled, else None (after saying why)."""
+    flag = os.environ.get("FALCONTUNE_CUDA", "").strip()
+    if flag == "0":
+        _say("FALCONTUNE_CUDA=0: building the CPU engine only")
+        return None
+    asked = flag == "1" or bool(os.environ.get("FALCONTUNE_CUDA_ARCH", "").strip())
+    nvcc = _find_nvcc()
+    if asked:
+        if nvcc is None:
+            sys.exit("falcontune: the CUDA engine was asked for (FALCONTUNE_CUDA=1 or FALCONTUNE_CUDA_ARCH) but "
+                     "nvcc was not found: install the CUDA toolkit and set CUDA_HOME or put nvcc on PATH")
+        return nvcc
+    if not _visible_gpus():
+        _say("no NVIDIA GPU visible: building the CPU engine only (seconds). For the CUDA engine, reinstall "
+             "with FALCONTUNE_CUDA=1 (needs nvcc; FALCONTUNE_CUDA_ARCH=\"75;80\" picks the GPU architectures)")
+        return None
+    if nvcc is None:
+        _say("an NVIDIA GPU is visible but nvcc was not found: building the CPU engine only. For the CUDA "
+             "engine, install the CUDA toolkit and reinstall with FALCONTUNE_CUDA=1 CUDA_HOME=/usr/local/cuda")
+        return None
+    return nvcc
 
 
 def _cuda_archs() -> list[str]:
     env = os.environ.get("FALCONTUNE_CUDA_ARCH", "").strip()
     if env:
         return [a.strip().replace(".", "") for a in env.replace(",", ";").split(";") if a.strip()]
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20, check=True).stdout
-            caps = sorted({line.strip().replace(".", "") for line in out.splitlines() if line.strip()})
-            if caps:
-                return caps
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return DEFAULT_ARCHS.split(";")
+    return _visible_gpus() or DEFAULT_ARCHS.split(";")
 
 
 def _has_openmp(compiler) -> bool:
@@ -98,8 +144,8 @@ class BuildExt(build_ext):
             cflags.append("-fopenmp")
             ext.extra_link_args.append("-fopenmp")
         ext.extra_compile_args = cflags
-        nvcc = _find_nvcc()
-        if nvcc and _sources("csrc/cuda/*.cu"):
+        nvcc = _cuda_plan() if _sources("csrc/cuda/*.cu") else None
+        if nvcc:
             self._build_cuda(ext, nvcc)
         super().build_extensions()
 
@@ -122,14 +168,24 @@ class BuildExt(build_ext):
             jobs.append((cmd, str(obj)))
         # one nvcc per source file, in parallel: the build is dominated by device code generation
         workers = max(1, min(len(jobs), os.cpu_count() or 1))
+        _say(f"compiling the CUDA engine: {len(jobs)} files for sm_{', sm_'.join(archs)} with {workers} parallel "
+             "nvcc (about 1.5 minutes per architecture on 2 cores)")
+        t0 = time.monotonic()
+
+        def compile_one(job: tuple[list[str], str]) -> subprocess.CompletedProcess:
+            print(" ".join(job[0]), flush=True)
+            return subprocess.run(job[0], cwd=ROOT, capture_output=True, text=True)
+
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for cmd, _ in jobs:
-                print(" ".join(cmd), flush=True)
-            results = list(pool.map(lambda job: subprocess.run(job[0], cwd=ROOT, capture_output=True, text=True), jobs))
-        for (cmd, _), res in zip(jobs, results):
-            if res.returncode != 0:
-                sys.stderr.write(res.stdout + res.stderr)
-                raise subprocess.CalledProcessError(res.returncode, cmd)
+            futures = {pool.submit(compile_one, job): job for job in jobs}
+            for done, future in enumerate(as_completed(futures), start=1):
+                cmd, obj = futures[future]
+                res, src = future.result(), f"csrc/cuda/{Path(obj).stem}.cu"
+                if res.returncode != 0:
+                    sys.stderr.write(res.stdout + res.stderr)
+                    _say(f"nvcc failed on {src} (its messages are above)")
+                    raise subprocess.CalledProcessError(res.returncode, cmd)
+                _say(f"[{done}/{len(jobs)}] compiled {src} ({time.monotonic() - t0:.0f} s)")
         objects = [obj for _, obj in jobs]
         cuda_root = Path(nvcc).resolve().parent.parent
         libdirs = [d for d in (cuda_root / "lib64", cuda_root / "lib", cuda_root / "targets" / "x86_64-linux" / "lib")

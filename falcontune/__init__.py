@@ -14,27 +14,28 @@ from typing import Any
 # loads, unless the user chose otherwise.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
-from .model import FalconModel, ModelLoadError, cuda_available, load_model
+from .errors import ParameterError
+from .model import FalconModel, ModelLoadError, cuda_available, cuda_compiled, load_model, resolve_device
 from .optim import AdamW
+from .settings import FinetuneConfig
+from .trainer import FinetuneResult, finetune
 
 __version__ = "0.1.0"
 
-__all__ = ["FalconModel", "ModelLoadError", "AdamW", "load_model", "cuda_available", "finetune",
-           "check_dataset", "__version__"]
-
-
-def finetune(**kwargs: Any) -> Any:
-    """Fine-tune with the same names as the CLI flags (see ``falcontune finetune --help``)."""
-    from .trainer import finetune as _finetune
-    return _finetune(**kwargs)
+__all__ = ["FalconModel", "ModelLoadError", "ParameterError", "AdamW", "load_model", "cuda_available",
+           "cuda_compiled", "resolve_device", "finetune", "FinetuneConfig", "FinetuneResult", "check_dataset",
+           "__version__"]
 
 
 def check_dataset(path: Any, data_type: str = "alpaca", tokenizer: Any = None, cutoff_len: int = 256,
-                  template: str = "alpaca", chat_template: Any = None) -> Any:
-    """Validate a dataset file; returns a report (counts, token lengths, errors by record)."""
+                  template: str = "alpaca", chat_template: Any = None, strict: bool = False) -> Any:
+    """Validate a dataset file; returns a report (counts, token lengths, every error by record,
+    unknown fields with the known field they probably mean; ``strict=True`` makes those errors).
+    ``tokenizer`` may be a tokenizer or the path of a tokenizer.json; ``chat_template`` overrides
+    the chat template of chat data (a name or a file)."""
     from .data import check_dataset as _check
     from .tokenizer import Tokenizer
     if isinstance(tokenizer, (str, bytes)) or hasattr(tokenizer, "__fspath__"):
         tokenizer = Tokenizer.from_file(tokenizer)
     return _check(path, data_type=data_type, tokenizer=tokenizer, cutoff_len=cutoff_len, template=template,
-                  chat_template=chat_template)
+                  chat_template=chat_template, strict=strict)

@@ -1,7 +1,9 @@
-"""The ``falcontune`` command: ``finetune``, ``generate``, ``check-dataset`` and ``export``.
+"""The ``falcontune`` command: ``finetune``, ``generate``, ``check-dataset``, ``export`` and ``plot``.
 
 Flag names and defaults follow falcontune (rmihaylov/falcontune ``run.py``), so the commands
-of its tutorials work verbatim. ``--flag=value`` and ``--flag value`` both work; boolean flags
+of its tutorials work verbatim. finetune's flags (and generate's model flags) are built from the
+fields of ``settings.FinetuneConfig``; a ``ParameterError`` raised by the API is printed with
+flag names. ``--flag=value`` and ``--flag value`` both work; boolean flags
 accept a bare ``--flag`` or ``--flag=true|false|1|0``.
 
 User errors (missing files, malformed data, bad flags, unknown models, out of memory) print a
@@ -38,22 +40,38 @@ def _add_bool(p: argparse.ArgumentParser, *names: str, default: Optional[bool] =
                    help=f"{help} Default: %(default)s")
 
 
-_MODEL_HELP = ("a directory holding config.json, a Hugging Face Hub repo id ORG/NAME[@REVISION] (downloaded into "
-               "the HF cache; HF_HUB_OFFLINE=1 uses the cache only), a known model name (e.g. "
-               "falcon-7b-instruct-4bit: its repo unless --weights is given), or 'demo' (a small random model)")
-_WEIGHTS_HELP = ("the .safetensors file, its directory or a Hub repo id (default: the model's directory or repo; "
-                 "for a known name, its Hub repo)")
-_TOKENIZER_HELP = "tokenizer.json, its directory or a Hub repo id (default: the one next to the model or the weights)"
+class _Given(argparse.Action):
+    """Stores the value and remembers that the flag was typed (args.given)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", set()) | {self.dest}
 
 
-def _add_model_args(p: argparse.ArgumentParser, weights_help: str) -> None:
-    p.add_argument("--model", required=True, help=_MODEL_HELP)
-    p.add_argument("--weights", default=None, help=weights_help)
-    p.add_argument("--tokenizer", default=None, help=_TOKENIZER_HELP)
-    p.add_argument("--backend", default="auto",
-                   help="auto, cpu or cuda (falcontune's triton and torch mean cuda here). Default: %(default)s")
-    p.add_argument("--device", default=None, help="alias of --backend that also accepts cuda:N")
-    _add_bool(p, "--verbose", help="Print the traceback of errors and more details.")
+_KINDS: dict[str, Callable[[str], Any]] = {"str": str, "int": int, "float": float, "optional_int": _optional_int}
+
+
+def _add_setting(p: argparse.ArgumentParser, name: str) -> None:
+    """A flag described by the FinetuneConfig field of the same name (help, default, parsing)."""
+    from dataclasses import MISSING, fields
+
+    from .settings import FinetuneConfig
+
+    f = next(f for f in fields(FinetuneConfig) if f.name == name)
+    meta = f.metadata
+    flags = (*meta["aliases"], f"--{name}")
+    if meta["kind"] == "bool":
+        _add_bool(p, *flags, default=f.default, help=meta["help"])
+    elif f.default is MISSING:
+        p.add_argument(*flags, required=True, type=_KINDS[meta["kind"]], help=meta["help"])
+    else:
+        default = "" if f.default is None else " Default: %(default)s"
+        p.add_argument(*flags, type=_KINDS[meta["kind"]], default=f.default, choices=meta["choices"],
+                       help=meta["help"] + default)
+
+
+_MODEL_SETTINGS = ("model", "weights", "tokenizer", "backend", "device", "verbose")
 
 
 _DATA_TYPE_HELP = ("Dataset format: alpaca (instruction/input/output), gpt4all (prompt/response), chat (OpenAI "
@@ -75,53 +93,22 @@ def _add_chat_template(p: argparse.ArgumentParser) -> None:
 
 
 def _finetune_parser(sub: Any) -> None:
+    from dataclasses import fields
+
+    from .settings import FinetuneConfig
+
     p = sub.add_parser("finetune", help="train a LoRA adapter",
-                       description="Fine-tune a GPTQ Falcon model with LoRA.")
-    _add_model_args(p, _WEIGHTS_HELP)
-    _add_data_type(p)
-    p.add_argument("--dataset", default=None,
-                   help="Path to local dataset file (JSON array or JSON Lines; .txt for --data_type=text).")
-    p.add_argument("--lora_out_dir", default="alpaca_lora", help="Directory to place new LoRA. Default: %(default)s")
-    p.add_argument("--lora_apply_dir", default=None, help="Directory of a LoRA adapter to start from.")
-    p.add_argument("--resume_checkpoint", default=None,
-                   help="checkpoint-N directory to resume from, or 'true'/'latest' for the newest in lora_out_dir")
-    for name, typ, default, help_ in (
-            ("--mbatch_size", int, 1, "Micro-batch size."), ("--batch_size", int, 2, "Batch size."),
-            ("--epochs", int, 3, "Epochs."), ("--lr", float, 2e-4, "Learning rate."),
-            ("--cutoff_len", int, 256, "Maximum tokens per example."), ("--lora_r", int, 8, "LoRA rank."),
-            ("--lora_alpha", float, 16, "LoRA alpha."), ("--lora_dropout", float, 0.05, "LoRA dropout."),
-            ("--gradient_checkpointing_ratio", float, 1.0, "Gradient checkpoint ratio."),
-            ("--val_set_size", float, 0.2, "Validation set size (fraction, or a count if > 1)."),
-            ("--warmup_steps", int, 50, "Warmup steps."), ("--save_steps", int, 50, "Checkpoint every N steps."),
-            ("--save_total_limit", int, 3, "Checkpoints to keep."), ("--logging_steps", int, 10, "Log every N steps."),
-            ("--eval_steps", _optional_int, None, "Evaluate every N steps (default: falcontune's rule)."),
-            ("--seed", int, 42, "Seed of the split, LoRA init, data order and dropout."),
-            ("--local_rank", int, 0, "Local rank (multi-GPU is not supported yet).")):
-        p.add_argument(name, type=typ, default=default, help=f"{help_} Default: %(default)s")
-    _add_bool(p, "--gradient_checkpointing", help="Use gradient checkpointing.")
-    _add_bool(p, "-c", "--checkpoint", help="Also write the merged float16 model (transformers format).")
-    p.add_argument("--merged_dir", default=None, help="Where -c writes the merged model. Default: LORA_OUT_DIR/merged")
-    _add_bool(p, "--skip", help="Don't train (e.g. to merge an existing adapter with -c).")
-    p.add_argument("--target_modules", default='["query_key_value"]',
-                   help="Target modules for LoRA, a list such as '[\"query_key_value\", \"dense\"]'. "
-                        "Default: %(default)s")
-    p.add_argument("--use_eos_token", type=str2bool, default=True, metavar="BOOL",
-                   help="Append the end-of-text token to examples (1/0). Default: %(default)s")
-    p.add_argument("--prompt_template", default="alpaca", choices=("alpaca", "fr"),
-                   help="Prompt template for alpaca data. Default: %(default)s")
-    p.add_argument("--train_on_inputs", type=str2bool, default=None, metavar="BOOL",
-                   help="Learn the prompt tokens too (default: true for alpaca, false for gpt4all and chat, where "
-                        "only the assistant turns are learned; text learns every token)")
-    _add_chat_template(p)
-    _add_bool(p, "--packing", help="Pack several examples into each cutoff_len row (each example only sees "
-                                   "itself; positions restart per example): less padding, fewer steps. "
-                                   "Evaluation is packed too.")
+                       description="Fine-tune a GPTQ Falcon model with LoRA. Every flag is also a parameter of "
+                                   "falcontune.finetune().")
+    for f in fields(FinetuneConfig):
+        _add_setting(p, f.name)
     p.set_defaults(func=_run_finetune)
 
 
 def _generate_parser(sub: Any) -> None:
     p = sub.add_parser("generate", help="generate text", description="Generate text with a model (+ LoRA).")
-    _add_model_args(p, _WEIGHTS_HELP)
+    for name in _MODEL_SETTINGS:
+        _add_setting(p, name)
     p.add_argument("--lora_apply_dir", default=None, help="LoRA adapter directory to apply.")
     p.add_argument("--prompt", default="", help="Text used to initialize generation")
     p.add_argument("--instruction", default="", help="Instruction for an alpaca-style model")
@@ -132,30 +119,39 @@ def _generate_parser(sub: Any) -> None:
                                 "conversation) is a user message rendered with the chat template.")
     _add_chat_template(p)
     for name, typ, default, help_ in (
-            ("--max_new_tokens", int, 400, "Maximum new tokens."), ("--top_p", float, 0.95, "Top-p."),
-            ("--top_k", int, 40, "Top-k."), ("--temperature", float, 0.8, "Sampling temperature."),
+            ("--max_new_tokens", int, 400, "Maximum new tokens."),
+            ("--top_p", float, 0.95, "Top-p (with --do_sample)."), ("--top_k", int, 40, "Top-k (with --do_sample)."),
+            ("--temperature", float, 0.8, "Sampling temperature (with --do_sample)."),
             ("--num_beams", int, 1, "Number of beams."), ("--repetition_penalty", float, 1.0, "Repetition penalty."),
             ("--seed", _optional_int, None, "Sampling seed.")):
-        p.add_argument(name, type=typ, default=default, help=f"{help_} Default: %(default)s")
+        p.add_argument(name, type=typ, default=default, action=_Given, help=f"{help_} Default: %(default)s")
     _add_bool(p, "--use_cache", default=True, help="Use the KV cache.")
     _add_bool(p, "--do_sample", help="Sample instead of greedy decoding.")
     _add_bool(p, "--interactive", help="Then read one prompt/instruction per line from stdin, until EOF or an "
                                        "empty line.")
-    p.set_defaults(func=_run_generate)
+    p.set_defaults(func=_run_generate, given=set())
 
 
 def _check_parser(sub: Any) -> None:
+    from .data import DATA_TYPES
+
     p = sub.add_parser("check-dataset", help="validate a dataset file",
-                       description="Check every record of a dataset and report token lengths.")
+                       description="Check every record of a dataset (all errors, by record number; unknown fields, "
+                                   "with the known field they probably mean) and, with --tokenizer, report token "
+                                   "lengths and how many examples --cutoff_len would cut. Exit status 1 when the "
+                                   "dataset has errors.")
     p.add_argument("file", help="dataset file (JSON array or JSON Lines)")
     _add_data_type(p)
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.json (or its directory) for token lengths; its tokenizer_config.json gives the "
                         "chat template")
-    p.add_argument("--cutoff_len", type=int, default=256, help="Maximum tokens per example. Default: %(default)s")
+    p.add_argument("--cutoff_len", type=int, default=256,
+                   help="With --tokenizer: count the examples longer than this many tokens (finetune cuts them; "
+                        "text documents are cut into windows). Default: %(default)s")
     p.add_argument("--prompt_template", default="alpaca", choices=("alpaca", "fr"),
-                   help="Prompt template for alpaca data. Default: %(default)s")
+                   help="Prompt template used to count tokens (alpaca data). Default: %(default)s")
     _add_chat_template(p)
+    _add_bool(p, "--strict", help="Treat unknown fields (e.g. a misspelled 'imput') as errors.")
     _add_bool(p, "--verbose", help="Print the traceback of errors.")
     p.set_defaults(func=_run_check)
 
@@ -165,9 +161,8 @@ def _export_parser(sub: Any) -> None:
                        description="Fold a LoRA adapter into the base model and write it as GGUF (llama.cpp, "
                                    "Ollama) or as a float16 Hugging Face checkpoint (what -c writes). "
                                    "No engine is built: this needs memory for one tensor at a time.")
-    p.add_argument("--model", required=True, help=_MODEL_HELP)
-    p.add_argument("--weights", default=None, help=_WEIGHTS_HELP)
-    p.add_argument("--tokenizer", default=None, help=_TOKENIZER_HELP)
+    for name in ("model", "weights", "tokenizer"):
+        _add_setting(p, name)
     p.add_argument("--lora_apply_dir", default=None, help="the LoRA adapter to fold in (default: none, the base alone)")
     p.add_argument("--format", default="gguf", choices=("gguf", "hf"), help="Default: %(default)s")
     p.add_argument("--outtype", default="f16", choices=("f16", "q8_0"),
@@ -175,6 +170,16 @@ def _export_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="the .gguf file, or the directory for --format=hf")
     _add_bool(p, "--verbose", help="Print the traceback of errors.")
     p.set_defaults(func=_run_export)
+
+
+def _plot_parser(sub: Any) -> None:
+    p = sub.add_parser("plot", help="draw the training curves of a run as a PNG",
+                       description="Draw loss, eval loss and learning rate from LORA_OUT_DIR/log.jsonl into a PNG "
+                                   "(needs matplotlib).")
+    p.add_argument("lora_out_dir", metavar="LORA_OUT_DIR", help="the --lora_out_dir of a finetune run")
+    p.add_argument("--output", default=None, help="PNG file to write. Default: LORA_OUT_DIR/training_curves.png")
+    _add_bool(p, "--verbose", help="Print the traceback of errors.")
+    p.set_defaults(func=_run_plot)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(sub)
     _check_parser(sub)
     _export_parser(sub)
+    _plot_parser(sub)
     return parser
 
 
@@ -195,36 +201,44 @@ def build_parser() -> argparse.ArgumentParser:
 # commands
 
 
-_CLI_ONLY = ("func", "command")
-
-
 def _run_finetune(args: argparse.Namespace) -> int:
-    from .trainer import finetune
+    from dataclasses import fields
 
-    kwargs = {k: v for k, v in vars(args).items() if k not in _CLI_ONLY}
-    result = finetune(**kwargs)
+    from . import trainer
+    from .settings import FinetuneConfig
+
+    kwargs = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig)}
+    result = trainer.finetune(**kwargs)
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "temperature": args.temperature,
-            "top_p": args.top_p, "top_k": args.top_k, "num_beams": args.num_beams, "use_cache": args.use_cache,
-            "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+    kw = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "num_beams": args.num_beams,
+          "use_cache": args.use_cache, "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+    if args.do_sample:
+        kw.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    return kw
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from .model import load_model
-    from .trainer import _no_tokenizer_error, resolve_device
+    from .generate import check_sampling_args
+    from .model import load_model, resolve_device
+    from .tokenizer import missing_tokenizer_error
 
     if args.prompt and args.instruction:
         raise ValueError("give either --prompt or --instruction, not both")
     if not (args.prompt or args.instruction or args.interactive):
         raise ValueError("give --prompt or --instruction (or --interactive to read them from stdin)")
     note: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    ignored = check_sampling_args(args.do_sample, **{k: (True if k in args.given else None)
+                                                     for k in ("temperature", "top_p", "top_k")})
+    if ignored:
+        note(f"note: {', '.join('--' + k for k in ignored)} only apply with --do_sample: greedy decoding "
+             "ignores them (add --do_sample to sample)")
     model = load_model(args.model, args.weights, device=resolve_device(args.backend, args.device, note),
                        tokenizer=args.tokenizer)
     if model.tokenizer is None:
-        raise _no_tokenizer_error(args.model)
+        raise missing_tokenizer_error(args.model)
     if args.lora_apply_dir:
         model.load_lora(args.lora_apply_dir)
     model.eval()
@@ -232,15 +246,19 @@ def _run_generate(args: argparse.Namespace) -> int:
     kw = _generation_kwargs(args)
     chat = _Chat(model, args.chat_template) if args.chat else None
 
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
     def answer(text: str) -> None:
         t0 = time.perf_counter()
         if chat is not None:
-            out = chat.reply(text, kw)
+            chat.reply(text, dict(kw, stream=show))
         elif instruction_mode:
-            out = model.generate(instruction=text, input=args.input, template=args.prompt_template, **kw)
+            model.generate(instruction=text, input=args.input, template=args.prompt_template, stream=show, **kw)
         else:
-            out = model.generate(prompt=text, **kw)
-        print(out, flush=True)
+            model.generate(prompt=text, stream=show, **kw)
+        print(flush=True)
         note(f"(Took {time.perf_counter() - t0:.3f} s)")
 
     first = args.instruction or args.prompt
@@ -286,7 +304,7 @@ def _run_check(args: argparse.Namespace) -> int:
 
     tok = Tokenizer.from_file(args.tokenizer) if args.tokenizer else None
     report = check_dataset(args.file, data_type=args.data_type, tokenizer=tok, cutoff_len=args.cutoff_len,
-                           template=args.prompt_template, chat_template=args.chat_template)
+                           template=args.prompt_template, chat_template=args.chat_template, strict=args.strict)
     print(report)
     return 0 if report.ok else 1
 
@@ -298,6 +316,25 @@ def _run_export(args: argparse.Namespace) -> int:
                  lora_apply_dir=args.lora_apply_dir, tokenizer=args.tokenizer)
     print(f"Modèle fusionné écrit / merged model written: {out}", file=sys.stderr, flush=True)
     return 0
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from .plot import write_training_plot
+
+    print(f"Courbes / training curves: {write_training_plot(args.lora_out_dir, args.output)}")
+    return 0
+
+
+def _with_flag_names(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """The API phrases parameter errors with Python names (epochs=0); the command with flags."""
+    from .errors import ParameterError
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except ParameterError as exc:
+            raise ValueError(exc.as_flags()) from exc
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +378,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USER_ERROR
     verbose = bool(getattr(args, "verbose", False))
     try:
-        return int(args.func(args))
+        return int(_with_flag_names(args.func)(args))
     except KeyboardInterrupt:
         print("falcontune: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

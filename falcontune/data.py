@@ -11,6 +11,12 @@ Formats (``data_type``):
 * ``text``: raw documents (.txt or ``{"text": ...}`` records) cut into
   ``cutoff_len`` windows (falcontune.textdata).
 
+Other keys are ignored, but never silently: each unknown key is reported once
+(a ``DatasetWarning`` from ``load_records``, a warning of ``check_dataset``;
+an error with ``strict=True``) with the known field it probably means
+(``imput`` -> ``input``), since a misspelled optional field would otherwise
+drop its text from every example.
+
 Tokenization (``tokenize_records``): the prompt and the answer are encoded
 separately and concatenated, then EOS is appended.  Encoding the prompt on its
 own gives exactly the ids the model sees at generation time, and it makes the
@@ -22,9 +28,11 @@ mid-answer (falcontune's gpt4all loader makes the same choice).
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union
@@ -281,6 +289,51 @@ def _type_name(value: Any) -> str:
                                                                      type(value).__name__)
 
 
+class DatasetWarning(UserWarning):
+    """Something in a dataset that loads but is probably not what was meant (an unknown field)."""
+
+
+# Names other formats give to a known field: an "unknown field" warning suggests the known one.
+_FIELD_ALIASES = {
+    "alpaca": {"context": "input", "question": "instruction", "query": "instruction", "answer": "output",
+               "completion": "output", "target": "output"},
+    "gpt4all": {"instruction": "prompt", "question": "prompt", "query": "prompt", "output": "response",
+                "answer": "response", "completion": "response"},
+}
+
+
+# top-level keys of the record types that live in their own modules (chat.py, textdata.py)
+_TOP_FIELDS = {"chat": ("messages", "conversations"), "text": ("text",)}
+
+
+def known_fields(data_type: str) -> tuple[str, ...]:
+    _check_data_type(data_type)
+    if data_type in _TOP_FIELDS:
+        return _TOP_FIELDS[data_type]
+    return tuple(f for f, _, _ in _FIELDS[data_type])
+
+
+def closest_field(key: str, data_type: str) -> Optional[str]:
+    """The known field an unknown key most likely means ('imput', 'Input', 'context' -> 'input'),
+    or None."""
+    known = known_fields(data_type)
+    low = key.strip().lower()
+    if low in known:
+        return low
+    aliases = _FIELD_ALIASES.get(data_type, {})
+    if low in aliases:
+        return aliases[low]
+    close = difflib.get_close_matches(low, known, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _unknown_key_note(key: str, data_type: str) -> str:
+    near = closest_field(key, data_type)
+    if near is not None:
+        return f"did you mean '{near}'?"
+    return f"known fields: {', '.join(known_fields(data_type))}"
+
+
 def _validate(raw: _Raw, path: Path, data_type: str) -> dict[str, str]:
     spec = _FIELDS[data_type]
     names = ", ".join(f for f, _, _ in spec)
@@ -289,6 +342,7 @@ def _validate(raw: _Raw, path: Path, data_type: str) -> dict[str, str]:
         raise DatasetError(path, f"expected a JSON object with fields {names}, "
                                  f"got {_type_name(value)}", record=raw.number, line=raw.line)
     clean: dict[str, str] = {}
+    unknown = [k for k in value if k not in {f for f, _, _ in spec}]
     for name, required, non_empty in spec:
         v = value.get(name)
         if v is None:
@@ -298,6 +352,11 @@ def _validate(raw: _Raw, path: Path, data_type: str) -> dict[str, str]:
                     extra = " (this looks like gpt4all data: use data_type='gpt4all')"
                 elif data_type == "gpt4all" and "instruction" in value:
                     extra = " (this looks like alpaca data: use data_type='alpaca')"
+                else:
+                    meant = [k for k in unknown if closest_field(k, data_type) == name]
+                    if meant:
+                        extra = (f" (the record has an unknown field '{meant[0]}': a misspelling of "
+                                 f"'{name}'?)")
                 state = "is null" if name in value else "is missing"
                 raise DatasetError(path, f"field '{name}' {state}; expected a string{extra}",
                                    record=raw.number, line=raw.line)
@@ -324,8 +383,21 @@ def _record_checker(data_type: str) -> Optional[Callable[[Any, int], dict[str, A
     return None
 
 
-def _scan(path: Path, data_type: str) -> tuple[int, list[dict[str, Any]], list[DatasetError]]:
-    """(n_records, valid records, every record error in record order)."""
+@dataclass
+class _Scan:
+    n_records: int
+    valid: list[dict[str, Any]]
+    errors: list[DatasetError]  # record order
+    unknown: dict[str, list[int]]  # unknown key -> record numbers holding it (file order)
+
+    def unknown_field_messages(self, data_type: str) -> list[tuple[int, str]]:
+        """One (first record, message) per unknown key."""
+        return [(numbers[0], f"unknown field '{key}' in {len(numbers)} record(s) is ignored: "
+                             f"{_unknown_key_note(key, data_type)}") for key, numbers in self.unknown.items()]
+
+
+def _scan(path: Path, data_type: str) -> _Scan:
+    """Every record's fate: valid, an error, and the unknown keys it holds."""
     if data_type == "text" and path.suffix.lower() == ".txt":
         from .textdata import read_txt
         raws, errors = read_txt(_read_text(path)), []
@@ -334,9 +406,15 @@ def _scan(path: Path, data_type: str) -> tuple[int, list[dict[str, Any]], list[D
     check = _record_checker(data_type)
     bad = {e.record for e in errors}
     valid: list[dict[str, Any]] = []
+    known = set(known_fields(data_type))
+    unknown: dict[str, list[int]] = {}
     for raw in raws:
         if raw.number in bad:
             continue
+        if isinstance(raw.value, dict):
+            for key in raw.value:
+                if key not in known:
+                    unknown.setdefault(key, []).append(raw.number)
         try:
             valid.append(_validate(raw, path, data_type) if check is None else check(raw.value, raw.number))
         except DatasetError as exc:
@@ -344,7 +422,7 @@ def _scan(path: Path, data_type: str) -> tuple[int, list[dict[str, Any]], list[D
         except ValueError as exc:
             errors.append(DatasetError(path, str(exc), record=raw.number, line=raw.line))
     errors.sort(key=lambda e: e.record or 0)
-    return len(raws), valid, errors
+    return _Scan(len(raws), valid, errors, unknown)
 
 
 def load_records(path: PathLike, data_type: str = "alpaca") -> list[dict[str, Any]]:
@@ -353,23 +431,28 @@ def load_records(path: PathLike, data_type: str = "alpaca") -> list[dict[str, An
     Accepts a JSON array or JSON Lines (detected from the first character), and
     for ``text`` a .txt file. Returns dicts with only the known fields (alpaca:
     instruction, input, output; gpt4all: prompt, response; chat: messages with
-    OpenAI roles; text: text).  Raises ``DatasetError`` for the first
-    bad record (the message counts the others; ``check_dataset`` lists them all).
+    OpenAI roles; text: text).  Raises ``DatasetError`` for the first bad record
+    (the message counts the others; ``falcontune check-dataset`` lists them
+    all).  Each unknown field (a key no record format uses, such as a
+    misspelled ``imput``) is reported once with a ``DatasetWarning`` naming the
+    closest known field: its text would otherwise be lost silently.
     """
     _check_data_type(data_type)
     p = Path(path)
-    n, valid, errors = _scan(p, data_type)
-    if errors:
-        first = errors[0]
-        if len(errors) > 1:
-            more = (f" (and {len(errors) - 1} more bad record(s); "
-                    f"falcontune.data.check_dataset lists them all)")
+    scan = _scan(p, data_type)
+    if scan.errors:
+        first = scan.errors[0]
+        if len(scan.errors) > 1:
+            more = (f" (and {len(scan.errors) - 1} more bad record(s); "
+                    f"`falcontune check-dataset {p}` lists them all)")
             raise DatasetError(p, first.problem + more, record=first.record,
                                line=first.line, column=first.column)
         raise first
-    if n == 0:
+    if scan.n_records == 0:
         raise DatasetError(p, "empty dataset: no records")
-    return valid
+    for first, message in scan.unknown_field_messages(data_type):
+        warnings.warn(DatasetWarning(f"{p}: record {first}: {message}"), stacklevel=2)
+    return scan.valid
 
 
 # ------------------------------------------------------------ tokenization
@@ -597,8 +680,9 @@ def collate(dataset: Any, indices: Sequence[int] | np.ndarray,
 # ----------------------------------------------------------------- checking
 @dataclass
 class DatasetReport:
-    """What ``check_dataset`` found.  ``errors`` holds (record number, message);
-    record number 0 means the file as a whole."""
+    """What ``check_dataset`` found.  ``errors`` and ``warnings`` hold (record
+    number, message); record number 0 means the file as a whole.
+    ``unknown_fields`` counts, per unknown key, the records holding it."""
 
     path: str
     data_type: str
@@ -606,6 +690,8 @@ class DatasetReport:
     n_valid: int = 0
     errors: list[tuple[int, str]] = field(default_factory=list)
     warnings: list[tuple[int, str]] = field(default_factory=list)
+    unknown_fields: dict[str, int] = field(default_factory=dict)
+    strict: bool = False
     cutoff_len: Optional[int] = None
     n_truncated: int = 0
     n_empty_input: int = 0
@@ -634,6 +720,10 @@ class DatasetReport:
         status = "OK" if self.ok else "ERREURS / ERRORS"
         out = [f"Jeu de données / dataset: {self.path} ({self.data_type}) : {status}",
                f"  enregistrements valides / valid records: {self.n_valid} / {self.n_records}"]
+        if self.unknown_fields:
+            out.append("  champs inconnus / unknown fields: " + ", ".join(
+                f"{k} ({n})" for k, n in self.unknown_fields.items())
+                + (" (--strict: errors)" if self.strict else ""))
         if self.length_min is not None:
             out.append(f"  longueur en tokens / token length: min {self.length_min}, "
                        f"moyenne / mean {self.length_mean:.1f}, médiane / median "
@@ -644,25 +734,22 @@ class DatasetReport:
             else:
                 out.append(f"  tronqués à / truncated to {self.cutoff_len} tokens: {self.n_truncated}")
         out.extend(f"  {line}" for line in self.details)
-        shown = 20
         for title, items in (("erreurs / errors", self.errors),
                              ("avertissements / warnings", self.warnings)):
-            if not items:
-                continue
-            out.append(f"  {title} ({len(items)}):")
-            out.extend(f"    {where(num)}: {msg}" for num, msg in items[:shown])
-            if len(items) > shown:
-                out.append(f"    ... et {len(items) - shown} de plus / and "
-                           f"{len(items) - shown} more")
+            if items:
+                out.append(f"  {title} ({len(items)}):")
+                out.extend(f"    {where(num)}: {msg}" for num, msg in items)
         return "\n".join(out)
 
 
 def check_dataset(path: PathLike, data_type: str = "alpaca", tokenizer: Any = None,
                   cutoff_len: Optional[int] = 256,
                   template: TemplateLike = "alpaca",
-                  chat_template: Optional[str] = None) -> DatasetReport:
+                  chat_template: Optional[str] = None, strict: bool = False) -> DatasetReport:
     """Validate a dataset file and describe it, collecting every record error.
 
+    Unknown fields (keys no record format uses) are warnings, one per key,
+    naming the closest known field; with ``strict=True`` they are errors.
     With a tokenizer, token lengths (prompt + answer + EOS, before truncation)
     and the number of examples longer than ``cutoff_len`` are reported.  Chat
     conversations are also rendered with their template (``chat_template``, see
@@ -671,16 +758,23 @@ def check_dataset(path: PathLike, data_type: str = "alpaca", tokenizer: Any = No
     _check_data_type(data_type)
     get_template(template)
     p = Path(path)
-    report = DatasetReport(path=str(p), data_type=data_type, cutoff_len=cutoff_len)
+    report = DatasetReport(path=str(p), data_type=data_type, cutoff_len=cutoff_len, strict=strict)
     try:
-        n, valid, errors = _scan(p, data_type)
+        scan = _scan(p, data_type)
     except DatasetError as exc:
         report.errors.append((exc.record or 0, _short(exc)))
         return report
+    n, valid, errors = scan.n_records, scan.valid, scan.errors
     report.n_records, report.n_valid = n, len(valid)
     report.errors = [(e.record or 0, _short(e)) for e in errors]
     if n == 0:
         report.errors.append((0, "empty dataset: no records"))
+    report.unknown_fields = {k: len(v) for k, v in scan.unknown.items()}
+    unknown = scan.unknown_field_messages(data_type)
+    if strict:
+        report.errors = sorted(report.errors + unknown, key=lambda e: e[0])
+    else:
+        report.warnings.extend(unknown)
     numbered = _valid_numbers(n, errors)
     if data_type in ("chat", "text"):
         if data_type == "chat":
@@ -694,6 +788,7 @@ def check_dataset(path: PathLike, data_type: str = "alpaca", tokenizer: Any = No
     for num, rec in zip(numbered, valid):
         if not rec[answer_field].strip():
             report.warnings.append((num, f"field '{answer_field}' is empty: only EOS is learned"))
+    report.warnings.sort(key=lambda w: w[0])
     if data_type == "alpaca":
         report.n_empty_input = sum(1 for r in valid if not r["input"])
     if tokenizer is not None and valid:

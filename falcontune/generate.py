@@ -8,12 +8,15 @@ new tokens come back, not [B, V] logits.
 """
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _C
-from .data import make_prompt, split_response
+from .data import get_template, make_prompt, split_response
 
 
 class _Stepper:
@@ -86,8 +89,28 @@ def _apply_repetition_penalty(logits: np.ndarray, seqs: np.ndarray, penalty: flo
         logits[row, prev] = np.where(vals < 0, vals * penalty, vals / penalty)
 
 
+def _user_stacklevel() -> int:
+    """The warnings stacklevel of the first caller outside falcontune (for the caller of this)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+#: sampling parameters and their neutral values (greedy decoding and beam search ignore them)
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
+def check_sampling_args(do_sample: bool, **given: Any) -> list[str]:
+    """The names among ``given`` (temperature, top_k, top_p; None = not given) that do nothing
+    because ``do_sample`` is False."""
+    return [] if do_sample else [k for k, v in given.items() if v is not None]
+
+
 def generate_ids(model: Any, input_ids: Any, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_beams: int = 1,
+                 temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 num_beams: int = 1,
                  use_cache: bool = True, repetition_penalty: float = 1.0, eos_token_id: Optional[int] = None,
                  pad_token_id: Optional[int] = None, attention_mask: Any = None, seed: Optional[int] = None,
                  length_penalty: float = 1.0, on_token: Optional[Callable[[np.ndarray], bool]] = None) -> np.ndarray:
@@ -98,6 +121,13 @@ def generate_ids(model: Any, input_ids: Any, max_new_tokens: int = 32, do_sample
     returning True stops generation (used for stop strings and streaming).
     """
     ids, mask = _check_ids(model, input_ids, attention_mask)
+    ignored = check_sampling_args(do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    if ignored:
+        warnings.warn(f"{', '.join(ignored)} only apply when sampling: pass do_sample=True (greedy decoding and "
+                      "beam search ignore them)", UserWarning, stacklevel=_user_stacklevel())
+    temperature = SAMPLING_DEFAULTS["temperature"] if temperature is None else temperature
+    top_k = SAMPLING_DEFAULTS["top_k"] if top_k is None else top_k
+    top_p = SAMPLING_DEFAULTS["top_p"] if top_p is None else top_p
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if num_beams < 1:
@@ -230,6 +260,31 @@ def _beam_search(model: Any, ids: np.ndarray, mask: np.ndarray, max_new: int, K:
     return np.stack([np.concatenate([s, np.full(width - len(s), pad, dtype=np.int64)]) for s in out])
 
 
+class _StreamGate:
+    """Sends streamed text on only once it is final, so the pieces add up exactly to the text
+    ``generate_text`` returns: text that may still turn out to be the start of a stop string is
+    held back, and with ``strip`` (instruction prompts, whose answer is returned stripped) so are
+    leading and trailing whitespace."""
+
+    def __init__(self, sink: Callable[[str], Any], stops: Sequence[str], strip: bool) -> None:
+        self.sink, self.stops, self.strip = sink, [s for s in stops if s], strip
+        self.sent = 0
+
+    def _held(self, text: str) -> int:
+        """Length of the longest end of ``text`` that begins some stop string."""
+        return max((n for stop in self.stops for n in range(min(len(stop) - 1, len(text)), 0, -1)
+                    if stop.startswith(text[-n:])), default=0)
+
+    def update(self, text: str, final: bool) -> None:
+        visible = text.lstrip() if self.strip else text
+        end = len(visible) if final else len(visible) - self._held(visible)
+        if self.strip:
+            end = len(visible[:end].rstrip())
+        if end > self.sent:
+            self.sink(visible[self.sent:end])
+            self.sent = end
+
+
 def generate_text(model: Any, prompt: Union[str, Sequence[str], None] = None, input_ids: Any = None,
                   instruction: Optional[str] = None, input: str = "", template: str = "alpaca",
                   max_new_tokens: int = 128, stop: Union[str, Sequence[str], None] = None,
@@ -237,18 +292,21 @@ def generate_text(model: Any, prompt: Union[str, Sequence[str], None] = None, in
     """Generate a continuation and return it as text (without the prompt).
 
     ``instruction=``/``input=`` build the Alpaca prompt (or ``template="fr"``) and return only
-    the response, as falcontune does. ``stream`` receives text pieces as they are produced.
-    ``stop`` strings end generation; the returned text stops before them.
+    the response, as falcontune does: generation stops where the model starts another response
+    section, and the answer is stripped. ``stream`` receives text pieces as they are produced;
+    joined, they equal the returned text. ``stop`` strings end generation; the returned text
+    stops before them.
     """
     tok = model.tokenizer
     if tok is None:
         raise ValueError("this model has no tokenizer: pass tokenizer= to load_model (a tokenizer.json), "
                          "or call generate_ids with token ids")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
     if instruction is not None:
         if prompt is not None:
             raise ValueError("give either prompt= or instruction=, not both")
         prompt = make_prompt(instruction, input or "", template=template)
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops.append(get_template(template).response_marker)  # the answer ends where another begins
     if input_ids is not None:
         ids, mask = _check_ids(model, input_ids, kw.pop("attention_mask", None))
         batch = False
@@ -277,6 +335,7 @@ def generate_text(model: Any, prompt: Union[str, Sequence[str], None] = None, in
     texts = [""] * B
     stopped = np.zeros(B, dtype=bool)
     eos = tok.eos_token_id
+    gate = _StreamGate(stream, stops, strip=instruction is not None) if stream is not None else None
 
     def on_token(new: np.ndarray) -> bool:
         for b in range(B):
@@ -285,25 +344,22 @@ def generate_text(model: Any, prompt: Union[str, Sequence[str], None] = None, in
             if eos is not None and new[b] == eos:
                 stopped[b] = True
                 continue
-            piece = decoders[b].push(int(new[b]))
-            texts[b] += piece
+            texts[b] += decoders[b].push(int(new[b]))
             cut = _stop_index(texts[b], stops)
             if cut is not None:
-                piece = piece[: max(0, len(piece) - (len(texts[b]) - cut))]
                 texts[b] = texts[b][:cut]
                 stopped[b] = True
-            if stream is not None and piece:
-                stream(piece)
+            if gate is not None:
+                gate.update(texts[b], final=False)
         return bool(stopped.all())
 
     if kw.get("num_beams", 1) == 1:
         generate_ids(model, ids, max_new_tokens=max_new_tokens, attention_mask=mask, on_token=on_token, **kw)
         for b in range(B):
             if not stopped[b]:
-                rest = decoders[b].flush()
-                texts[b] += rest
-                if stream is not None and rest:
-                    stream(rest)
+                texts[b] += decoders[b].flush()
+                cut = _stop_index(texts[b], stops)
+                texts[b] = texts[b] if cut is None else texts[b][:cut]
     else:  # beam search picks its winner at the end: decode it then
         out = generate_ids(model, ids, max_new_tokens=max_new_tokens, attention_mask=mask, **kw)
         for b in range(B):
@@ -313,8 +369,8 @@ def generate_text(model: Any, prompt: Union[str, Sequence[str], None] = None, in
             text = tok.decode(new)
             cut = _stop_index(text, stops)
             texts[b] = text if cut is None else text[:cut]
-            if stream is not None and texts[b]:
-                stream(texts[b])
+    if gate is not None:
+        gate.update(texts[0], final=True)
     if instruction is not None:
         texts = [split_response(prompt + t, template) for t in texts]  # type: ignore[operator]
     return texts if batch else texts[0]

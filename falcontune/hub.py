@@ -103,7 +103,8 @@ def _download(ref: RepoRef, patterns: list[str]) -> Path:
                            f"forbids downloading the rest: download it once online") from None
         if offline():
             raise HubError(f"{what} is not in the Hugging Face cache ({where}) and HF_HUB_OFFLINE=1 "
-                           f"forbids downloading it: download it once online (or check HF_HOME)") from None
+                           f"forbids downloading it: download it once online (https://huggingface.co/{ref.repo}; or "
+                           "check HF_HOME)") from None
         cause = e.__cause__ or e
         raise HubError(f"{what} could not be downloaded ({type(cause).__name__}: {cause}) and is not in "
                        f"the Hugging Face cache ({where})") from None

@@ -12,7 +12,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import numpy as np
 
 from .layout import MODULE_NAMES, MODULES, lora_key
 from .models import FalconConfig
-from .weights import WeightStore, save_safetensors, to_float32
+from .weights import WeightStore, atomic_write, save_safetensors, to_float32
 
 PathLike = Union[str, os.PathLike]
 # a PEFT LoRA key, with or without the adapter name; groups: layer, module path, A or B
@@ -80,20 +79,6 @@ def normalise_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_adapter(path: PathLike, state: Mapping[str, np.ndarray], cfg: Mapping[str, Any], base_model: str) -> Path:
     """Weights first, then the config: a directory with a config always has its weights."""
     out = Path(os.fspath(path))
@@ -112,7 +97,9 @@ def write_adapter(path: PathLike, state: Mapping[str, np.ndarray], cfg: Mapping[
         "layers_to_transform": None, "layers_pattern": None, "use_rslora": bool(cfg.get("use_rslora", False)),
         "use_dora": False, "revision": None,
     }
-    _atomic_write_text(out / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    # atomic_write creates files like open() does (0666 minus the umask: 0644), not mkstemp's 0600
+    with atomic_write(out / "adapter_config.json") as f:
+        f.write((json.dumps(config, indent=2) + "\n").encode("utf-8"))
     return out
 
 

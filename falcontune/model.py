@@ -9,12 +9,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _C
 from . import hub, lora_io
+from .errors import ParameterError
 from .layout import MODULE_NAMES, QKV_LAYOUTS, lora_key, module, target_mask
 from .models import (FalconConfig, ModelSpec, QuantizeConfig, get_known_model, parse_config,
                      parse_quantize_config)
@@ -29,9 +30,16 @@ class ModelLoadError(ValueError):
     """A model directory, weights file or config that cannot be used."""
 
 
+def cuda_compiled() -> bool:
+    """True when this installation of falcontune was built with its CUDA engine (nvcc was used at
+    install time), whether or not a GPU is visible now."""
+    return bool(_C.have_cuda())
+
+
 def cuda_available() -> bool:
-    """True when this build has the CUDA backend and a GPU is visible."""
-    return bool(_C.have_cuda()) and _C.cuda_device_count() > 0
+    """True when the CUDA engine can be used now: it was compiled (``cuda_compiled()``) and at
+    least one NVIDIA GPU is visible. ``device="auto"`` picks CUDA exactly when this is True."""
+    return cuda_compiled() and _C.cuda_device_count() > 0
 
 
 def parse_target_modules(target_modules: Union[str, Iterable[str]]) -> tuple[str, ...]:
@@ -142,7 +150,7 @@ def _resolve(model: PathLike, weights: Optional[PathLike]) -> tuple[FalconConfig
     if weights is not None:
         wpath = _local_or_hub(os.fspath(weights), "weights")
         if not wpath.exists():
-            raise FileNotFoundError(f"weights not found: {wpath}")
+            raise FileNotFoundError(f"weights not found: {wpath}{download_hint(spec)}")
     else:
         assert default_weights is not None  # _locate_model gives one whenever no weights are given
         wpath = default_weights
@@ -153,6 +161,18 @@ def _resolve(model: PathLike, weights: Optional[PathLike]) -> tuple[FalconConfig
             qcfg = parse_quantize_config(_read_json(wdir / "quantize_config.json"),
                                          source=str(wdir / "quantize_config.json"))
     return cfg, qcfg, wpath, search
+
+
+def download_hint(spec: Optional[ModelSpec]) -> str:
+    """Where a known model's files come from ("" for a model directory)."""
+    if spec is None:
+        return ""
+    files = (f"{spec.weights_name} (or model.safetensors), quantize_config.json" if spec.quantized
+             else "the *.safetensors files")
+    return (f"; without --weights falcontune downloads {spec.repo_id} from the Hugging Face Hub itself, or "
+            f"download {files}, config.json and tokenizer.json from https://huggingface.co/{spec.repo_id} "
+            "into one directory (e.g. huggingface-cli download "
+            f"{spec.repo_id} --local-dir {spec.name}) and pass that directory or the weights file")
 
 
 def _find_weights_file(path: Path, qcfg: Optional[QuantizeConfig]) -> Path:
@@ -299,16 +319,46 @@ def _bind_weights(store: WeightStore, cfg: FalconConfig, q: QuantizeConfig, quan
     return weights
 
 
-def _pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if cuda_available() else "cpu"
-    if device == "cpu" or device == "cuda" or device.startswith("cuda:"):
-        if device.startswith("cuda") and not _C.have_cuda():
-            raise RuntimeError(
-                "CUDA was requested but this installation of falcontune has no CUDA backend: nvcc was not "
-                "found when it was built. Install the CUDA toolkit (nvcc on PATH) and reinstall, or use device='cpu'.")
-        return "cuda:0" if device == "cuda" else device
-    raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+_BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+_NO_CUDA_BUILD = ("this falcontune was installed without its CUDA engine (no GPU was visible and "
+                  "FALCONTUNE_CUDA=1 was not set at install time); reinstall with FALCONTUNE_CUDA=1, "
+                  "or use the CPU")
+
+
+def resolve_device(backend: Optional[str] = None, device: Optional[str] = None,
+                   say: Optional[Callable[[str], None]] = None) -> str:
+    """The engine device ('cpu' or 'cuda:N') for a ``backend`` / ``device`` pair (the one place
+    where it is decided). ``device`` wins over ``backend``; both accept auto, cpu, cuda, cuda:N,
+    and falcontune's triton / torch backends, which mean our CUDA engine here (``say`` is told).
+    'auto' is CUDA when ``cuda_available()``, else the CPU. Asking for CUDA without a CUDA build
+    or without a visible GPU raises a ``ParameterError`` naming the parameter."""
+    name = "device" if device else "backend"
+    value = device if device else (backend or "auto")
+    choice = str(value).strip().lower()
+    if choice in ("triton", "torch"):
+        if say is not None:
+            say(f"note: {name}={choice} selects falcontune's PyTorch kernels; this falcontune has its own "
+                "engine, so it runs on CUDA (same as cuda)")
+        choice = "cuda"
+    if choice == "auto":
+        return "cuda:0" if cuda_available() else "cpu"
+    if choice == "cpu":
+        return "cpu"
+    index = 0
+    if choice.startswith("cuda:") and choice[5:].isdigit():
+        index = int(choice[5:])
+    elif choice != "cuda":
+        raise ParameterError(f"{{{name}}}: expected one of {', '.join(_BACKENDS)}, or cuda:N", **{name: value})
+    if not cuda_compiled():
+        raise ParameterError(f"{{{name}}}: {_NO_CUDA_BUILD}", **{name: value})
+    visible = int(_C.cuda_device_count())
+    if visible == 0:
+        raise ParameterError(f"{{{name}}}: no NVIDIA GPU is visible (nvidia-smi lists none); use the CPU",
+                             **{name: value})
+    if index >= visible:
+        raise ParameterError(f"{{{name}}}: only {visible} GPU(s) visible (cuda:0 to cuda:{visible - 1})",
+                             **{name: value})
+    return f"cuda:{index}"
 
 
 _DTYPES = {"auto": -1, "float32": 0, "fp32": 0, "float16": 1, "fp16": 1, "bfloat16": 2, "bf16": 2}
@@ -582,6 +632,7 @@ def load_model(model: PathLike, weights: Optional[PathLike] = None, device: str 
     GPTQ checkpoints are used as they are. Unquantized checkpoints (falcon-7b, falcon-rw-1b, ...)
     are quantized on load in C to ``quantize_bits`` (8 by default; 4 fits a 16 GB T4 for 40B-class
     memory budgets) with groups of ``quantize_group_size`` input features."""
+    dev = resolve_device(device=device)  # before reading any file: a device error names no weights
     ckpt = open_checkpoint(model, weights, tokenizer)
     cfg, store = ckpt.config, ckpt.store
     quantize = ckpt.quantize_config is None
@@ -591,7 +642,6 @@ def load_model(model: PathLike, weights: Optional[PathLike] = None, device: str 
     else:
         qcfg = ckpt.quantize_config
     weights_map = _bind_weights(store, cfg, qcfg, quantize)
-    dev = _pick_device(device)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
     try:

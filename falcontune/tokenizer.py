@@ -35,11 +35,20 @@ FALCON_SPECIAL_TOKENS: tuple[str, ...] = (
     EOS_TOKEN,
 )
 
+FALCON_TOKENIZER_URL = "https://huggingface.co/tiiuae/falcon-7b/resolve/main/tokenizer.json"
+
 TOKENIZER_HELP = (
-    "download tokenizer.json from the model's Hugging Face repository, e.g. "
-    "https://huggingface.co/tiiuae/falcon-7b/blob/main/tokenizer.json, and put it "
-    "next to config.json"
+    "download tokenizer.json from the model's Hugging Face repository (the Falcon 7B/40B "
+    f"family shares one: wget {FALCON_TOKENIZER_URL}) and put it next to the weights "
+    "(.safetensors) or next to config.json, or pass tokenizer=PATH (--tokenizer=PATH on the "
+    "command line)"
 )
+
+
+def missing_tokenizer_error(model: object) -> ValueError:
+    """The error for a model loaded without a tokenizer when one is needed."""
+    return ValueError(f"model {model!s}: no tokenizer.json next to the model or its weights; "
+                      f"{TOKENIZER_HELP}")
 
 _REPLACEMENT_CHAR = "\ufffd"
 

@@ -1,4 +1,8 @@
-"""Fine-tuning: ``ft.finetune(**flags)`` and ``falcontune finetune``.
+"""Fine-tuning: ``ft.finetune(model, dataset, ...)`` and ``falcontune finetune``.
+
+``FinetuneConfig`` (falcontune.settings, a frozen dataclass) is the one description of a run's
+settings: finetune's signature and docstring (built here from its fields), the command's flags,
+their validation, the printed "Parameters" block and the settings stored in checkpoints.
 
 Semantics (parity with falcontune, i.e. HF Trainer, where not stated otherwise):
 
@@ -14,7 +18,11 @@ Semantics (parity with falcontune, i.e. HF Trainer, where not stated otherwise):
   steps, falcontune's rule ``max(logging_steps, n_records // (10 * mbatch_size))`` by default,
   plus once at the end; eval loss is the mean over all validation label tokens.
 * logging every ``logging_steps``: HF-style dicts (loss averaged over the window) plus grad_norm
-  and tokens_per_second, printed and appended to ``lora_out_dir/log.jsonl``.
+  and tokens_per_second, printed (rounded) and appended to ``lora_out_dir/log.jsonl`` (full
+  precision); the final record's rates (train_steps_per_second, ...) are those of this run alone
+  (a resumed run counts its own steps and time). ``training_curves.png`` (falcontune.plot) is
+  drawn next to the log when matplotlib is installed.
+* a ``cutoff_len`` at which no example keeps a single answer token is an error.
 * ``checkpoint-N`` every ``save_steps`` (see ``falcontune.checkpoint``), ``save_total_limit``
   rotation, exact resume (on CPU the final adapter equals an uninterrupted run's bit for bit).
 * fp16 engines (CUDA on T4) use dynamic loss scaling: 2**16, halved on a non-finite gradient
@@ -22,7 +30,9 @@ Semantics (parity with falcontune, i.e. HF Trainer, where not stated otherwise):
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -30,20 +40,24 @@ import secrets
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
 from . import checkpoint as ckpt
-from .data import (DATA_TYPES, TEMPLATES, TokenizedDataset, collate, length_grouped_batches, load_records,
+from .errors import NAME_ONLY, ParameterError, escape_braces
+from .settings import FinetuneConfig
+from .data import (DatasetWarning, TokenizedDataset, collate, length_grouped_batches, load_records,
                    tokenize_records, train_val_split)
 
 PathLike = Union[str, "os.PathLike[str]"]
 DIVERGENCE_LOSS = 1e4
 DIVERGENCE_STREAK = 10
 SCALE_INIT, SCALE_GROWTH_INTERVAL = 2.0 ** 16, 2000
+MAX_GRAD_NORM = 1.0
 
 
 class TrainingDivergedError(ValueError):
@@ -93,13 +107,23 @@ class _Console:
             print(msg, flush=True)
 
 
+_DIGITS = {"loss": 4, "grad_norm": 4, "eval_loss": 4, "train_loss": 4, "epoch": 2, "tokens_per_second": 1,
+           "eval_runtime": 4, "eval_samples_per_second": 3, "eval_steps_per_second": 3, "train_runtime": 4,
+           "train_samples_per_second": 3, "train_steps_per_second": 3}
+_SIGNIFICANT = {"learning_rate": 4}  # 2.9999999999999997e-04 prints as 0.0003
+
+
 def _rounded(rec: dict[str, Any]) -> dict[str, Any]:
-    digits = {"loss": 4, "grad_norm": 4, "eval_loss": 4, "train_loss": 4, "epoch": 2,
-              "tokens_per_second": 1, "eval_runtime": 4, "eval_samples_per_second": 3,
-              "eval_steps_per_second": 3, "train_runtime": 4, "train_samples_per_second": 3,
-              "train_steps_per_second": 3}
-    return {k: (round(v, digits[k]) if k in digits and isinstance(v, float) and math.isfinite(v) else v)
-            for k, v in rec.items() if k != "step"}
+    """The record as printed (log.jsonl keeps full precision)."""
+    def one(k: str, v: Any) -> Any:
+        if not isinstance(v, float) or not math.isfinite(v):
+            return v
+        if k in _DIGITS:
+            return round(v, _DIGITS[k])
+        if k in _SIGNIFICANT:
+            return float(f"{v:.{_SIGNIFICANT[k]}g}")
+        return v
+    return {k: one(k, v) for k, v in rec.items() if k != "step"}
 
 
 class _StopRequest:
@@ -130,6 +154,33 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self._old)
 
 
+class _NoBar:
+    """Stands in for tqdm when progress=False (tqdm is not even imported)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **kw: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    """tqdm's notebook bar needs ipywidgets; without it tqdm.auto warns (TqdmWarning), so the text
+    bar is used directly."""
+    if not enabled:
+        return _NoBar()
+    import importlib.util
+
+    if importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
+    return tqdm(total=total, initial=initial, unit="step", desc="finetune", dynamic_ncols=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # data
 
@@ -155,13 +206,28 @@ def _usable(ds: TokenizedDataset) -> np.ndarray:
     return np.fromiter((int((y[1:] != -100).any()) for y in ds.labels), dtype=bool, count=len(ds)).nonzero()[0]
 
 
-def prepare_data(dataset: PathLike, records: list[dict[str, str]], tokenizer: Any, data_type: str,
-                 cutoff_len: int, template: str, train_on_inputs: bool, add_eos: bool, val_set_size: float,
-                 seed: int, say: Callable[[str], None], chat_template: Optional[str] = None,
-                 packing: bool = False) -> _Data:
-    ds = tokenize_records(records, tokenizer, data_type=data_type, cutoff_len=cutoff_len, template=template,
-                          train_on_inputs=train_on_inputs, add_eos=add_eos, chat_template=chat_template)
-    train_idx, val_idx = train_val_split(len(ds), val_set_size, seed)
+def _check_cutoff(ds: TokenizedDataset, cutoff_len: int, say: Callable[[str], None]) -> None:
+    """An example whose prompt alone fills cutoff_len teaches nothing about answering: an error when
+    it is every example, a note otherwise."""
+    no_answer = ds.prompt_lengths >= cutoff_len
+    if no_answer.all():
+        shortest = int(ds.prompt_lengths.min())
+        raise ParameterError(
+            f"{{cutoff_len}} is too small for this dataset: the shortest prompt has {shortest} tokens, so no "
+            f"example keeps a single answer token; use more than {shortest} (check-dataset with --tokenizer "
+            "shows the lengths of the examples)", cutoff_len=cutoff_len)
+    if no_answer.any():
+        say(f"  warning: {int(no_answer.sum())} example(s) have prompts of cutoff_len={cutoff_len} tokens or more: "
+            "none of their answer is learned (raise cutoff_len; check-dataset shows the token lengths)")
+
+
+def prepare_data(dataset: PathLike, records: list[dict[str, str]], tokenizer: Any, cfg: FinetuneConfig,
+                 say: Callable[[str], None]) -> _Data:
+    ds = tokenize_records(records, tokenizer, data_type=cfg.data_type, cutoff_len=cfg.cutoff_len,
+                          template=cfg.prompt_template, train_on_inputs=cfg.train_on_inputs,
+                          add_eos=cfg.use_eos_token, chat_template=cfg.chat_template)
+    _check_cutoff(ds, cfg.cutoff_len, say)
+    train_idx, val_idx = train_val_split(len(ds), cfg.val_set_size, cfg.seed)
     train, val = ds.subset(train_idx.tolist()), ds.subset(val_idx.tolist()) if len(val_idx) else None
     keep = _usable(train).tolist()
     dropped = len(train) - len(keep)
@@ -171,25 +237,26 @@ def prepare_data(dataset: PathLike, records: list[dict[str, str]], tokenizer: An
         dropped += len(val) - len(vkeep)
         val = val.subset(vkeep) if len(vkeep) else None
     if len(train) == 0:
-        raise ValueError(f"{dataset}: no training example has a token to learn (cutoff_len={cutoff_len} "
-                         "may be shorter than the prompts; raise --cutoff_len or use --train_on_inputs=true)")
+        raise ParameterError(f"{escape_braces(str(dataset))}: no training example has a token to learn ({{cutoff_len}} may be "
+                             "shorter than the prompts; raise it or use {train_on_inputs})",
+                             cutoff_len=cfg.cutoff_len, train_on_inputs=True)
     lens = ds.lengths
-    how = f", template {template}" if data_type == "alpaca" else ""
-    if data_type == "chat":
+    how = f", template {cfg.prompt_template}" if cfg.data_type == "alpaca" else ""
+    if cfg.data_type == "chat":
         from .chat import resolve_template
-        how = f", chat template {resolve_template(chat_template, tokenizer).name}"
-    say(f"Dataset {dataset}: {len(records)} records ({data_type}{how}), "
+        how = f", chat template {resolve_template(cfg.chat_template, tokenizer).name}"
+    say(f"Dataset {dataset}: {len(records)} records ({cfg.data_type}{how}), "
         f"{len(train)} train / {0 if val is None else len(val)} validation; tokens per example: "
         f"mean {lens.mean():.0f}, max {lens.max()}")
     if ds.n_truncated:
-        say(f"  {ds.n_truncated} example(s) longer than cutoff_len={cutoff_len} were cut (their end-of-text "
+        say(f"  {ds.n_truncated} example(s) longer than cutoff_len={cfg.cutoff_len} were cut (their end-of-text "
             "token is not learned); see falcontune check-dataset")
     if dropped:
         say(f"  {dropped} example(s) have nothing to learn after truncation and were left out")
-    if data_type == "text":
-        say(f"  documents cut into {len(ds)} windows of at most cutoff_len={cutoff_len} tokens")
-    if packing:
-        train, val = _pack(train, val, cutoff_len, say)
+    if cfg.data_type == "text":
+        say(f"  documents cut into {len(ds)} windows of at most cutoff_len={cfg.cutoff_len} tokens")
+    if cfg.packing:
+        train, val = _pack(train, val, cfg.cutoff_len, say)
     return _Data(train=train, val=val, n_records=len(records), fingerprint=_file_sha256(Path(dataset)))
 
 
@@ -228,32 +295,20 @@ def evaluate(model: Any, ds: Any, batch_size: int, pad_id: int) -> tuple[float, 
 # the loop
 
 
-@dataclass
-class Settings:
-    """The flags of one training run, validated."""
-
-    mbatch_size: int
-    batch_size: int
-    epochs: int
-    lr: float
-    warmup_steps: int
-    save_steps: int
-    save_total_limit: Optional[int]
-    logging_steps: int
-    eval_steps: Optional[int]
-    seed: int
-    out_dir: Path
-    max_grad_norm: float = 1.0
-
-    @property
-    def accumulation(self) -> int:
-        return self.batch_size // self.mbatch_size
+#: finetune's keyword arguments that are not settings of the run
+_RUNTIME_PARAMETERS = (
+    ("callback", None, "Optional[Callable[[dict[str, Any]], Any]]",
+     "called after every optimizer step with a dict (step, total_steps, loss, epoch, grad_norm, learning_rate, "
+     "eval_loss: None unless evaluated at this step); returning True stops training as Ctrl-C does (a checkpoint "
+     "and the adapter are saved)"),
+    ("progress", True, "bool", "show a progress bar"),
+)
 
 
 class Trainer:
     """One training run over prepared data (resumable)."""
 
-    def __init__(self, model: Any, data: _Data, s: Settings, console: _Console, pad_id: int,
+    def __init__(self, model: Any, data: _Data, s: FinetuneConfig, console: _Console, pad_id: int,
                  run_args: dict[str, Any], callback: Optional[Callable[[dict[str, Any]], Any]] = None,
                  progress: bool = True) -> None:
         from .optim import AdamW
@@ -261,7 +316,7 @@ class Trainer:
         self.model, self.data, self.s, self.console, self.pad_id = model, data, s, console, pad_id
         self.run_args, self.callback, self.progress = run_args, callback, progress
         self.opt = AdamW(model, lr=s.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                         max_grad_norm=s.max_grad_norm)
+                         max_grad_norm=MAX_GRAD_NORM)
         n_micro = -(-len(data.train) // s.mbatch_size)
         self.n_micro = n_micro
         self.steps_per_epoch = -(-n_micro // s.accumulation)
@@ -287,6 +342,7 @@ class Trainer:
         self.last_ckpt: Optional[Path] = None
         self.last_norm = float("nan")
         self.in_step = False
+        self.samples_run = 0  # examples seen since run() started (rates are per run)
         self.log_path = s.out_dir / "log.jsonl"
 
     # -- state ---------------------------------------------------------------------------
@@ -390,7 +446,8 @@ class Trainer:
             self.good_steps = 0
             if retries >= DIVERGENCE_STREAK or self.scale < 1.0:
                 raise self._diverged(loss, f"the fp16 loss scale fell to {self.scale:g}")
-        tokens = int(sum(np.count_nonzero(b["attention_mask"]) for b in batches))
+        tokens = int(sum(np.count_nonzero(b["attention_mask"]) for b in batches))  # segment ids when packed
+        self.samples_run += sum(len(idx) for idx in group)
         if self.fp16:
             self.good_steps += 1
             if self.good_steps >= SCALE_GROWTH_INTERVAL:
@@ -412,8 +469,6 @@ class Trainer:
     # -- the run -------------------------------------------------------------------------
     def run(self, resumed: bool) -> bool:
         """Train to the end; returns True when stopped early (Ctrl-C or callback)."""
-        from tqdm.auto import tqdm
-
         if resumed:
             self._rewrite_log()
         else:
@@ -427,9 +482,9 @@ class Trainer:
             self.model.engine.set_rng(self.s.seed, 0)
         self.model.train()
         t_start = time.perf_counter()
+        first_step, self.samples_run = self.global_step, 0
         stopped = False
-        bar = tqdm(total=self.total_steps, initial=min(self.global_step, self.total_steps), unit="step",
-                   desc="finetune", disable=not self.progress, dynamic_ncols=True)
+        bar = _progress_bar(self.total_steps, min(self.global_step, self.total_steps), self.progress)
         self.console.bar = bar if self.progress else None
         try:
             with _StopRequest(self.console) as stop:
@@ -439,12 +494,12 @@ class Trainer:
         finally:
             bar.close()
             self.console.bar = None
+        # rates of THIS run (a resumed run counts only its own steps and time)
         runtime = max(time.perf_counter() - t_start, 1e-9)
-        done_steps = max(self.loss_steps, 1)
-        self._record({"train_runtime": runtime,
-                      "train_samples_per_second": len(self.data.train) * self.s.epochs / runtime,
-                      "train_steps_per_second": self.total_steps / runtime,
-                      "train_loss": self.loss_total / done_steps, "epoch": self._epoch_float(self.global_step)})
+        self._record({"train_runtime": runtime, "train_samples_per_second": self.samples_run / runtime,
+                      "train_steps_per_second": (self.global_step - first_step) / runtime,
+                      "train_loss": self.loss_total / max(self.loss_steps, 1),
+                      "epoch": self._epoch_float(self.global_step)})
         return stopped
 
     def _loop(self, bar: Any, stop: _StopRequest) -> bool:
@@ -508,23 +563,6 @@ class Trainer:
 # ft.finetune
 
 
-_BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
-
-
-def resolve_device(backend: Optional[str], device: Optional[str], say: Callable[[str], None]) -> str:
-    """--device wins over --backend; falcontune's triton / torch backends mean our CUDA engine."""
-    if device:
-        return str(device)
-    b = (backend or "auto").strip().lower()
-    if b in ("triton", "torch"):
-        say(f"note: --backend={b} selects falcontune's PyTorch kernels; this falcontune has its own "
-            "engine, so it runs on CUDA (same as --backend=cuda)")
-        return "cuda"
-    if b in ("auto", "cpu", "cuda") or b.startswith("cuda:"):
-        return b
-    raise ValueError(f"--backend={backend!r}: expected one of {', '.join(_BACKENDS)} (or cuda:N)")
-
-
 def check_world_size(local_rank: Optional[int]) -> None:
     env = os.environ.get("WORLD_SIZE", "1").strip() or "1"
     try:
@@ -537,61 +575,20 @@ def check_world_size(local_rank: Optional[int]) -> None:
                          "run falcontune on a single GPU, without torchrun / torch.distributed.launch")
 
 
-def _positive(name: str, value: Any, minimum: float = 1, integer: bool = True) -> None:
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) if integer else \
-        isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < minimum:
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"--{name}={value!r}: expected {kind} >= {minimum:g}")
-
-
-def _validate(mbatch_size: int, batch_size: int, epochs: int, lr: float, cutoff_len: int, lora_r: int,
-              lora_alpha: float, lora_dropout: float, ratio: float, val_set_size: float, warmup_steps: int,
-              save_steps: int, logging_steps: int, eval_steps: Optional[int], data_type: str,
-              prompt_template: str) -> None:
-    for name, v in (("mbatch_size", mbatch_size), ("batch_size", batch_size), ("epochs", epochs),
-                    ("cutoff_len", cutoff_len), ("lora_r", lora_r), ("save_steps", save_steps),
-                    ("logging_steps", logging_steps)):
-        _positive(name, v)
-    _positive("warmup_steps", warmup_steps, 0)
-    if eval_steps is not None:
-        _positive("eval_steps", eval_steps, 0)
-    if batch_size % mbatch_size:
-        raise ValueError(f"--batch_size={batch_size} must be a multiple of --mbatch_size={mbatch_size} "
-                         "(gradient accumulation = batch_size / mbatch_size)")
-    _positive("lr", lr, 0, integer=False)  # 0 is allowed: an evaluation-only run (LoRA unchanged)
-    _positive("lora_alpha", lora_alpha, 0, integer=False)
-    if not 0.0 <= lora_dropout < 1.0:
-        raise ValueError(f"--lora_dropout={lora_dropout!r}: expected a probability in [0, 1)")
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"--gradient_checkpointing_ratio={ratio!r}: expected a fraction in (0, 1]")
-    _positive("val_set_size", val_set_size, 0, integer=False)
-    if data_type not in DATA_TYPES:
-        raise ValueError(f"--data_type={data_type!r}: expected one of {', '.join(DATA_TYPES)}")
-    if prompt_template not in TEMPLATES:
-        raise ValueError(f"--prompt_template={prompt_template!r}: expected one of {', '.join(TEMPLATES)}")
-
-
-def _no_tokenizer_error(model: Any) -> ValueError:
-    from .tokenizer import TOKENIZER_HELP
-    return ValueError(f"model {model!s}: no tokenizer.json next to the model or its weights; "
-                      f"pass --tokenizer=PATH ({TOKENIZER_HELP})")
-
-
-def _setup_lora(m: Any, resume: Optional[Path], lora_apply_dir: Optional[PathLike], r: int, alpha: float,
-                dropout: float, targets: tuple[str, ...], seed: int, say: Callable[[str], None]) -> None:
-    source = resume or (Path(lora_apply_dir) if lora_apply_dir else None)
+def _setup_lora(m: Any, resume: Optional[Path], cfg: FinetuneConfig, say: Callable[[str], None]) -> None:
+    source = resume or (Path(cfg.lora_apply_dir) if cfg.lora_apply_dir else None)
     if source is None:
-        m.add_lora(r=r, alpha=alpha, dropout=dropout, target_modules=targets, seed=seed)
+        m.add_lora(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
+                   seed=cfg.seed)
     else:
         m.load_lora(source)
-        cfg = m.lora_config
-        if not resume and (cfg["r"] != r or float(cfg["lora_alpha"]) != float(alpha)
-                           or tuple(cfg["target_modules"]) != targets):
-            say(f"note: the adapter in {source} has r={cfg['r']}, lora_alpha={cfg['lora_alpha']:g}, "
-                f"target_modules={cfg['target_modules']}: those win over the flags")
-    m.engine.set_lora_dropout(float(dropout))
-    m.lora_config["lora_dropout"] = float(dropout)
+        lc = m.lora_config
+        if not resume and (lc["r"] != cfg.lora_r or float(lc["lora_alpha"]) != cfg.lora_alpha
+                           or tuple(lc["target_modules"]) != cfg.target_modules):
+            say(f"note: the adapter in {source} has r={lc['r']}, lora_alpha={lc['lora_alpha']:g}, "
+                f"target_modules={lc['target_modules']}: those win over the settings")
+    m.engine.set_lora_dropout(cfg.lora_dropout)
+    m.lora_config["lora_dropout"] = cfg.lora_dropout
 
 
 def _parameters(values: dict[str, Any]) -> str:
@@ -600,98 +597,132 @@ def _parameters(values: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def finetune(model: Any, weights: Optional[PathLike] = None, dataset: Optional[PathLike] = None,
-             data_type: str = "alpaca", lora_out_dir: PathLike = "alpaca_lora",
-             lora_apply_dir: Optional[PathLike] = None, resume_checkpoint: Union[str, PathLike, bool, None] = None,
-             mbatch_size: int = 1, batch_size: int = 2, epochs: int = 3, lr: float = 2e-4, cutoff_len: int = 256,
-             lora_r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.05,
-             gradient_checkpointing: bool = False, gradient_checkpointing_ratio: float = 1.0,
-             val_set_size: float = 0.2, warmup_steps: int = 50, save_steps: int = 50,
-             save_total_limit: Optional[int] = 3, logging_steps: int = 10, checkpoint: bool = False,
-             skip: bool = False, verbose: bool = False, target_modules: Any = '["query_key_value"]',
-             backend: str = "auto", use_eos_token: Union[bool, int] = True, local_rank: Optional[int] = 0,
-             tokenizer: Optional[PathLike] = None, prompt_template: str = "alpaca",
-             train_on_inputs: Optional[bool] = None, seed: int = 42, device: Optional[str] = None,
-             eval_steps: Optional[int] = None, merged_dir: Optional[PathLike] = None,
-             callback: Optional[Callable[[dict[str, Any]], Any]] = None, progress: bool = True,
-             chat_template: Optional[str] = None, packing: bool = False) -> FinetuneResult:
-    """Fine-tune a LoRA adapter; the names and defaults are falcontune's CLI flags (see
-    ``falcontune finetune --help``). ``model`` may also be an already loaded FalconModel.
-    ``callback(info)`` is called after every optimizer step with a dict (step, total_steps, loss,
-    epoch, grad_norm, learning_rate, eval_loss: None unless evaluated at this step); returning
-    True stops training as Ctrl-C does (a checkpoint and the adapter are saved)."""
-    from .merge import merge_and_save
-    from .model import FalconModel, load_model, parse_target_modules
+def _dataset_path(cfg: FinetuneConfig, say: Callable[[str], None]) -> Optional[Path]:
+    """The dataset to train on; the demo model defaults to the French sample."""
+    if cfg.skip:
+        return None
+    if cfg.dataset is not None:
+        return Path(cfg.dataset)
+    if cfg.model_name == "demo":
+        from .demo import sample_dataset_path
+        path = sample_dataset_path()
+        say(f"dataset: none given, the demo model trains on the French sample {path}")
+        return path
+    raise ParameterError("{dataset} is required to train (or pass {skip} to only save / merge the adapter)",
+                         dataset=NAME_ONLY, skip=NAME_ONLY)
 
-    check_world_size(local_rank)
-    _validate(mbatch_size, batch_size, epochs, lr, cutoff_len, lora_r, lora_alpha, lora_dropout,
-              gradient_checkpointing_ratio, val_set_size, warmup_steps, save_steps, logging_steps, eval_steps,
-              data_type, prompt_template)
+
+def _load_records(path: Path, data_type: str, say: Callable[[str], None]) -> list[dict[str, str]]:
+    """load_records, with its dataset warnings (unknown fields) printed as notes."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DatasetWarning)
+        records = load_records(path, data_type)
+    for w in caught:
+        if issubclass(w.category, DatasetWarning):
+            say(f"warning: {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return records
+
+
+def _write_plot(out_dir: Path, say: Callable[[str], None]) -> None:
+    """training_curves.png next to log.jsonl when matplotlib is installed; never fails the run."""
+    from .plot import PlotError, write_training_plot
+
+    try:
+        path = write_training_plot(out_dir)
+    except PlotError:
+        return  # matplotlib missing, or nothing logged yet
+    except Exception as e:  # noqa: BLE001 - a plotting problem must not lose a finished run
+        say(f"note: could not draw the training curves ({type(e).__name__}: {e})")
+        return
+    say(f"Courbes / training curves: {path}")
+
+
+def finetune(model: Any, dataset: Optional[PathLike] = None, **settings: Any) -> FinetuneResult:
+    callback = settings.pop("callback", None)
+    progress = bool(settings.pop("progress", True))
+    known = {f.name for f in fields(FinetuneConfig)}
+    for name in settings:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"finetune() got an unexpected keyword argument {name!r}{hint}")
+    return run_finetune(FinetuneConfig(model=model, dataset=dataset, **settings), callback=callback,
+                        progress=progress)
+
+
+def _finetune_signature() -> inspect.Signature:
+    params = []
+    for f in fields(FinetuneConfig):
+        kind = (inspect.Parameter.POSITIONAL_OR_KEYWORD if f.name in ("model", "dataset")
+                else inspect.Parameter.KEYWORD_ONLY)
+        default = inspect.Parameter.empty if f.default is MISSING else f.default
+        params.append(inspect.Parameter(f.name, kind, default=default, annotation=f.type))
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+               for name, default, annotation, _ in _RUNTIME_PARAMETERS]
+    return inspect.Signature(params, return_annotation="FinetuneResult")
+
+
+def _finetune_doc() -> str:
+    lines = ["Fine-tune a LoRA adapter. The parameters are the flags of ``falcontune finetune`` (same names,",
+             "same defaults); each is described by ``FinetuneConfig``. Returns a ``FinetuneResult``.", "",
+             "Parameters", "----------"]
+    for f in fields(FinetuneConfig):
+        default = "required" if f.default is MISSING else f"default {f.default!r}"
+        lines += [f"{f.name} : {f.type}, {default}", f"    {f.metadata['help']}"]
+    lines += [f"{name} : {annotation}, default {default!r}\n    {help_}"
+              for name, default, annotation, help_ in _RUNTIME_PARAMETERS]
+    return "\n".join(lines)
+
+
+finetune.__signature__ = _finetune_signature()  # type: ignore[attr-defined]
+finetune.__doc__ = _finetune_doc()
+
+
+def run_finetune(cfg: FinetuneConfig, callback: Optional[Callable[[dict[str, Any]], Any]] = None,
+                 progress: bool = True) -> FinetuneResult:
+    """``finetune`` for an already built ``FinetuneConfig``."""
+    from .merge import merge_and_save
+    from .model import FalconModel, load_model, resolve_device
+    from .tokenizer import missing_tokenizer_error
+
+    check_world_size(cfg.local_rank)
     console = _Console()
     say = console.say
-    dev = resolve_device(backend, device, say)
-    targets = parse_target_modules(target_modules)
-    out_dir = Path(lora_out_dir)
-    resume = ckpt.resolve_resume(resume_checkpoint, out_dir)
-    if train_on_inputs is None:
-        train_on_inputs = data_type == "alpaca"  # falcontune: alpaca learns the prompt, gpt4all does not
-    if save_total_limit is not None and save_total_limit <= 0:
-        save_total_limit = None
-    records: list[dict[str, str]] = []
-    if not skip:  # check the data before loading a large model
-        if dataset is None:
-            raise ValueError("--dataset is required to train (or pass --skip to only save / merge the adapter)")
-        records = load_records(Path(dataset), data_type)
-    m = model if isinstance(model, FalconModel) else load_model(model, weights, device=dev, tokenizer=tokenizer)
-    say(_parameters({
-        "model": str(getattr(model, "name", model)), "weights": weights, "dataset": dataset,
-        "data_type": data_type, "lora_out_dir": str(out_dir), "lora_apply_dir": lora_apply_dir,
-        "resume_checkpoint": str(resume) if resume else None, "target_modules": list(targets),
-        "mbatch_size": mbatch_size, "batch_size": batch_size,
-        "gradient_accumulation_steps": batch_size // mbatch_size, "epochs": epochs, "lr": lr,
-        "cutoff_len": cutoff_len, "lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
-        "val_set_size": val_set_size, "gradient_checkpointing": bool(gradient_checkpointing),
-        "gradient_checkpointing_ratio": gradient_checkpointing_ratio, "warmup_steps": warmup_steps,
-        "save_steps": save_steps, "save_total_limit": save_total_limit, "logging_steps": logging_steps,
-        "checkpoint": bool(checkpoint), "skip": bool(skip), "device": m.device, "prompt_template": prompt_template,
-        "train_on_inputs": bool(train_on_inputs), "use_eos_token": bool(use_eos_token), "seed": seed,
-        "chat_template": chat_template, "packing": bool(packing)}))
-
-    if verbose:
+    dev = resolve_device(cfg.backend, cfg.device, say)
+    out_dir = cfg.out_dir
+    resume = ckpt.resolve_resume(cfg.resume_checkpoint, out_dir)
+    dataset = _dataset_path(cfg, say)
+    records = [] if dataset is None else _load_records(dataset, cfg.data_type, say)  # before loading a model
+    m = cfg.model if isinstance(cfg.model, FalconModel) else load_model(cfg.model, cfg.weights, device=dev,
+                                                                        tokenizer=cfg.tokenizer)
+    say(_parameters({**cfg.describe(), "dataset": None if dataset is None else str(dataset),
+                     "resume_checkpoint": str(resume) if resume else None, "device": m.device}))
+    if cfg.verbose:
         say(f"{m!r} on {m.device}, activations {m.dtype}")
-    _setup_lora(m, resume, lora_apply_dir, lora_r, lora_alpha, lora_dropout, targets, seed, say)
-    m.set_gradient_checkpointing(float(gradient_checkpointing_ratio) if gradient_checkpointing else 0.0)
+    _setup_lora(m, resume, cfg, say)
+    m.set_gradient_checkpointing(cfg.gradient_checkpointing_ratio if cfg.gradient_checkpointing else 0.0)
     lora_cfg: dict[str, Any] = m.lora_config or {}
     n_lora = sum(int(a.size) for a in m.lora_state_dict().values())
     say(f"trainable params: {n_lora:,} (LoRA r={lora_cfg['r']} on "
         f"{', '.join(lora_cfg['target_modules'])} x {m.config.num_hidden_layers} layers)")
 
     result = FinetuneResult(adapter_dir=None, model=m)
-    if not skip:
+    if dataset is not None:
         if m.tokenizer is None:
-            raise _no_tokenizer_error(model)
-        assert dataset is not None
-        data = prepare_data(dataset, records, m.tokenizer, data_type, cutoff_len, prompt_template,
-                            bool(train_on_inputs), bool(use_eos_token), val_set_size, seed, say,
-                            chat_template=chat_template, packing=bool(packing))
-        settings = Settings(mbatch_size=mbatch_size, batch_size=batch_size, epochs=epochs, lr=float(lr),
-                            warmup_steps=warmup_steps, save_steps=save_steps, save_total_limit=save_total_limit,
-                            logging_steps=logging_steps, eval_steps=eval_steps, seed=seed, out_dir=out_dir)
-        run_args = {"dataset_sha256": data.fingerprint, "data_type": data_type, "prompt_template": prompt_template,
-                    "cutoff_len": cutoff_len, "train_on_inputs": bool(train_on_inputs),
-                    "use_eos_token": bool(use_eos_token), "val_set_size": val_set_size, "seed": seed,
-                    "mbatch_size": mbatch_size, "batch_size": batch_size, "epochs": epochs, "lr": float(lr),
-                    "warmup_steps": warmup_steps, "lora_r": lora_cfg["r"],
-                    "lora_alpha": float(lora_cfg["lora_alpha"]), "lora_dropout": float(lora_dropout),
-                    "target_modules": list(lora_cfg["target_modules"]), "n_train": len(data.train),
-                    "chat_template": chat_template, "packing": bool(packing)}
+            raise missing_tokenizer_error(cfg.model_name)
+        data = prepare_data(dataset, records, m.tokenizer, cfg, say)
+        run_args = {"dataset_sha256": data.fingerprint, **cfg.run_settings(), "lora_r": lora_cfg["r"],
+                    "lora_alpha": float(lora_cfg["lora_alpha"]), "target_modules": list(lora_cfg["target_modules"]),
+                    "n_train": len(data.train)}
         pad_id = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
-        trainer = Trainer(m, data, settings, console, pad_id, run_args, callback=callback, progress=progress)
+        trainer = Trainer(m, data, cfg, console, pad_id, run_args, callback=callback, progress=progress)
         if resume is not None:
             trainer.restore(ckpt.load_checkpoint(resume))
             say(f"Resuming from {resume} (step {trainer.global_step}/{trainer.total_steps})")
-        say(f"{trainer.total_steps} optimizer steps ({trainer.steps_per_epoch} per epoch x {epochs}), "
-            f"gradient accumulation {settings.accumulation}, "
+        say(f"{trainer.total_steps} optimizer steps ({trainer.steps_per_epoch} per epoch x {cfg.epochs}), "
+            f"gradient accumulation {cfg.accumulation}, "
             + (f"eval every {trainer.eval_steps} steps" if trainer.eval_steps else "no validation set"))
         try:
             result.interrupted = trainer.run(resumed=resume is not None)
@@ -707,9 +738,10 @@ def finetune(model: Any, weights: Optional[PathLike] = None, dataset: Optional[P
         result.eval_loss = trainer.last_eval_loss
         result.n_train = getattr(data.train, "n_examples", len(data.train))  # examples, also when packed
         result.n_val = 0 if data.val is None else getattr(data.val, "n_examples", len(data.val))
+        _write_plot(out_dir, say)
     result.adapter_dir = m.save_lora(out_dir)
     say(f"Adapter LoRA enregistré / LoRA adapter saved in {result.adapter_dir}")
-    if checkpoint:
-        result.merged_dir = merge_and_save(m, Path(merged_dir) if merged_dir else out_dir / "merged")
+    if cfg.checkpoint:
+        result.merged_dir = merge_and_save(m, Path(cfg.merged_dir) if cfg.merged_dir else out_dir / "merged")
         say(f"Merged float16 model (transformers format) saved in {result.merged_dir}")
     return result

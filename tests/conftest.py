@@ -1,5 +1,6 @@
 """Shared pytest fixtures and markers for the falcontune test-suite.
 
+* ``sdist``: the source archive of this checkout (``python -m build --sdist``).
 * ``shared_data``: the reference-data directory ``<repo>/../shared/data``. Tests that use it are
   skipped when it is absent, except under ``CI=true`` where its absence is a failure.
 * ``cuda`` marker: tests marked ``@pytest.mark.cuda`` are skipped unless
@@ -75,3 +76,24 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The source archive of this checkout, as `python -m build --sdist` makes it (without an isolated
+    build environment: the test environment already has setuptools and numpy, and needs no network)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("build") is None:  # the [test] extra installs it
+        msg = "building the sdist needs the 'build' package (pip install build)"
+        if _in_ci():
+            pytest.fail(msg + " (CI=true: it is required)", pytrace=False)
+        pytest.skip(msg)
+    out = tmp_path_factory.mktemp("sdist")
+    r = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(out),
+                        str(REPO_ROOT)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (archive,) = out.glob("falcontune-*.tar.gz")
+    return archive

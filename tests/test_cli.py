@@ -3,8 +3,10 @@ exit status 2, generation with an adapter, interactive generation through a pipe
 and -c merging."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +19,8 @@ import falcontune as ft
 from falcontune import cli, testing
 from falcontune.data import make_prompt
 from falcontune.tokenizer import train_demo_tokenizer
-from falcontune.trainer import FinetuneResult, resolve_device
+from falcontune.model import resolve_device
+from falcontune.trainer import FinetuneResult
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "datasets" / "fr_instructions.json"
@@ -81,8 +84,9 @@ def test_tutorial_command_verbatim(tmp_path: Path, shared_data: Path, monkeypatc
     code, out, err = _main(TUTORIAL, capsys)
     assert code == 0, err
     lora = tmp_path / "falcon-7b-sample-4bit"
+    curves = ["training_curves.png"] if importlib.util.find_spec("matplotlib") else []  # drawn when it can be
     assert sorted(p.name for p in lora.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                      "log.jsonl"]  # 8 steps < save_steps: no checkpoint
+                                                      "log.jsonl", *curves]  # 8 steps < save_steps: no checkpoint
     cfg = json.loads((lora / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["target_modules"]) == (
         8, 16.0, 0.05, ["query_key_value"])
@@ -141,14 +145,26 @@ def test_flag_forms_and_booleans() -> None:
 
 
 def test_backend_aliases(capsys: pytest.CaptureFixture[str]) -> None:
+    """One resolution for --backend / --device and load_model(device=): concrete devices, falcontune's
+    triton / torch mean CUDA, --device wins, errors name the parameter that was given."""
     say = print
-    assert resolve_device("triton", None, say) == "cuda"
-    assert "triton" in capsys.readouterr().out
-    assert resolve_device("torch", None, say) == "cuda"
-    assert resolve_device("cpu", None, say) == "cpu" and resolve_device("auto", None, say) == "auto"
+    cuda = "cuda:0" if ft.cuda_available() else None
+    for alias in ("triton", "torch", "cuda"):
+        if cuda:
+            assert resolve_device(alias, None, say) == cuda
+        else:  # a CPU-only build or no GPU: a clear error naming the parameter, no weights path
+            with pytest.raises(ft.ParameterError, match=rf"^backend='{alias}': ") as e:
+                resolve_device(alias, None, say)
+            assert e.value.as_flags().startswith(f"--backend={alias}: ")
+    assert "triton" in capsys.readouterr().out  # told what triton means here
+    assert resolve_device("cpu", None, say) == "cpu"
+    assert resolve_device("auto", None, say) == (cuda or "cpu")
     assert resolve_device("triton", "cpu", say) == "cpu"  # --device wins
-    with pytest.raises(ValueError, match="--backend"):
+    with pytest.raises(ValueError, match="backend='opencl'") as e:
         resolve_device("opencl", None, say)
+    assert "--backend=opencl" in e.value.as_flags()
+    with pytest.raises(ValueError, match="device='cuda:x'"):
+        resolve_device(None, "cuda:x", say)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,3 +294,154 @@ def test_merge_with_skip(tiny: dict[str, Path], tmp_path: Path, capsys: pytest.C
     a = np.frombuffer((tiny["adapter"] / "adapter_model.safetensors").read_bytes(), np.uint8)
     b = np.frombuffer((tmp_path / "out" / "adapter_model.safetensors").read_bytes(), np.uint8)
     assert np.array_equal(a, b)  # --skip keeps the applied adapter as is
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 15: the command's errors name flags, a useless cutoff_len stops, rounded numbers, curves,
+# sampling flags without --do_sample, streaming, check-dataset's report
+
+
+def test_flags_are_derived_from_the_finetune_config() -> None:
+    import dataclasses
+
+    from falcontune.trainer import FinetuneConfig
+
+    args = cli.build_parser().parse_args(["finetune", "--model=m"])
+    for f in dataclasses.fields(FinetuneConfig):
+        if f.name != "model":
+            assert getattr(args, f.name) == f.default, f.name
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["finetune"].format_help()
+    assert "Maximum tokens per example" in " ".join(help_text.split()) and "-c [BOOL], --checkpoint" in help_text
+
+
+def test_setting_errors_name_flags_on_the_command_line(tiny: dict[str, Path], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["finetune", f"--model={tiny['model']}", f"--dataset={tiny['data']}", f"--lora_out_dir={tmp_path / 'o'}"]
+    for extra, line in ((["--epochs=0"], "falcontune: error: --epochs=0: expected an integer >= 1"),
+                        (["--lora_dropout=1"], "falcontune: error: --lora_dropout=1.0: expected a probability in [0, 1)"),
+                        (["--cutoff_len=3"], "falcontune: error: --cutoff_len=3 is too small for this dataset")):
+        code, out, err = _main(base + extra, capsys)
+        assert code == 2 and err.startswith(line) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o" / "adapter_model.safetensors").exists()  # cutoff_len=3 trained nothing
+
+
+def test_device_errors_name_the_flag_not_a_weights_file(tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    if ft.cuda_available():
+        pytest.skip("a GPU is visible: --backend=cuda works")
+    for cmd in (["generate", "--prompt=x"], ["finetune", f"--dataset={tiny['data']}"]):
+        code, _, err = _main([*cmd, f"--model={tiny['model']}", "--backend=cuda"], capsys)
+        assert code == 2 and err.startswith("falcontune: error: --backend=cuda: "), err
+        assert str(tiny["model"]) not in err and ".safetensors" not in err
+        assert ("FALCONTUNE_CUDA=1" in err) if not ft.cuda_compiled() else ("no NVIDIA GPU" in err)
+
+
+def test_missing_files_say_where_to_get_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _main(["generate", "--model=falcon-7b-instruct-4bit", "--prompt=x", "--backend=cpu"], capsys)
+    assert code == 2 and "https://huggingface.co/TheBloke/falcon-7b-instruct-GPTQ" in err, err
+    code, _, err = _main(["generate", "--model=falcon-7b-instruct-4bit", f"--weights={tmp_path / 'w.safetensors'}",
+                          "--prompt=x", "--backend=cpu"], capsys)
+    assert code == 2 and "w.safetensors" in err and "huggingface.co/TheBloke/falcon-7b-instruct-GPTQ" in err
+    model = testing.make_checkpoint(tmp_path / "notok", preset="tiny")
+    code, _, err = _main(["generate", f"--model={model}", "--prompt=x", "--backend=cpu"], capsys)
+    assert code == 2 and "/resolve/main/tokenizer.json" in err and "/blob/" not in err
+    assert "next to the weights" in err and "--tokenizer" in err
+
+
+def test_learning_rate_is_printed_rounded(tiny: dict[str, Path], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _main(["finetune", f"--model={tiny['model']}", f"--dataset={tiny['data']}", "--epochs=1",
+                            f"--lora_out_dir={tmp_path / 'o'}", "--lr=3e-4", "--warmup_steps=3", "--logging_steps=1",
+                            "--cutoff_len=64", "--backend=cpu"], capsys)
+    assert code == 0, err
+    printed = [float(x) for x in re.findall(r"'learning_rate': ([0-9.e-]+)", out)]
+    logged = [r["learning_rate"] for r in map(json.loads, (tmp_path / "o" / "log.jsonl").read_text().splitlines())
+              if "learning_rate" in r]
+    assert printed == [float(f"{x:.4g}") for x in logged] and 0.0002 in printed
+    assert not re.search(r"'learning_rate': [0-9.]*(9999|0000)\d", out), out
+
+
+def test_plot_command(tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    log = [{"loss": 3.0 - 0.1 * i, "grad_norm": 1.0, "learning_rate": 1e-4 * i, "epoch": i / 10, "step": i}
+           for i in range(1, 6)] + [{"eval_loss": 2.8, "step": 5}, {"train_runtime": 1.0, "train_loss": 2.7, "step": 5}]
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log), encoding="utf-8")
+    if importlib.util.find_spec("matplotlib") is not None:
+        code, printed, err = _main(["plot", str(out)], capsys)
+        assert code == 0, err
+        assert (out / "training_curves.png").read_bytes()[:4] == b"\x89PNG" and "training_curves.png" in printed
+        code, _, err = _main(["plot", str(out), f"--output={tmp_path / 'c.png'}"], capsys)
+        assert code == 0 and (tmp_path / "c.png").is_file()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    code, _, err = _main(["plot", str(out)], capsys)
+    assert code == 2 and err.strip() == "falcontune: error: drawing the training curves needs matplotlib: " \
+                                        "pip install matplotlib"
+    code, _, err = _main(["plot", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and "no training log here" in err
+
+
+def test_sampling_flags_without_do_sample_are_reported(tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["generate", f"--model={tiny['model']}", "--prompt=Bonjour", "--max_new_tokens=3", "--backend=cpu"]
+    code, out, err = _main(base + ["--temperature=0.3", "--top_k=5"], capsys)
+    assert code == 0 and "note: --temperature, --top_k only apply with --do_sample" in err, err
+    greedy = out
+    code, out, err = _main(base, capsys)
+    assert code == 0 and "only apply with" not in err and out == greedy  # the defaults say nothing
+    code, out, err = _main(base + ["--temperature=0.3", "--do_sample", "--seed=1"], capsys)
+    assert code == 0 and "only apply with" not in err
+    model = ft.load_model(tiny["model"], device="cpu")
+    with pytest.warns(UserWarning, match="top_p only apply when sampling: pass do_sample=True") as w:
+        model.generate(prompt="Bonjour", max_new_tokens=2, top_p=0.5)
+    assert w[0].filename == __file__  # points at the caller, not inside falcontune
+
+
+def test_generate_streams_pieces_as_they_come(tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    writes: list[str] = []
+    real_write = sys.stdout.write
+    monkeypatch.setattr(sys.stdout, "write", lambda s: (writes.append(s), real_write(s))[1])
+    code, out, err = _main(["generate", f"--model={tiny['model']}", f"--lora_apply_dir={tiny['adapter']}",
+                            "--prompt=Il était une fois", "--max_new_tokens=12", "--backend=cpu"], capsys)
+    assert code == 0, err
+    pieces = [w for w in writes if w]
+    assert len(pieces) > 2 and "".join(pieces) == out and out.endswith("\n")  # piece by piece, printed once
+
+
+def test_check_dataset_unknown_fields_and_every_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps([{"instruction": f"q{i}", "imput": "contexte", "output": "r"} for i in range(3)]
+                               + [{"instruction": "q", "ouput": "r"}]), encoding="utf-8")
+    code, out, _ = _main(["check-dataset", str(typo)], capsys)
+    assert code == 1  # record 4 misses 'output'
+    assert "unknown field 'imput' in 3 record(s) is ignored: did you mean 'input'?" in out
+    assert "field 'output' is missing" in out and "unknown field 'ouput'" in out
+    assert "unknown fields: imput (3), ouput (1)" in out
+    ok = tmp_path / "ok.json"
+    ok.write_text(json.dumps([{"instruction": "q", "Input": "c", "output": "r"}]), encoding="utf-8")
+    code, out, _ = _main(["check-dataset", str(ok)], capsys)
+    assert code == 0 and ": OK" in out and "did you mean 'input'?" in out
+    code, out, _ = _main(["check-dataset", str(ok), "--strict"], capsys)
+    assert code == 1 and "erreurs / errors (1)" in out and "'Input'" in out
+    many = tmp_path / "many.jsonl"
+    many.write_text("".join('{"instruction": ""}\n' for _ in range(30)), encoding="utf-8")
+    code, out, _ = _main(["check-dataset", str(many)], capsys)
+    assert code == 1 and "errors (30)" in out and "record 30:" in out and "more" not in out
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["check-dataset"].format_help()
+    for flag in ("--cutoff_len", "--data_type", "--strict"):
+        assert re.search(rf"{flag}[^\n]*\n?\s+\S", help_text), help_text
+
+
+def test_finetune_warns_about_unknown_fields(tiny: dict[str, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    records = json.loads(tiny["data"].read_text(encoding="utf-8"))
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps([{("imput" if k == "input" else k): v for k, v in r.items()} for r in records]),
+                    encoding="utf-8")
+    code, out, err = _main(["finetune", f"--model={tiny['model']}", f"--dataset={typo}", "--skip=false",
+                            f"--lora_out_dir={tmp_path / 'o'}", "--epochs=1", "--cutoff_len=64", "--backend=cpu",
+                            "--logging_steps=100"], capsys)
+    assert code == 0, err
+    assert f"warning: {typo}: record 1: unknown field 'imput' in {len(records)} record(s) is ignored: " \
+           "did you mean 'input'?" in out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,9 @@ def test_load_json_array(tmp_path: Path) -> None:
                {"instruction": "c", "input": None, "output": "d", "id": 7},
                {"instruction": "e", "input": "f", "output": ""}]
     path = write(tmp_path, "d.json", "\ufeff" + json.dumps(records, indent=2))
-    assert data.load_records(path) == [
+    with pytest.warns(data.DatasetWarning, match=r"record 2: unknown field 'id' in 1 record\(s\) is ignored"):
+        loaded = data.load_records(path)
+    assert loaded == [
         {"instruction": "a", "input": "", "output": "b"},
         {"instruction": "c", "input": "", "output": "d"},
         {"instruction": "e", "input": "f", "output": ""},
@@ -122,7 +125,9 @@ def test_load_jsonl(tmp_path: Path) -> None:
 
 def test_load_gpt4all(tmp_path: Path) -> None:
     path = write(tmp_path, "g.jsonl", '{"prompt": "p", "response": "r", "source": "s"}\n')
-    assert data.load_records(path, data_type="gpt4all") == [{"prompt": "p", "response": "r"}]
+    with pytest.warns(data.DatasetWarning, match="'source'"):
+        loaded = data.load_records(path, data_type="gpt4all")
+    assert loaded == [{"prompt": "p", "response": "r"}]
     with pytest.raises(DatasetError, match="gpt4all"):
         data.load_records(path, data_type="alpaca")
     with pytest.raises(ValueError, match="data_type"):
@@ -402,3 +407,50 @@ def test_project_dataset_with_falcon_tokenizer(shared_data: Path) -> None:
     assert report.ok and report.length_median < 256
     ds = data.tokenize_records(data.load_records(DATASET), falcon, cutoff_len=256)
     assert ds.n_truncated == report.n_truncated
+
+
+# ------------------------------------------------------------ unknown fields (issue 15)
+def test_closest_field() -> None:
+    cases = {"imput": "input", "Input": "input", "INPUT ": "input", "context": "input", "instuction": "instruction",
+             "ouput": "output", "answer": "output", "Output": "output", "id": None, "source": None}
+    for key, want in cases.items():
+        assert data.closest_field(key, "alpaca") == want, key
+    assert data.closest_field("promt", "gpt4all") == "prompt"
+    assert data.closest_field("output", "gpt4all") == "response"
+
+
+def test_unknown_fields_warn_once_per_key_and_count(tmp_path: Path) -> None:
+    records = [{"instruction": f"q{i}", "imput": "contexte", "output": "r"} for i in range(5)]
+    records.append({"instruction": "q", "context": "c", "output": "r", "id": 3})
+    path = write(tmp_path, "t.json", json.dumps(records))
+    with pytest.warns(data.DatasetWarning) as caught:
+        loaded = data.load_records(path)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 3  # imput, context, id: one each
+    assert any("record 1: unknown field 'imput' in 5 record(s) is ignored: did you mean 'input'?" in m
+               for m in messages)
+    assert any("'id'" in m and "known fields: instruction, input, output" in m for m in messages)
+    assert all(r["input"] == "" for r in loaded)  # the text really is not used: hence the warning
+    report = data.check_dataset(path)
+    assert report.ok and report.unknown_fields == {"imput": 5, "context": 1, "id": 1}
+    assert [n for n, _ in report.warnings] == [1, 6, 6]
+    strict = data.check_dataset(path, strict=True)
+    assert not strict.ok and len(strict.errors) == 3 and not strict.warnings
+    assert "--strict" in str(strict) and "imput (5)" in str(strict)
+
+
+def test_misspelled_required_field_names_the_unknown_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "t.json", json.dumps([{"instruction": "q", "ouput": "r"}]))
+    with pytest.raises(DatasetError, match=r"field 'output' is missing.*unknown field 'ouput': a misspelling"):
+        data.load_records(path)
+    path = write(tmp_path, "g.json", json.dumps([{"promt": "q", "response": "r"}]))
+    with pytest.raises(DatasetError, match=r"field 'prompt' is missing.*'promt'"):
+        data.load_records(path, data_type="gpt4all")
+
+
+def test_every_error_is_listed_and_the_command_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path, "bad.jsonl", "".join('{"instruction": ""}\n' for _ in range(45)))
+    report = data.check_dataset(path)
+    assert len(report.errors) == 45 and str(report).count("enregistrement / record") == 45
+    with pytest.raises(DatasetError, match=rf"44 more bad record\(s\); `falcontune check-dataset {re.escape(str(path))}`"):
+        data.load_records(path)

@@ -110,3 +110,40 @@ def test_errors(model):
         model.generate_ids(np.array([[10_000]]))
     with pytest.raises(ValueError, match="single prompt"):
         model.generate(prompt=["a", "b"], stream=print)
+
+
+def test_streamed_pieces_are_exactly_the_answer(model):
+    """With instruction= the answer is returned stripped and cut where another response section
+    begins; the streamed pieces add up to exactly that text (nothing printed twice or taken back)."""
+    for seed in range(6):
+        for kw in (dict(instruction="Réécris cette phrase.", input="La mairie est fermée."),
+                   dict(prompt="Écrivez une lettre.", stop=[" l", "e,"])):
+            pieces: list[str] = []
+            text = model.generate(max_new_tokens=24, do_sample=True, temperature=1.3, seed=seed,
+                                  stream=pieces.append, **kw)
+            assert "".join(pieces) == text, (kw, pieces, text)
+            assert all(pieces)
+
+
+def test_stream_gate_holds_back_what_may_change() -> None:
+    from falcontune.generate import _StreamGate
+
+    sent: list[str] = []
+    gate = _StreamGate(sent.append, ["### Response:"], strip=True)
+    text = ""
+    for piece in ("\n", " Bonjour", " !", "\n\n", "##", "# Resp"):
+        text += piece
+        gate.update(text, final=False)
+    assert "".join(sent) == "Bonjour !"  # leading space, trailing newlines and a maybe-marker held back
+    gate.update(text + "onse x\n", final=True)  # it was not the marker after all
+    assert "".join(sent) == "Bonjour !\n\n### Response x"
+
+
+def test_sampling_options_without_do_sample_warn(model):
+    with pytest.warns(UserWarning, match="temperature, top_k only apply when sampling"):
+        model.generate(prompt="Bonjour", max_new_tokens=2, temperature=0.5, top_k=3)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate(prompt="Bonjour", max_new_tokens=2)  # greedy with no sampling option: silent
+        model.generate(prompt="Bonjour", max_new_tokens=2, do_sample=True, temperature=0.5, seed=1)

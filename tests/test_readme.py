@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -174,7 +175,20 @@ def test_demo_command_trains_an_adapter(demo_run):
     out = work / "demo-lora"
     assert (out / "adapter_model.safetensors").is_file()
     config = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
-    assert config["r"] == 8
+    assert config["r"] == 16
+
+
+def test_demo_command_keeps_every_example_and_shows_learning(demo_run):
+    """What the README promises a first-time user: no example cut, a loss that starts near a uniform
+    guess over the vocabulary and visibly drops, an eval loss that drops too."""
+    work, r = demo_run
+    assert "were cut" not in r.stdout and "174 records" in r.stdout
+    log = [json.loads(x) for x in (work / "demo-lora" / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+    losses = [x["loss"] for x in log if "loss" in x]
+    evals = [x["eval_loss"] for x in log if "eval_loss" in x]
+    assert math.log(2048) - 0.5 < losses[0] < math.log(2048) + 1.0, losses  # the first 10 steps' mean
+    assert losses[-1] < losses[0] - 1.5 and min(losses) < 5.2, losses
+    assert evals[-1] < evals[0] - 0.2, evals
 
 
 def test_other_falcontune_commands_run(demo_run):
@@ -189,12 +203,17 @@ def test_other_falcontune_commands_run(demo_run):
         r = _run(_falcontune_argv0() + argv[1:], work)
         ran.append((argv[1], r))
     kinds = [k for k, _ in ran]
-    assert {"finetune", "check-dataset", "generate"} <= set(kinds), kinds
+    assert {"finetune", "check-dataset", "generate", "plot"} <= set(kinds), kinds
     for kind, r in ran:
         if kind == "check-dataset":
             assert ": OK" in r.stdout
         elif kind == "generate":
             assert r.stdout.strip(), "generate printed nothing"
+    # the trained demo model recites the template of the sample, as the README says
+    recited = [r.stdout for (kind, r), cmd in zip(ran, [c for c in _bash_commands() if c.startswith("falcontune ")])
+               if kind == "generate" and "--prompt=Below is an instruction" in shlex.split(cmd)]
+    assert recited and recited[0].startswith(" that describes a task, paired with an input"), recited
+    assert (work / "demo-lora" / "courbes.png").is_file()
     assert (work / "falcon-7b-sample-4bit" / "adapter_model.safetensors").is_file()
 
 
@@ -208,6 +227,14 @@ def test_python_blocks_run(demo_run):
         r = _run([sys.executable, str(script)], work)
         assert "train_loss" in r.stdout
     assert (work / "demo-lora-api" / "adapter_model.safetensors").is_file()
+    # the answer is printed once (streamed), not streamed and then printed again
+    import falcontune as ft
+
+    model = ft.load_model("demo")
+    model.load_lora(work / "demo-lora-api")
+    model.eval()
+    answer = model.generate(instruction="Comment faire une demande de carte d'identité ?", max_new_tokens=32)
+    assert answer and r.stdout.count(answer) == 1 and r.stdout.endswith(answer + "\n"), (answer, r.stdout[-500:])
 
 
 # ---------------------------------------------------------------------------------------------

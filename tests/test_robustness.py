@@ -980,7 +980,7 @@ def _finetune_cmd(setup: dict[str, Any], out: Path, resume: bool) -> list[str]:
     import sys
     cmd = [sys.executable, "-m", "falcontune.cli", "finetune", f"--model={setup['model']}",
            f"--dataset={setup['data']}", f"--lora_out_dir={out}", "--mbatch_size=1", "--batch_size=2", "--epochs=2",
-           "--lr=5e-3", "--cutoff_len=48", "--lora_r=4", "--lora_alpha=8", "--lora_dropout=0.1", "--warmup_steps=2",
+           "--lr=5e-3", "--cutoff_len=96", "--lora_r=4", "--lora_alpha=8", "--lora_dropout=0.1", "--warmup_steps=2",
            "--save_steps=1", "--save_total_limit=2", "--logging_steps=1", "--backend=cpu"]
     return cmd + (["--resume_checkpoint=true"] if resume else [])
 

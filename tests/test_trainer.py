@@ -18,7 +18,7 @@ from falcontune import testing
 from falcontune.data import TokenizedDataset, make_prompt
 from falcontune.demo import demo_model_dir
 from falcontune.tokenizer import train_demo_tokenizer
-from falcontune.trainer import (FinetuneResult, Settings, Trainer, TrainingDivergedError, _Console, _Data,
+from falcontune.trainer import (FinetuneConfig, FinetuneResult, Trainer, TrainingDivergedError, _Console, _Data,
                                 check_world_size, lr_lambda)
 from falcontune.weights import WeightStore
 
@@ -46,7 +46,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _run(tiny: dict[str, Path], out: Path, **kw: Any) -> FinetuneResult:
     args: dict[str, Any] = dict(model=tiny["model"], dataset=tiny["data"], lora_out_dir=out, epochs=2, lr=5e-3,
-                                warmup_steps=2, logging_steps=1, save_steps=2, cutoff_len=48, mbatch_size=1,
+                                warmup_steps=2, logging_steps=1, save_steps=2, cutoff_len=64, mbatch_size=1,
                                 batch_size=2, device="cpu", progress=False)
     args.update(kw)
     return ft.finetune(**args)
@@ -80,7 +80,7 @@ def test_loss_goes_down_on_demo_model(tmp_path: Path, monkeypatch: pytest.Monkey
     data.write_text(json.dumps(json.loads(SAMPLE.read_text(encoding="utf-8"))[:8], ensure_ascii=False),
                     encoding="utf-8")
     res = ft.finetune(model="demo", dataset=data, lora_out_dir=tmp_path / "out", epochs=4, lr=2e-2,
-                      warmup_steps=0, mbatch_size=2, batch_size=2, cutoff_len=48, val_set_size=0,
+                      warmup_steps=0, mbatch_size=2, batch_size=2, cutoff_len=96, val_set_size=0,
                       logging_steps=1, save_steps=100, device="cpu", progress=False)
     losses = [r["loss"] for r in res.history if "loss" in r]
     assert len(losses) == res.global_step == res.total_steps == 16
@@ -236,9 +236,10 @@ def test_lora_apply_dir(tiny: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_errors_before_loading(tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ValueError, match="multiple of --mbatch_size"):
+    # the API names its parameters; the command (test_cli) names flags
+    with pytest.raises(ValueError, match="multiple of mbatch_size=2"):
         _run(tiny, tmp_path / "o", mbatch_size=2, batch_size=3)
-    with pytest.raises(ValueError, match="--lora_dropout"):
+    with pytest.raises(ValueError, match="lora_dropout=1.5"):
         _run(tiny, tmp_path / "o", lora_dropout=1.5)
     with pytest.raises(ValueError, match="dataset is required"):
         _run(tiny, tmp_path / "o", dataset=None)
@@ -288,8 +289,9 @@ class _FakeModel:
 def _fake_trainer(model: _FakeModel, tmp_path: Path) -> Trainer:
     ids = [np.arange(1, 9, dtype=np.int32) for _ in range(8)]
     ds = TokenizedDataset(ids, [x.copy() for x in ids], np.zeros(8, np.int64), np.zeros(8, bool))
-    s = Settings(mbatch_size=1, batch_size=2, epochs=1, lr=1e-3, warmup_steps=0, save_steps=100,
-                 save_total_limit=None, logging_steps=100, eval_steps=None, seed=0, out_dir=tmp_path)
+    s = FinetuneConfig(model="fake", lora_out_dir=tmp_path, mbatch_size=1, batch_size=2, epochs=1, lr=1e-3,
+                       warmup_steps=0, save_steps=100, save_total_limit=None, logging_steps=100, eval_steps=None,
+                       seed=0)
     return Trainer(model, _Data(ds, None, 8, "x"), s, _Console(), 0, {}, progress=False)
 
 
@@ -387,3 +389,132 @@ def test_disk_full_during_a_checkpoint_keeps_earlier_ones(tiny: dict[str, Path],
     assert state is not None
     res = _run(tiny, out, epochs=2, save_steps=2, resume_checkpoint=str(out / "checkpoint-2"))
     assert (res.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 15: honest rates, file modes, the signature, cutoff_len, curves
+
+
+def test_rates_are_those_of_each_run_after_ctrl_c_and_resume(tiny: dict[str, Path], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """train_steps_per_second in log.jsonl is the steps of THAT run over its own time (within 20% of
+    steps / wall time of the call), for an interrupted run, its resume, and a resume of a finished run."""
+    import time
+
+    import falcontune.trainer as trainer
+
+    monkeypatch.setattr(trainer, "_write_plot", lambda out_dir, say: None)  # drawn after the run: not timed
+
+    def press_ctrl_c(info: dict[str, Any]) -> None:
+        if info["step"] == 24:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "out"
+    kw: dict[str, Any] = dict(epochs=8, save_steps=8, logging_steps=8, val_set_size=0)  # 48 steps
+    runs = []
+    for extra in ({"callback": press_ctrl_c}, {"resume_checkpoint": True}, {"resume_checkpoint": True}):
+        t0 = time.perf_counter()
+        res = _run(tiny, out, **kw, **extra)
+        runs.append((res, time.perf_counter() - t0))
+    (first, wall1), (second, wall2), (third, _) = runs
+    assert first.interrupted and first.global_step == 24 and second.global_step == third.global_step == 48
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+    for steps, res, wall in ((24, first, wall1), (24, second, wall2)):
+        rate = res.history[-1]["train_steps_per_second"]
+        assert abs(rate - steps / wall) <= 0.2 * steps / wall, (rate, steps, wall)
+        assert res.history[-1]["train_samples_per_second"] == pytest.approx(2 * steps / res.history[-1]["train_runtime"])
+    assert log[-1]["train_steps_per_second"] == 0.0 and log[-1]["train_samples_per_second"] == 0.0  # nothing left
+
+
+def test_every_written_file_is_0644(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """adapter_config.json is created like the other files (0666 minus the umask), in the adapter and
+    in every checkpoint."""
+    old = os.umask(0o022)
+    try:
+        _run(tiny, tmp_path / "out", epochs=1, save_steps=2)
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert any(p.name == "adapter_config.json" and p.parent.name.startswith("checkpoint-") for p in files)
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {"0o644"}, modes
+
+
+def test_finetune_signature_is_visible_and_derived_from_the_config() -> None:
+    import dataclasses
+    import inspect
+
+    sig = inspect.signature(ft.finetune)
+    params = list(sig.parameters.values())
+    assert [p.name for p in params[:2]] == ["model", "dataset"]
+    assert params[0].default is inspect.Parameter.empty
+    assert {"epochs", "lr", "cutoff_len", "callback", "progress"} <= set(sig.parameters)
+    for f in dataclasses.fields(FinetuneConfig):  # same names and defaults as the one dataclass
+        default = inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
+        assert sig.parameters[f.name].default == default, f.name
+    assert sig.parameters["epochs"].default == 3 and sig.parameters["lr"].default == 2e-4
+    assert "cutoff_len : int, default 256" in ft.finetune.__doc__
+    with pytest.raises(TypeError, match="'epoch'.*did you mean 'epochs'"):
+        ft.finetune("demo", epoch=1)
+
+
+def test_config_is_frozen_validated_and_normalized(tmp_path: Path) -> None:
+    cfg = FinetuneConfig(model="m", lora_out_dir=tmp_path, target_modules='["dense", "query_key_value"]',
+                         save_total_limit=0, data_type="gpt4all", lr=1)
+    assert cfg.target_modules == ("query_key_value", "dense") and cfg.save_total_limit is None
+    assert cfg.train_on_inputs is False and cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.out_dir == tmp_path and cfg.accumulation == 2
+    with pytest.raises(dataclasses_frozen_error()):
+        cfg.epochs = 2  # type: ignore[misc]
+    run = cfg.run_settings()
+    assert run["target_modules"] == ["query_key_value", "dense"] and "logging_steps" not in run
+    assert json.loads(json.dumps(run)) == run
+    with pytest.raises(ft.ParameterError, match=r"^epochs=0: expected an integer >= 1$") as e:
+        FinetuneConfig(model="m", epochs=0)
+    assert e.value.as_flags() == "--epochs=0: expected an integer >= 1"
+    with pytest.raises(ft.ParameterError, match="target_modules=.*q_proj"):
+        FinetuneConfig(model="m", target_modules=["q_proj"])
+
+
+def dataclasses_frozen_error() -> type:
+    import dataclasses
+    return dataclasses.FrozenInstanceError
+
+
+def test_demo_model_positional_with_the_bundled_sample(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ft.finetune("demo") takes the model positionally and trains on the French sample."""
+    monkeypatch.setenv("FALCONTUNE_CACHE", str(tmp_path / "cache"))
+    res = ft.finetune("demo", lora_out_dir=tmp_path / "out", epochs=1, cutoff_len=384, val_set_size=0,
+                      progress=False, device="cpu", callback=lambda info: info["step"] == 2)
+    assert res.interrupted and res.global_step == 2 and res.n_train == 174
+
+
+def test_cutoff_len_that_keeps_no_answer_is_an_error(tiny: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ft.ParameterError, match=r"cutoff_len=3 is too small.*shortest prompt has \d+ tokens"):
+        _run(tiny, tmp_path / "o", cutoff_len=3)
+    assert not (tmp_path / "o").exists()  # nothing trained, nothing written
+
+
+def test_training_leaves_the_curves_next_to_the_log(tiny: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    _run(tiny, tmp_path / "out", epochs=1, save_steps=100)
+    png = tmp_path / "out" / "training_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_untrained_demo_model_starts_near_a_uniform_guess(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo model's logits start small: its loss on the sample is near ln(vocab) (a uniform guess),
+    not ~16 as with the unscaled random head. A changed recipe gets a new cache directory."""
+    from falcontune import demo
+    from falcontune.data import collate, load_records, tokenize_records
+
+    monkeypatch.setenv("FALCONTUNE_CACHE", str(tmp_path / "cache"))
+    model = ft.load_model("demo", device="cpu")
+    ds = tokenize_records(load_records(SAMPLE)[:24], model.tokenizer, cutoff_len=384)
+    batch = collate(ds, np.arange(len(ds)), 0)
+    loss, _ = model.loss(batch["input_ids"], batch["labels"], batch["attention_mask"])
+    assert abs(loss - math.log(model.config.vocab_size)) < 1.0, loss
+    first = demo_model_dir()
+    monkeypatch.setattr(demo, "DEMO_FINAL_NORM_SCALE", 0.5)
+    assert demo_model_dir() != first and (tmp_path / "cache").is_dir()  # rebuilt, not the stale one
+    assert json.loads((demo_model_dir() / "DEMO.json").read_text())["final_norm_scale"] == 0.5
