@@ -80,6 +80,7 @@ def main() -> int:
     ap.add_argument("--time", action="store_true", help="also time an epoch (needs a GPU for 7B shapes)")
     ap.add_argument("--ckpt", type=Path, default=Path("/tmp/ft7b"))
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     a = ap.parse_args()
 
@@ -102,7 +103,7 @@ def main() -> int:
         sys.path.insert(0, str(ROOT / "bench"))
         from train_bench import make_7b_checkpoint
 
-        m = ft.load_model(make_7b_checkpoint(a.ckpt), device=a.device)
+        m = ft.load_model(make_7b_checkpoint(a.ckpt), device=a.device, dtype=a.dtype)
         m.add_lora(r=8, alpha=16, dropout=0.05, target_modules=["query_key_value"], seed=0)
         m.train()
         result["device"] = str(m.device)

@@ -24,9 +24,9 @@ sys.path.insert(0, str(REPO / "bench"))
 import falcontune as ft  # noqa: E402
 
 
-def step(model, opt, ids) -> None:
-    model.forward_backward(ids, ids)
-    opt.step()
+def step(model, opt, ids, scale: float) -> None:
+    model.forward_backward(ids, ids, grad_scale=scale)
+    opt.step(grad_scale=scale)
     model.zero_grad()
     model.engine.grad_norm()  # waits for the step's last kernels
 
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--top", type=int, default=22)
+    ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16"))
     args = ap.parse_args()
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -46,22 +47,23 @@ def main() -> None:
 
     ckpt = make_7b_checkpoint(args.ckpt)
     torch.cuda.init()
-    model = ft.load_model(ckpt, device="cuda")
+    model = ft.load_model(ckpt, device="cuda", dtype=args.dtype)
     model.add_lora(r=8, alpha=16, dropout=0.05, target_modules=["query_key_value"])
     model.train()
     opt = ft.AdamW(model, lr=3e-4)
+    scale = 1024.0 if model.dtype == "float16" else 1.0  # fp16: a fixed loss scale, as train_bench
     lines = []
     for mb in args.mb:
         ids = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(mb, 256)).astype(np.int64)
         for _ in range(2):
-            step(model, opt, ids)
+            step(model, opt, ids, scale)
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            step(model, opt, ids)
+            step(model, opt, ids, scale)
         wall = (time.perf_counter() - t0) / args.steps
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
-                step(model, opt, ids)
+                step(model, opt, ids, scale)
         by_name: dict[str, list[float]] = collections.defaultdict(list)
         for ev in prof.events():
             if ev.device_type != torch.autograd.DeviceType.CUDA:

@@ -199,12 +199,16 @@ def test_falcon7b_widths(falcon7b_layer):
     check_pair(cpu, gpu, ids, mask, labels)
 
 
-def test_out_of_memory_is_recoverable(falcon7b_layer):
+def test_out_of_memory_is_recoverable(falcon7b_layer, monkeypatch):
+    # The engine refuses a step whose tensors exceed 2^31 elements before allocating, so one
+    # Falcon-7B layer cannot fill a 141 GB card: FT_CUDA_MEM_LIMIT_MB caps the backend's bytes and
+    # makes the allocation past the cap fail exactly as a full card's cudaMalloc does.
+    monkeypatch.setenv("FT_CUDA_MEM_LIMIT_MB", "1024")
     gpu = ft.load_model(falcon7b_layer, device="cuda", dtype="bfloat16")
     gpu.add_lora(r=8, alpha=16, dropout=0.05)
     ids, mask, labels = batch(1024, 2, 16, seed=2)
     before = gpu.forward(ids, mask)
-    big = np.zeros((1024, 512), np.int64)  # ~170 GB of activations
+    big = np.random.default_rng(5).integers(0, 1024, size=(16, 512))  # ~ 5 GB of activations
     with pytest.raises(ft._C.OutOfMemoryError) as ei:
         gpu.forward_backward(big, big)
     assert isinstance(ei.value, MemoryError)

@@ -176,7 +176,10 @@ ft_status cuda_malloc(cuda_backend *be, size_t bytes, void **ptr, ft_error *err,
         return ft_fail(err, FT_ESTATE, "allocating %s during graph capture", what);
     size_t n = bytes ? (bytes + 255) & ~(size_t)255 : 256;
     void *p = NULL;
-    cudaError_t e = cudaMalloc(&p, n);
+    /* FT_CUDA_MEM_LIMIT_MB (tests): the backend's own bytes are capped, and an allocation past the cap
+     * fails as cudaMalloc does when the card is full, so out-of-memory paths run on any card */
+    cudaError_t e = be->mem_limit && be->cur_bytes + n > be->mem_limit ? cudaErrorMemoryAllocation
+                                                                       : cudaMalloc(&p, n);
     if (e != cudaSuccess) {
         cudaGetLastError();
         if (e == cudaErrorMemoryAllocation) {

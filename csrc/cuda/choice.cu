@@ -114,6 +114,14 @@ ft_status cuda_read_env(cuda_backend *be, ft_error *err)
     if (be->prof_on) be->graphs_on = 0; /* the profiler synchronises around ops: not capturable */
     const char *po = getenv("FT_CUDA_POISON");
     be->poison = po && po[0] == '1';
+    const char *ml = getenv("FT_CUDA_MEM_LIMIT_MB");
+    if (ml && ml[0]) {
+        char *end = NULL;
+        const double mb = strtod(ml, &end);
+        if (!(end && *end == '\0' && mb > 0.0 && mb < 1e9))
+            return ft_fail(err, FT_EINVAL, "FT_CUDA_MEM_LIMIT_MB must be a positive number of MiB, got '%s'", ml);
+        be->mem_limit = (size_t)(mb * 1048576.0);
+    }
     return FT_OK;
 }
 

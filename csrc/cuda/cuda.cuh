@@ -102,6 +102,7 @@ struct cuda_backend {
     int graphs_on;      /* FT_CUDA_GRAPHS != 0: replay records CUDA graphs (decode steps) */
     int qgemm_force;    /* FT_CUDA_QGEMM: -1 auto, else the qgemm_kind every product uses where it can */
     int poison;         /* FT_CUDA_POISON=1 (tests): quantized products fill their output with NaN first */
+    size_t mem_limit;   /* FT_CUDA_MEM_LIMIT_MB (tests): cap on this backend's bytes, 0: none */
     int capturing;      /* while replay captures a graph: no allocation may happen */
     uint64_t scratch_gen; /* bumped whenever a scratch buffer (or the attention counters) moves */
     cuda_replay_slot replay[FT_REPLAY_SLOTS];
