@@ -18,6 +18,26 @@
 #include "model_internal.h"
 #include "nccl_api.h"
 
+/* ncclGetUniqueId starts the group's bootstrap thread inside the library, and the ranks reach it
+ * later from ncclCommInitRank: the library must stay mapped (and keep its state) between
+ * ft_dist_unique_id and ft_dist_create, so it is never unloaded once loaded. dlclose then only
+ * drops the handle; the next dlopen of the same file finds the same, still running copy. */
+#ifdef RTLD_NODELETE
+#define NCCL_KEEP_LOADED RTLD_NODELETE
+#else
+#error "dlopen needs RTLD_NODELETE here (glibc, musl and macOS have it)"
+#endif
+
+/* NVLink SHARP (multicast) stays off unless the user chose otherwise: it reserves memory on every
+ * GPU of the node and has hung on some drivers; a LoRA gradient gains nothing from it. Set before
+ * the first NCCL call, which may read its settings. */
+static ft_status nvls_off(ft_error *err)
+{
+    if (setenv("NCCL_NVLS_ENABLE", "0", 0) != 0)
+        return ft_fail(err, FT_ENOMEM, "setting NCCL_NVLS_ENABLE=0 in the environment failed");
+    return FT_OK;
+}
+
 struct ft_dist {
     ft_nccl nccl;
     const ft_backend *be; /* the backend of the model it was made with (checked at each call) */
@@ -62,7 +82,7 @@ static ft_status nccl_open(const char *path, ft_nccl *n, ft_error *err)
     if (!path || !*path) return ft_fail(err, FT_EINVAL, "no NCCL library given");
     if (strlen(path) >= sizeof n->path) return ft_fail(err, FT_EINVAL, "NCCL library path too long");
     strcpy(n->path, path);
-    n->lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    n->lib = dlopen(path, RTLD_NOW | RTLD_LOCAL | NCCL_KEEP_LOADED);
     if (!n->lib) {
         const char *why = dlerror();
         return ft_fail(err, FT_EUNSUPPORTED, "cannot load NCCL from %s: %s", path, why ? why : "dlopen failed");
@@ -96,6 +116,7 @@ static ft_status nccl_open(const char *path, ft_nccl *n, ft_error *err)
 ft_status ft_dist_unique_id(const char *nccl_lib, uint8_t id[FT_DIST_ID_BYTES], int *version, ft_error *err)
 {
     ft_nccl n;
+    CALL(nvls_off(err));
     CALL(nccl_open(nccl_lib, &n, err));
     ft_nccl_id uid;
     memset(&uid, 0, sizeof uid);
@@ -124,10 +145,7 @@ ft_status ft_dist_create(ft_model *m, const char *nccl_lib, const uint8_t id[FT_
     (void)id;
     return ft_fail(err, FT_EUNSUPPORTED, "this build of falcontune has no CUDA backend");
 #else
-    /* NVLink SHARP (multicast) stays off unless the user chose otherwise: it reserves memory on
-     * every GPU of the node and has hung on some drivers; a LoRA gradient gains nothing from it */
-    if (setenv("NCCL_NVLS_ENABLE", "0", 0) != 0)
-        return ft_fail(err, FT_ENOMEM, "setting NCCL_NVLS_ENABLE=0 in the environment failed");
+    CALL(nvls_off(err));
     ft_dist *d = calloc(1, sizeof *d);
     if (!d) return ft_fail(err, FT_ENOMEM, "out of host memory");
     ft_status st = nccl_open(nccl_lib, &d->nccl, err);

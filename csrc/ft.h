@@ -209,7 +209,8 @@ ft_status ft_grad_norm(ft_model *m, double *norm, ft_error *err);
  * NCCL is loaded at run time (dlopen) from nccl_lib: a path, or a name the dynamic loader finds
  * ("libnccl.so.2"); the build does not need NCCL. One process per GPU: rank 0 makes the group's
  * id with ft_dist_unique_id, the caller sends those bytes to every rank (MPI), and each rank joins
- * with its model. NCCL_NVLS_ENABLE is set to 0 when unset (no NVLink multicast). */
+ * with its model. NCCL_NVLS_ENABLE is set to 0 when unset (no NVLink multicast). The library,
+ * once loaded, stays loaded: the id's bootstrap thread runs inside it until the group forms. */
 #define FT_DIST_ID_BYTES 128
 typedef struct ft_dist ft_dist;
 /* A new group id; *version: NCCL's version code (e.g. 22304 for 2.23.4). */

@@ -50,6 +50,24 @@ def launcher_size(env: Optional[dict[str, str]] = None) -> tuple[int, Optional[s
     return 1, None
 
 
+#: processes on this machine, as the launchers say: MPICH (hydra), Open MPI, Slurm's srun
+LAUNCHER_LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE")
+
+
+def cpu_threads_per_process(env: Optional[dict[str, str]] = None, cores: Optional[int] = None) -> Optional[int]:
+    """OpenMP threads for each process of a launcher that put several on this machine (the cores
+    shared out), or None: not launched so, or OMP_NUM_THREADS already chosen. Read before the
+    engine loads (falcontune/__init__.py), since OpenMP reads its settings once."""
+    env = os.environ if env is None else env
+    if launcher_size(env)[0] == 1 or env.get("OMP_NUM_THREADS", "").strip():
+        return None
+    for var in LAUNCHER_LOCAL_SIZE_VARS:
+        value = env.get(var, "").strip().split("(")[0].split(",")[0]  # Slurm: "4(x2),2"
+        if value.isdigit() and int(value) > 1:
+            return max(1, (cores or os.cpu_count() or 1) // int(value))
+    return None
+
+
 class World:
     """This process's place in the job, and the collectives over it. ``World()`` is a job of one
     process: every collective returns its input."""

@@ -51,8 +51,9 @@ def _mpiexec() -> str:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
-    env["OMP_NUM_THREADS"] = "1"  # two ranks on a small machine; results do not depend on it
+    # without OMP_NUM_THREADS: the processes of one machine share its cores (falcontune/__init__.py);
+    # the CPU engine's results do not depend on the thread count
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS + ("OMP_NUM_THREADS",)}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
@@ -252,6 +253,13 @@ def test_launcher_detection_reads_the_environment_only() -> None:
     # a Slurm batch script (not srun) sees SLURM_NTASKS but is one process
     assert dist.launcher_size({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}) == (1, None)
     assert dist.current().size == 1  # this pytest process
+    # the CPU engines of several processes on one machine share its cores
+    assert dist.cpu_threads_per_process({"PMI_SIZE": "2", "MPI_LOCALNRANKS": "2"}, cores=16) == 8
+    assert dist.cpu_threads_per_process({"SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"},
+                                        cores=16) == 4
+    assert dist.cpu_threads_per_process({"PMI_SIZE": "2", "MPI_LOCALNRANKS": "2", "OMP_NUM_THREADS": "3"}) is None
+    assert dist.cpu_threads_per_process({"PMI_SIZE": "4", "MPI_LOCALNRANKS": "1"}, cores=16) is None
+    assert dist.cpu_threads_per_process({"MPI_LOCALNRANKS": "2"}, cores=16) is None
 
 
 class _Node(dist.World):
