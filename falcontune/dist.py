@@ -137,8 +137,13 @@ def current() -> World:
 
 
 def active_world() -> Optional[World]:
-    """The job's World when it has been made and has several processes, else None (never makes
-    it: for error paths)."""
+    """For error paths: the job's World when this process is one of several (made now if an
+    error came before anything else needed it), else None. Never raises."""
+    if _current is None and launcher_size()[0] > 1:
+        try:
+            current()
+        except DistributedError:
+            return None  # no usable MPI: each process reports for itself
     return _current if _current is not None and _current.size > 1 else None
 
 

@@ -176,13 +176,17 @@ def test_resume_with_another_number_of_processes(small_data: Path, one_process: 
 # errors and interruptions end the job once
 
 
-def test_global_batch_not_divisible_by_the_processes(small_data: Path, tmp_path: Path) -> None:
-    run = _finetune(_flags(small_data, tmp_path / "o", batch_size=2, mbatch_size=2), n=2, timeout=120)
+@pytest.mark.parametrize("flags, message", [
+    ({"batch_size": 2, "mbatch_size": 2}, "--batch_size=2 is the global batch: with 2 processes it must be a "
+                                          "multiple of --mbatch_size=2 x 2 processes = 4"),
+    ({"epochs": 0}, "--epochs=0: expected an integer >= 1"),  # refused before the job's World is made
+])
+def test_a_bad_setting_is_reported_once(flags: dict[str, int], message: str, small_data: Path,
+                                        tmp_path: Path) -> None:
+    run = _finetune(_flags(small_data, tmp_path / "o", **flags), n=2, timeout=120)
     assert run.returncode == 2, run.stderr[-2000:]
     errors = [line for line in run.stderr.splitlines() if "falcontune: error" in line]
-    assert len(errors) == 1, run.stderr[-2000:]
-    assert "--batch_size=2 is the global batch: with 2 processes it must be a multiple of --mbatch_size=2 x 2 " \
-           "processes = 4" in errors[0]
+    assert len(errors) == 1 and errors[0].startswith(f"falcontune: error: {message}"), run.stderr[-2000:]
     assert not (tmp_path / "o").exists()
 
 
