@@ -32,6 +32,8 @@ LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE",
 #: (most errors are the same on every rank), its message and MPI_Abort come first, and only one
 #: message is printed
 ERROR_GRACE_S = 10.0
+#: seconds between printing the message that ends a job and MPI_Abort (see World.abort)
+ABORT_DRAIN_S = 1.0
 NCCL_ENV = "FALCONTUNE_NCCL"
 DOC = "docs/MULTI_GPU.md"
 
@@ -120,6 +122,9 @@ class World:
         sys.stdout.flush()
         sys.stderr.flush()
         if self.comm is not None:
+            # the launcher forwards our output through pipes and stops reading them when told to
+            # abort: give it a moment to pass on the message just printed
+            time.sleep(ABORT_DRAIN_S)
             self.comm.Abort(code)
         raise SystemExit(code)
 
