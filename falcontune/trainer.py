@@ -320,7 +320,7 @@ _RUNTIME_PARAMETERS = (
     ("callback", None, "Optional[Callable[[dict[str, Any]], Any]]",
      "called after every optimizer step with a dict (step, total_steps, loss, epoch, grad_norm, learning_rate, "
      "eval_loss: None unless evaluated at this step); returning True stops training as Ctrl-C does (a checkpoint "
-     "and the adapter are saved)"),
+     "and the adapter are saved); in an MPI job it runs on rank 0, and its stop stops every rank"),
     ("progress", True, "bool", "show a progress bar"),
 )
 

@@ -142,6 +142,32 @@ def test_two_processes_train_the_adapter_of_one(dropout: float, small_data: Path
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in one.iterdir())
 
 
+_API_SCRIPT = """
+import json, sys
+import falcontune as ft
+from falcontune import dist
+stops = []
+result = ft.finetune("demo", sys.argv[1], lora_out_dir=sys.argv[2], epochs=1, batch_size=4, mbatch_size=1,
+                     cutoff_len=64, val_set_size=6, warmup_steps=1, logging_steps=1, save_steps=3, lora_dropout=0.0,
+                     backend="cpu", progress=False, callback=lambda info: stops.append(info["step"]))
+rank = dist.current().rank
+with open(f"{sys.argv[3]}/rank{rank}.json", "w") as f:
+    json.dump([result.global_step, str(result.adapter_dir), len(stops)], f)
+"""
+
+
+def test_the_python_api_in_an_mpi_job(small_data: Path, one_process: dict[float, Path], tmp_path: Path) -> None:
+    out = tmp_path / "api"
+    run = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-c", _API_SCRIPT, str(small_data), str(out),
+                          str(tmp_path)], capture_output=True, text=True, env=_env(), timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    n_steps = max(r["step"] for r in _log(one_process[0.0]))
+    # every rank returns once rank 0 has written the adapter; the callback runs on rank 0 only
+    assert results == [[n_steps, str(out), n_steps], [n_steps, str(out), 0]]
+    assert _worst_relative(_adapter(one_process[0.0]), _adapter(out)) < 1e-4
+
+
 def test_mpiexec_with_one_process_is_the_plain_run(small_data: Path, one_process: dict[float, Path],
                                                    tmp_path: Path) -> None:
     # a job of one process never imports mpi4py and trains exactly the same adapter, bit for bit
