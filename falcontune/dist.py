@@ -215,21 +215,23 @@ def check_gpu_placement(world: World, visible: int) -> None:
 
 
 def find_nccl() -> str:
-    """The NCCL library to load: $FALCONTUNE_NCCL, else the nvidia-nccl-cu12 / -cu13 wheel's
-    (nvidia/nccl/lib/libnccl.so.2), else the system's libnccl.so.2."""
+    """The NCCL library to load: $FALCONTUNE_NCCL, else one of NVIDIA's wheels (nvidia-nccl-cu12:
+    nvidia/nccl/lib/libnccl.so.2; the CUDA 13 wheels may use another folder under nvidia/), else
+    the system's libnccl.so.2."""
     path = os.environ.get(NCCL_ENV, "").strip()
     if path:
         if not Path(path).is_file():
             raise DistributedError(f"{NCCL_ENV}={path}: no such file")
         return path
     try:
-        spec = importlib.util.find_spec("nvidia.nccl")
+        spec = importlib.util.find_spec("nvidia")
     except (ImportError, ValueError):
         spec = None
-    for root in (spec.submodule_search_locations or []) if spec is not None else []:
-        lib = Path(root) / "lib" / "libnccl.so.2"
-        if lib.is_file():
-            return str(lib)
+    roots = [Path(r) for r in (spec.submodule_search_locations or [])] if spec is not None else []
+    for root in roots:
+        found = sorted(root.glob("nccl/lib/libnccl.so.2")) + sorted(root.glob("*/lib/libnccl.so.2"))
+        if found:
+            return str(found[0])
     if ctypes.util.find_library("nccl"):
         return "libnccl.so.2"
     raise DistributedError(f"NCCL was not found: training on several GPUs needs it. pip install nvidia-nccl-cu12 "

@@ -389,6 +389,13 @@ def test_nccl_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(dist.DistributedError, match="FALCONTUNE_NCCL=.*absent.so: no such file"):
         dist.find_nccl()
     monkeypatch.delenv(dist.NCCL_ENV)
+    # a wheel of the nvidia namespace that keeps it in another folder (CUDA 13 style) is found too
+    with monkeypatch.context() as m:
+        wheel_lib = tmp_path / "site" / "nvidia" / "cu13" / "lib"
+        wheel_lib.mkdir(parents=True)
+        (wheel_lib / "libnccl.so.2").write_bytes(b"")
+        m.syspath_prepend(str(tmp_path / "site"))
+        assert dist.find_nccl() == str(wheel_lib / "libnccl.so.2")
     try:
         lib = dist.find_nccl()
     except dist.DistributedError as e:  # the message says what to install
