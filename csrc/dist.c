@@ -47,13 +47,24 @@ struct ft_dist {
 #endif
 };
 
+/* NCCL's version code as major, minor, patch: X*10000 + Y*100 + Z since 2.9, X*1000 + Y*100 + Z before */
+static void nccl_version(int code, int v[3])
+{
+    const int major_unit = code >= 10000 ? 10000 : 1000;
+    v[0] = code / major_unit;
+    v[1] = (code % major_unit) / 100;
+    v[2] = code % 100;
+}
+
 ft_status ft_nccl_check(const ft_nccl *n, ft_nccl_comm_t comm, ft_nccl_result r, const char *what, ft_error *err)
 {
     if (r == FT_NCCL_SUCCESS) return FT_OK;
     const char *text = n->get_error_string ? n->get_error_string(r) : NULL;
     const char *last = n->get_last_error ? n->get_last_error(comm) : NULL;
-    return ft_fail(err, FT_EDEVICE, "%s: NCCL %d error %d (%s)%s%s", what, n->version, r, text ? text : "?",
-                   last && *last ? ": " : "", last && *last ? last : "");
+    int v[3];
+    nccl_version(n->version, v);
+    return ft_fail(err, FT_EDEVICE, "%s: NCCL %d.%d.%d error %d (%s)%s%s", what, v[0], v[1], v[2], r,
+                   text ? text : "?", last && *last ? ": " : "", last && *last ? last : "");
 }
 
 static void nccl_close(ft_nccl *n)
@@ -107,8 +118,11 @@ static ft_status nccl_open(const char *path, ft_nccl *n, ft_error *err)
     for (size_t i = 0; i < sizeof syms / sizeof syms[0] && !st; i++)
         st = nccl_symbol(n, syms[i].name, syms[i].required, syms[i].fn_field, err);
     if (!st) st = ft_nccl_check(n, NULL, n->get_version(&n->version), "ncclGetVersion", err);
-    if (!st && n->version < 20700) /* ncclCommGetAsyncError / ncclCommAbort: 2.4; 2.7 is 2020's */
-        st = ft_fail(err, FT_EUNSUPPORTED, "%s is NCCL %d; falcontune needs NCCL 2.7 or newer", path, n->version);
+    int v[3];
+    nccl_version(n->version, v);
+    if (!st && (v[0] < 2 || (v[0] == 2 && v[1] < 4))) /* ncclCommGetAsyncError, ncclCommAbort: 2.4 */
+        st = ft_fail(err, FT_EUNSUPPORTED, "%s is NCCL %d.%d.%d; falcontune needs NCCL 2.4 or newer", path, v[0], v[1],
+                     v[2]);
     if (st) nccl_close(n);
     return st;
 }

@@ -403,8 +403,46 @@ def test_nccl_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         return
     # a real NCCL (the nvidia-nccl-cu12 wheel): the id is made without a GPU
     uid, version = _C.dist_unique_id(lib)
-    assert isinstance(uid, bytes) and len(uid) == 128 and version >= 20700
+    assert isinstance(uid, bytes) and len(uid) == 128 and version >= 20400  # 2.32.3 is 23203
     assert _C.dist_unique_id(lib)[0] != uid
+
+
+_FAKE_NCCL = r"""
+#include <string.h>
+typedef struct { char internal[128]; } uid;
+int ncclGetVersion(int *v) { *v = VERSION; return 0; }
+int ncclGetUniqueId(uid *id) { if (FAIL) return 2; memset(id->internal, 7, sizeof id->internal); return 0; }
+int ncclCommInitRank(void **c, int n, uid id, int r) { (void)n; (void)id; (void)r; *c = 0; return 0; }
+int ncclAllReduce(const void *s, void *d, unsigned long n, int t, int o, void *c, void *st) { return 0; }
+int ncclCommDestroy(void *c) { return 0; }
+int ncclCommAbort(void *c) { return 0; }
+int ncclCommGetAsyncError(void *c, int *e) { *e = 0; return 0; }
+const char *ncclGetErrorString(int r) { return r == 2 ? "unhandled system error" : "?"; }
+const char *ncclGetLastError(void *c) { return "no network interface found"; }
+"""
+
+
+def test_nccl_versions_and_errors_through_a_fake_library(tmp_path: Path) -> None:
+    # a library with NCCL's entry points, built here: what dist.c makes of versions and failures
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    (tmp_path / "fake.c").write_text(_FAKE_NCCL)
+
+    def fake(version: int, fail: int) -> str:
+        lib = tmp_path / f"libfake_{version}_{fail}.so"
+        subprocess.run([cc, "-shared", "-fPIC", f"-DVERSION={version}", f"-DFAIL={fail}", "-o", str(lib),
+                        str(tmp_path / "fake.c")], check=True, capture_output=True)
+        return str(lib)
+
+    uid, version = _C.dist_unique_id(fake(23203, 0))
+    assert uid == bytes([7]) * 128 and version == 23203
+    assert _C.dist_unique_id(fake(2804, 0))[1] == 2804  # 2.8.4: the version code before 2.9 had X*1000
+    with pytest.raises(NotImplementedError, match=r"is NCCL 2\.3\.8; falcontune needs NCCL 2\.4 or newer"):
+        _C.dist_unique_id(fake(2308, 0))
+    with pytest.raises(_C.DeviceError, match=r"^ncclGetUniqueId: NCCL 2\.32\.3 error 2 \(unhandled system error\): "
+                                             r"no network interface found$"):
+        _C.dist_unique_id(fake(23203, 1))
 
 
 def test_a_rank_other_than_0_writes_and_prints_nothing(small_data: Path, tmp_path: Path,
