@@ -67,6 +67,10 @@ if [ "$DO_ASAN" = 1 ]; then
     fi
     LIBASAN="$(gcc -print-file-name=libasan.so)"
     if [ ! -e "$LIBASAN" ]; then echo "sanitize.sh: gcc has no libasan.so" >&2; exit 2; fi
+    # libstdc++ preloaded with the runtime: otherwise ASan's __cxa_throw interceptor has nothing to call
+    # and the first C++ exception of another extension (matplotlib's ft2font, drawing the training
+    # curves of a CLI run) aborts the process with "CHECK failed: asan_interceptors.cpp"
+    LIBASAN="$LIBASAN $(gcc -print-file-name=libstdc++.so)"
     # the module really is the instrumented one, imported from the copy
     LD_PRELOAD="$LIBASAN" ASAN_OPTIONS=detect_leaks=0 "$PY" -c "
 import falcontune, falcontune._C as C, sys
@@ -158,6 +162,7 @@ for preset, bits, fmt in (("tiny", 4, "gptq"), ("tiny-rw", 3, "gptq_v2"), ("tiny
             m.forward_backward(ids, labels, mask)
             opt.step()
         m.lora_grad_dict(); m.optimizer_state(); m.engine.grad_norm()
+        m.engine.set_lora_grad_flat(m.engine.lora_grad_flat())  # data parallel's copy out and back
         m.eval()
         m.generate_ids(ids[:1], max_new_tokens=3)
         m.generate_ids(ids, attention_mask=mask, max_new_tokens=2, do_sample=True, top_k=5, top_p=0.9, temperature=0.8)
@@ -167,7 +172,10 @@ for preset, bits, fmt in (("tiny", 4, "gptq"), ("tiny-rw", 3, "gptq_v2"), ("tiny
         m.load_lora(out)
         # error paths
         expect_error(lambda: m.forward([[V]]))
-        expect_error(lambda: m.forward(ids, mask * 2))
+        expect_error(lambda: m.forward(ids, mask * -1))  # negative segment ids (2s are a valid packed mask)
+        expect_error(lambda: m.engine.set_lora_grad_flat(np.zeros(3, np.float32)))
+        expect_error(lambda: m.engine.dist_init("libnccl.so.2", bytes(128), 0, 1))  # a CPU model
+        expect_error(lambda: _C.dist_unique_id("/nonexistent/libnccl.so.2"))  # dlopen fails
         expect_error(lambda: m.forward(ids.astype(np.float32)))
         expect_error(lambda: m.forward_backward(ids, labels + 1000))
         expect_error(lambda: m.forward_backward(ids, labels[:, :3]))
