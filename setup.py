@@ -212,6 +212,7 @@ ext = Extension(
     sources=_sources("csrc/*.c") + _sources("csrc/cpu/*.c"),
     include_dirs=[np.get_include(), "csrc"],
     depends=_sources("csrc/*.h") + _sources("csrc/cpu/*.h") + _sources("csrc/cuda/*.cuh"),
+    libraries=["dl"],  # dist.c loads NCCL at run time (dlopen: in libdl before glibc 2.34)
     extra_link_args=[],
 )
 

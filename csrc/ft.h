@@ -158,6 +158,12 @@ ft_status ft_lora_read(ft_model *m, ft_lora_slot slot, int layer, int mod, float
 ft_status ft_lora_write(ft_model *m, ft_lora_slot slot, int layer, int mod, const float *A,
                         const float *B, ft_error *err);
 ft_status ft_zero_grad(ft_model *m, ft_error *err);
+/* The LoRA gradients as one flat f32 array (the layout above, layer by layer, A then B of each
+ * adapted module): ft_lora_numel floats (0 without LoRA). ft_lora_grad_flat copies all of them to
+ * host (write 0) or from host (write 1); n must equal ft_lora_numel. Data parallel training sums
+ * this array over the processes (MPI on the CPU, ft_dist on CUDA). */
+size_t ft_lora_numel(const ft_model *m);
+ft_status ft_lora_grad_flat(ft_model *m, float *host, size_t n, int write, ft_error *err);
 
 /* Training mode: dropout on. The dropout stream is (seed, counter): each
  * forward_backward advances the counter, so a run is reproducible and resumable. */
@@ -198,6 +204,27 @@ typedef struct ft_adamw_params {
  * norm skips the update and leaves parameters untouched. */
 ft_status ft_adamw_step(ft_model *m, const ft_adamw_params *p, double *grad_norm, ft_error *err);
 ft_status ft_grad_norm(ft_model *m, double *norm, ft_error *err);
+
+/* ---- data parallel: NCCL (CUDA models) -----------------------------------
+ * NCCL is loaded at run time (dlopen) from nccl_lib: a path, or a name the dynamic loader finds
+ * ("libnccl.so.2"); the build does not need NCCL. One process per GPU: rank 0 makes the group's
+ * id with ft_dist_unique_id, the caller sends those bytes to every rank (MPI), and each rank joins
+ * with its model. NCCL_NVLS_ENABLE is set to 0 when unset (no NVLink multicast). The library,
+ * once loaded, stays loaded: the id's bootstrap thread runs inside it until the group forms. */
+#define FT_DIST_ID_BYTES 128
+typedef struct ft_dist ft_dist;
+/* A new group id; *version: NCCL's version code (e.g. 22304 for 2.23.4). */
+ft_status ft_dist_unique_id(const char *nccl_lib, uint8_t id[FT_DIST_ID_BYTES], int *version, ft_error *err);
+/* Join group `id` as rank `rank` of `world` on the GPU of model m (a CUDA model; the CPU backend
+ * is FT_EUNSUPPORTED). Blocks until every rank has joined. m must outlive the ft_dist. */
+ft_status ft_dist_create(ft_model *m, const char *nccl_lib, const uint8_t id[FT_DIST_ID_BYTES], int rank,
+                         int world, ft_dist **out, ft_error *err);
+/* The flat LoRA gradients of m (the model the ft_dist was made with) become their sum over the
+ * ranks, in place, on every rank; returns when the sum is in the buffer. */
+ft_status ft_dist_allreduce_grad(ft_dist *d, ft_model *m, ft_error *err);
+int ft_dist_rank(const ft_dist *d);
+int ft_dist_world(const ft_dist *d);
+void ft_dist_free(ft_dist *d);
 
 /* ---- generation: KV cache ------------------------------------------------ */
 ft_status ft_cache_init(ft_model *m, int B, int capacity, ft_error *err);

@@ -121,6 +121,18 @@ ft_status ft_lora_write(ft_model *m, ft_lora_slot slot, int layer, int mod, cons
     return m->be->ops->upload(m->be, dB, B, nb * sizeof(float), err);
 }
 
+size_t ft_lora_numel(const ft_model *m) { return m->lora_r ? m->lora_n : 0; }
+
+ft_status ft_lora_grad_flat(ft_model *m, float *host, size_t n, int write, ft_error *err)
+{
+    if (!m->lora_r) return ft_fail(err, FT_ESTATE, "the model has no LoRA adapter");
+    if (n != m->lora_n)
+        return ft_fail(err, FT_EINVAL, "flat LoRA gradient: expected %zu floats, got %zu", m->lora_n, n);
+    /* no finiteness check on write: an overflowed sum is what fp16 loss scaling detects (AdamW skips it) */
+    if (!write) return m->be->ops->download(m->be, host, m->lora_buf[FT_LORA_GRAD], n * sizeof(float), err);
+    return m->be->ops->upload(m->be, m->lora_buf[FT_LORA_GRAD], host, n * sizeof(float), err);
+}
+
 ft_status ft_zero_grad(ft_model *m, ft_error *err)
 {
     if (!m->lora_r) return FT_OK;

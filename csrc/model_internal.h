@@ -8,6 +8,7 @@
  *   forward.c    input checks, token positions, the full forward (embedding, layers, ln_f, head)
  *   train.c      loss, forward_backward, evaluation loss, gradient norm, AdamW
  *   decode.c     the KV cache: cached forward, decode step, beam reorder
+ *   dist.c       data parallel: the NCCL all-reduce of the flat LoRA gradients (cuda/nccl.cu)
  * None of them reads element data: every number is computed by the backend (backend.h).
  *
  * Shapes: B batch, T tokens, N = B*T rows, D hidden, F ffn, W qkv width,

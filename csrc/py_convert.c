@@ -63,6 +63,8 @@ PyArrayObject *ft_py_f32_array(PyObject *obj, int ndim, const npy_intp *shape, c
         if (ndim == 2)
             PyErr_Format(PyExc_ValueError, "%s: expected shape (%zd, %zd), got %R", what, (Py_ssize_t)shape[0],
                          (Py_ssize_t)shape[1], got);
+        else if (ndim == 1)
+            PyErr_Format(PyExc_ValueError, "%s: expected shape (%zd,), got %R", what, (Py_ssize_t)shape[0], got);
         else
             PyErr_Format(PyExc_ValueError, "%s: expected %d dimensions, got %R", what, ndim, got);
         Py_XDECREF(got);

@@ -14,6 +14,7 @@ typedef struct {
     PyObject_HEAD
     ft_model *model;
     PyObject *keep; /* list of the weight arrays the engine points into */
+    ft_dist *dist;  /* NCCL group of data parallel training (dist_init), freed before the model */
     int busy;       /* a method is running (perhaps with the GIL released) */
 } ModelObject;
 
@@ -86,6 +87,7 @@ done:
 
 static void Model_dealloc(ModelObject *self)
 {
+    ft_dist_free(self->dist);
     if (self->model) ft_model_free(self->model);
     Py_XDECREF(self->keep);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -94,6 +96,8 @@ static void Model_dealloc(ModelObject *self)
 static PyObject *Model_close(ModelObject *self, PyObject *Py_UNUSED(ignored))
 {
     if (self->busy) return PyErr_Format(PyExc_RuntimeError, "model is in use by another thread");
+    ft_dist_free(self->dist);
+    self->dist = NULL;
     if (self->model) ft_model_free(self->model);
     self->model = NULL;
     Py_CLEAR(self->keep);
@@ -207,6 +211,73 @@ static PyObject *m_zero_grad(ModelObject *self, PyObject *args, PyObject *kwds)
 {
     if (no_args(args, kwds, ":zero_grad")) return NULL;
     ENGINE(ft_zero_grad(self->model, ERR), return NULL);
+    Py_RETURN_NONE;
+}
+
+/* The flat LoRA gradients (ft_lora_grad_flat): a float32 copy [numel] */
+static PyObject *m_lora_grad_flat(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    if (no_args(args, kwds, ":lora_grad_flat")) return NULL;
+    if (!ft_lora_rank(self->model)) return PyErr_Format(PyExc_RuntimeError, "the model has no LoRA adapter");
+    npy_intp n = (npy_intp)ft_lora_numel(self->model);
+    PyObject *out = PyArray_SimpleNew(1, &n, NPY_FLOAT32);
+    if (!out) return NULL;
+    float *host = PyArray_DATA((PyArrayObject *)out);
+    ENGINE(ft_lora_grad_flat(self->model, host, (size_t)n, 0, ERR), Py_DECREF(out); return NULL);
+    return out;
+}
+
+static PyObject *m_set_lora_grad_flat(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"grad", NULL};
+    PyObject *obj;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:set_lora_grad_flat", kwlist, &obj)) return NULL;
+    if (!ft_lora_rank(self->model)) return PyErr_Format(PyExc_RuntimeError, "the model has no LoRA adapter");
+    npy_intp n = (npy_intp)ft_lora_numel(self->model);
+    PyArrayObject *g = ft_py_f32_array(obj, 1, &n, "flat LoRA gradient");
+    if (!g) return NULL;
+    ENGINE(ft_lora_grad_flat(self->model, PyArray_DATA(g), (size_t)n, 1, ERR), Py_DECREF(g); return NULL);
+    Py_DECREF(g);
+    Py_RETURN_NONE;
+}
+
+/* ---- data parallel: NCCL (dist.c) ---- */
+
+static PyObject *m_dist_init(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"nccl_lib", "unique_id", "rank", "world", NULL};
+    const char *lib, *id;
+    Py_ssize_t id_len;
+    int rank, world;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sy#ii:dist_init", kwlist, &lib, &id, &id_len, &rank, &world))
+        return NULL;
+    if (id_len != FT_DIST_ID_BYTES)
+        return PyErr_Format(PyExc_ValueError, "unique_id: expected %d bytes (dist_unique_id), got %zd",
+                            FT_DIST_ID_BYTES, id_len);
+    if (self->dist) return PyErr_Format(PyExc_RuntimeError, "dist_init: the model already belongs to a group");
+    ft_dist *d = NULL;
+    ENGINE(ft_dist_create(self->model, lib, (const uint8_t *)id, rank, world, &d, ERR), return NULL);
+    self->dist = d;
+    Py_RETURN_NONE;
+}
+
+static PyObject *m_dist_allreduce_grad(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    if (no_args(args, kwds, ":dist_allreduce_grad")) return NULL;
+    if (!self->dist)
+        return PyErr_Format(PyExc_RuntimeError, "dist_allreduce_grad: the model is in no NCCL group (dist_init)");
+    ENGINE(ft_dist_allreduce_grad(self->dist, self->model, ERR), return NULL);
+    Py_RETURN_NONE;
+}
+
+static PyObject *m_dist_close(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    if (no_args(args, kwds, ":dist_close")) return NULL;
+    ft_dist *d = self->dist;
+    self->dist = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    ft_dist_free(d);
+    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
@@ -533,6 +604,15 @@ static PyObject *Model_get_act_dtype(ModelObject *self, void *closure)
     X(lora_write, "lora_write($self, /, slot, layer, module, A, B)\n--\n\n"                                     \
                   "Set A [r, in] and B [out, r] of one module.")                                                  \
     X(zero_grad, "zero_grad($self, /)\n--\n\nZero the LoRA gradients.")                                             \
+    X(lora_grad_flat, "lora_grad_flat($self, /)\n--\n\n"                                                        \
+                      "Every LoRA gradient as one float32 array (layer by layer, A then B of each module).")       \
+    X(set_lora_grad_flat, "set_lora_grad_flat($self, /, grad)\n--\n\n"                                          \
+                          "Replace the LoRA gradients by grad, laid out as lora_grad_flat returns them.")          \
+    X(dist_init, "dist_init($self, /, nccl_lib, unique_id, rank, world)\n--\n\n"                                 \
+                 "Join the NCCL group unique_id (dist_unique_id's bytes) as rank of world (CUDA models).")         \
+    X(dist_allreduce_grad, "dist_allreduce_grad($self, /)\n--\n\n"                                              \
+                           "Sum the LoRA gradients over the ranks of the NCCL group, in place.")                   \
+    X(dist_close, "dist_close($self, /)\n--\n\nLeave the NCCL group (also done when the model is closed).")       \
     X(set_training, "set_training($self, /, training)\n--\n\nLoRA dropout on (True) or off.")                       \
     X(set_rng, "set_rng($self, /, seed, counter)\n--\n\nThe dropout stream's seed and position.")                   \
     X(get_rng, "get_rng($self, /)\n--\n\n(seed, counter) of the dropout stream.")                                   \

@@ -224,6 +224,19 @@ done:
     return ret;
 }
 
+/* dist_unique_id(nccl_lib) -> (128 bytes, NCCL version): rank 0's new group id (dist.c) */
+static PyObject *mod_dist_unique_id(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    (void)self;
+    static char *kwlist[] = {"nccl_lib", NULL};
+    const char *lib;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "s:dist_unique_id", kwlist, &lib)) return NULL;
+    uint8_t id[FT_DIST_ID_BYTES];
+    int version = 0;
+    ENGINE(ft_dist_unique_id(lib, id, &version, ERR), return NULL);
+    return Py_BuildValue("(y#i)", (const char *)id, (Py_ssize_t)FT_DIST_ID_BYTES, version);
+}
+
 #define KW (PyCFunction)(void (*)(void))
 static PyMethodDef module_methods[] = {
     {"quantize_rtn", KW mod_quantize_rtn, METH_VARARGS | METH_KEYWORDS,
@@ -233,6 +246,9 @@ static PyMethodDef module_methods[] = {
     {"module_shapes", KW mod_module_shapes, METH_VARARGS | METH_KEYWORDS,
      "module_shapes(*, hidden, ffn, n_head, n_kv_head, head_dim, qkv_layout)\n--\n\n"
      "(in_features, out_features) of each module of MODULES for this config; qkv_layout is one of QKV_LAYOUTS."},
+    {"dist_unique_id", KW mod_dist_unique_id, METH_VARARGS | METH_KEYWORDS,
+     "dist_unique_id(nccl_lib)\n--\n\n"
+     "(id, version): a new NCCL group id (128 bytes) made with the library nccl_lib, and NCCL's version code."},
     {"have_cuda", mod_have_cuda, METH_NOARGS, "have_cuda()\n--\n\nTrue when built with the CUDA backend."},
     {"cuda_device_count", mod_cuda_device_count, METH_NOARGS,
      "cuda_device_count()\n--\n\nNumber of usable CUDA devices (0 without)."},

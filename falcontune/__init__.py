@@ -14,6 +14,14 @@ from typing import Any
 # loads, unless the user chose otherwise.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
+# Several processes on one machine (mpiexec -n N, falcontune.dist): each CPU engine gets its share of
+# the cores rather than all of them, unless OMP_NUM_THREADS says otherwise. Read from the launcher's
+# environment (mpi4py is not imported here).
+from .dist import cpu_threads_per_process  # noqa: E402
+
+if cpu_threads_per_process() is not None:
+    os.environ["OMP_NUM_THREADS"] = str(cpu_threads_per_process())
+
 from .errors import ParameterError
 from .model import FalconModel, ModelLoadError, cuda_available, cuda_compiled, load_model, resolve_device
 from .optim import AdamW

@@ -208,7 +208,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
     from .settings import FinetuneConfig
 
     kwargs = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig)}
-    result = trainer.finetune(**kwargs)
+    # in an MPI job, main() phrases an error with flags, prints it once and ends the job (dist.end_job)
+    result = trainer.finetune(**kwargs, _end_job_on_error=False)
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
@@ -377,9 +378,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     verbose = bool(getattr(args, "verbose", False))
+    from .dist import active_world, end_job
+
     try:
         return int(_with_flag_names(args.func)(args))
     except KeyboardInterrupt:
+        world = active_world()
+        if world is not None:  # a rank of an MPI job: the others must not wait for it
+            end_job(world, "interrupted", EXIT_INTERRUPTED)
         print("falcontune: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # one line for the user, the traceback with --verbose
@@ -387,6 +393,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             traceback.print_exc()
         user = isinstance(exc, _user_error_types())
         hint = "" if user or verbose else " (run with --verbose for the traceback)"
+        world = active_world()
+        if world is not None:  # one message for the job, then every rank ends (MPI_Abort)
+            end_job(world, f"{_message(exc, args.command)}{hint}", EXIT_USER_ERROR if user else 1)
         print(f"falcontune: error: {_message(exc, args.command)}{hint}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR if user else 1
 

@@ -331,7 +331,10 @@ def resolve_device(backend: Optional[str] = None, device: Optional[str] = None,
     where it is decided). ``device`` wins over ``backend``; both accept auto, cpu, cuda, cuda:N,
     and falcontune's triton / torch backends, which mean our CUDA engine here (``say`` is told).
     'auto' is CUDA when ``cuda_available()``, else the CPU. Asking for CUDA without a CUDA build
-    or without a visible GPU raises a ``ParameterError`` naming the parameter."""
+    or without a visible GPU raises a ``ParameterError`` naming the parameter. In an MPI job of
+    several processes (falcontune.dist), CUDA is the GPU of the process's local rank."""
+    from . import dist
+
     name = "device" if device else "backend"
     value = device if device else (backend or "auto")
     choice = str(value).strip().lower()
@@ -341,7 +344,9 @@ def resolve_device(backend: Optional[str] = None, device: Optional[str] = None,
                 "engine, so it runs on CUDA (same as cuda)")
         choice = "cuda"
     if choice == "auto":
-        return "cuda:0" if cuda_available() else "cpu"
+        if not cuda_available():
+            return "cpu"
+        choice = "cuda"
     if choice == "cpu":
         return "cpu"
     index = 0
@@ -355,6 +360,13 @@ def resolve_device(backend: Optional[str] = None, device: Optional[str] = None,
     if visible == 0:
         raise ParameterError(f"{{{name}}}: no NVIDIA GPU is visible (nvidia-smi lists none); use the CPU",
                              **{name: value})
+    world = dist.current()
+    if world.size > 1:
+        mine = dist.gpu_index(world, visible)
+        if choice != "cuda" and index != mine:
+            raise ParameterError(f"{{{name}}}: in an MPI job each process uses the GPU of its local rank (cuda:{mine} "
+                                 "for this one); pass cuda or auto", **{name: value})
+        index = mine
     if index >= visible:
         raise ParameterError(f"{{{name}}}: only {visible} GPU(s) visible (cuda:0 to cuda:{visible - 1})",
                              **{name: value})

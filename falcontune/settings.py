@@ -146,7 +146,9 @@ class FinetuneConfig:
                          check=_NON_NEGATIVE, run=True)
     backend: str = _setting("auto", "auto, cpu or cuda (falcontune's triton and torch mean cuda here).")
     device: Optional[str] = _setting(None, "alias of backend that also accepts cuda:N")
-    local_rank: Optional[int] = _setting(0, "Local rank (multi-GPU is not supported yet).", kind="optional_int")
+    local_rank: Optional[int] = _setting(0, "Local rank: several GPUs are used through MPI (mpiexec -n N falcontune "
+                                            "finetune ...), which gives each process its rank; leave it at 0.",
+                                         kind="optional_int")
     checkpoint: bool = _setting(False, "Also write the merged float16 model (transformers format).", kind="bool",
                                 aliases=("-c",))
     merged_dir: Optional[PathLike] = _setting(None, "Where checkpoint (-c) writes the merged model "

@@ -27,6 +27,13 @@ Semantics (parity with falcontune, i.e. HF Trainer, where not stated otherwise):
   rotation, exact resume (on CPU the final adapter equals an uninterrupted run's bit for bit).
 * fp16 engines (CUDA on T4) use dynamic loss scaling: 2**16, halved on a non-finite gradient
   norm (the step is redone, not counted), doubled after 2000 good steps.
+* several processes (``mpiexec -n N``, falcontune.dist): batch_size stays the global batch. Each
+  step's micro-batches (the same seeded grouping) are dealt to the ranks round-robin, each rank
+  scales its micro-batch gradients exactly as one process would, and the sums over the ranks
+  (gradients, per-micro-batch losses, token counts) give every rank the single-process step.
+  Micro-batch i of a step draws its dropout mask from counter base + i whichever rank runs it,
+  so N processes train the adapter of one process (to float rounding of the gradient sum).
+  Only rank 0 prints and writes files.
 """
 from __future__ import annotations
 
@@ -48,6 +55,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from . import checkpoint as ckpt
+from . import dist
 from .errors import NAME_ONLY, ParameterError, escape_braces
 from .settings import FinetuneConfig
 from .data import (DatasetWarning, TokenizedDataset, collate, length_grouped_batches, load_records,
@@ -95,12 +103,16 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 class _Console:
-    """Prints through tqdm when a progress bar is active (so the bar is not broken)."""
+    """Prints through tqdm when a progress bar is active (so the bar is not broken); a quiet
+    console (the ranks other than 0 of an MPI job) prints nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self.bar: Any = None
+        self.quiet = quiet
 
     def say(self, msg: str) -> None:
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.write(msg)
         else:
@@ -274,20 +286,28 @@ def _pack(train: TokenizedDataset, val: Optional[TokenizedDataset], cutoff_len: 
     return packed_train, packed_val
 
 
-def evaluate(model: Any, ds: Any, batch_size: int, pad_id: int) -> tuple[float, float, int]:
-    """(mean eval loss over label tokens, runtime in s, number of batches)."""
+def evaluate(model: Any, ds: Any, batch_size: int, pad_id: int,
+             world: Optional[dist.World] = None) -> tuple[float, float, int]:
+    """(mean eval loss over label tokens, runtime in s, number of batches). In a job of several
+    processes each rank evaluates every size-th batch; the per-batch sums are then added in batch
+    order, as one process adds them."""
+    world = world or dist.World()
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
     batches = length_grouped_batches(ds.lengths, batch_size, shuffle=False)
+    sums = np.zeros((2, len(batches)))  # loss sum, label tokens of each batch
     try:
-        for idx in batches:
-            b = collate(ds, idx, pad_id)
+        for j in range(world.rank, len(batches), world.size):
+            b = collate(ds, batches[j], pad_id)
             mean, n = model.loss(b["input_ids"], b["labels"], b["attention_mask"])
-            total, count = total + mean * n, count + n
+            sums[:, j] = mean * n, n
     finally:
         model.train(was_training)
+    world.sum_(sums)  # one contributor per entry: exact
+    total, count = 0.0, 0
+    for part, n in zip(sums[0].tolist(), sums[1].tolist()):
+        total, count = total + part, count + int(n)
     return (total / count if count else float("nan")), time.perf_counter() - t0, len(batches)
 
 
@@ -300,7 +320,7 @@ _RUNTIME_PARAMETERS = (
     ("callback", None, "Optional[Callable[[dict[str, Any]], Any]]",
      "called after every optimizer step with a dict (step, total_steps, loss, epoch, grad_norm, learning_rate, "
      "eval_loss: None unless evaluated at this step); returning True stops training as Ctrl-C does (a checkpoint "
-     "and the adapter are saved)"),
+     "and the adapter are saved); in an MPI job it runs on rank 0, and its stop stops every rank"),
     ("progress", True, "bool", "show a progress bar"),
 )
 
@@ -310,11 +330,14 @@ class Trainer:
 
     def __init__(self, model: Any, data: _Data, s: FinetuneConfig, console: _Console, pad_id: int,
                  run_args: dict[str, Any], callback: Optional[Callable[[dict[str, Any]], Any]] = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, world: Optional[dist.World] = None,
+                 sum_gradients: Optional[Callable[[], None]] = None) -> None:
         from .optim import AdamW
 
         self.model, self.data, self.s, self.console, self.pad_id = model, data, s, console, pad_id
         self.run_args, self.callback, self.progress = run_args, callback, progress
+        self.world = world or dist.World()
+        self.sum_gradients = sum_gradients or (lambda: None)
         self.opt = AdamW(model, lr=s.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                          max_grad_norm=MAX_GRAD_NORM)
         n_micro = -(-len(data.train) // s.mbatch_size)
@@ -357,6 +380,7 @@ class Trainer:
             "window": dict(self.window), "loss_total": self.loss_total, "loss_steps": self.loss_steps,
             "bad_streak": self.bad_streak, "last_eval_step": self.last_eval_step,
             "last_eval_loss": self.last_eval_loss, "history": self.history, "args": self.run_args,
+            "world_size": self.world.size,
         }
 
     def restore(self, c: ckpt.Checkpoint) -> None:
@@ -377,6 +401,12 @@ class Trainer:
         self.bad_streak = int(st.get("bad_streak", 0))
         self.last_eval_step = int(st.get("last_eval_step", -1))
         self.last_eval_loss = st.get("last_eval_loss")
+        old_world = int(st.get("world_size", 1))
+        if old_world != self.world.size:
+            self.console.say(f"note: this checkpoint was written by a run of {old_world} process(es), resumed with "
+                             f"{self.world.size}: the steps do not depend on it (global batch, dropout by "
+                             "micro-batch), so the run continues as it would have (to float rounding of the "
+                             "gradient sums)")
         old = st.get("args", {})
         changed = sorted(k for k in self.run_args if k in old and old[k] != self.run_args[k])
         if changed:
@@ -385,6 +415,10 @@ class Trainer:
                 + "): the run will not match an uninterrupted one")
 
     def save(self) -> Path:
+        """checkpoint-N (rank 0 writes it; every rank holds the same state)."""
+        if not self.world.is_root:
+            self.last_ckpt = self.s.out_dir / f"checkpoint-{self.global_step}"
+            return self.last_ckpt
         opt = self.opt.state_dict()
         moments = opt.pop("moments")
         opt["loss_scaler"] = {"enabled": self.fp16, "scale": self.scale, "good_steps": self.good_steps}
@@ -405,18 +439,22 @@ class Trainer:
     def _record(self, rec: dict[str, Any]) -> None:
         rec["step"] = self.global_step
         self.history.append(rec)
+        if not self.world.is_root:
+            return
         self.console.say(str(_rounded(rec)))
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
 
     def _rewrite_log(self) -> None:
+        if not self.world.is_root:
+            return
         self.s.out_dir.mkdir(parents=True, exist_ok=True)
         with ckpt.atomic_write(self.log_path) as f:
             f.write("".join(json.dumps(r) + "\n" for r in self.history).encode("utf-8"))
 
     def _eval(self) -> None:
         assert self.data.val is not None
-        loss, runtime, n_batches = evaluate(self.model, self.data.val, self.s.mbatch_size, self.pad_id)
+        loss, runtime, n_batches = evaluate(self.model, self.data.val, self.s.mbatch_size, self.pad_id, self.world)
         self.last_eval_step, self.last_eval_loss = self.global_step, loss
         runtime = max(runtime, 1e-9)
         self._record({"eval_loss": loss, "eval_runtime": runtime,
@@ -425,16 +463,30 @@ class Trainer:
 
     # -- one optimizer step --------------------------------------------------------------
     def _step(self, group: list[np.ndarray]) -> tuple[float, int]:
-        """Forward/backward over the step's micro-batches and one AdamW update; (loss, tokens)."""
+        """Forward/backward over the step's micro-batches and one AdamW update; (loss, tokens).
+        Rank r of a job of several processes runs micro-batches r, r + size, ... of the group."""
         self.opt.lr = self.s.lr * lr_lambda(self.global_step, self.s.warmup_steps, self.total_steps)
-        batches = [collate(self.data.train, idx, self.pad_id) for idx in group]
-        k = len(batches)
+        k = len(group)
+        mine = range(self.world.rank, k, self.world.size)
+        batches = {i: collate(self.data.train, group[i], self.pad_id) for i in mine}
+        engine = self.model.engine
+        seed, base = engine.get_rng()
         retries = 0
         while True:
             self.model.zero_grad()
-            losses = [self.model.forward_backward(b["input_ids"], b["labels"], b["attention_mask"],
-                                                  grad_scale=self.scale / k) for b in batches]
-            loss = float(np.mean(losses))
+            # the step's numbers, summed over the ranks: one contributor per entry, so exact
+            sums = np.zeros(k + 2)  # loss of each micro-batch, tokens, samples
+            for i, b in batches.items():
+                engine.set_rng(seed, base + i)  # micro-batch i's dropout, whichever rank runs it
+                sums[i] = self.model.forward_backward(b["input_ids"], b["labels"], b["attention_mask"],
+                                                      grad_scale=self.scale / k)
+                sums[k] += np.count_nonzero(b["attention_mask"])  # segment ids when packed
+                sums[k + 1] += len(group[i])
+            base += k
+            engine.set_rng(seed, base)
+            self.sum_gradients()
+            self.world.sum_(sums)
+            loss = float(np.mean(sums[:k]))
             norm = self.opt.step(grad_scale=self.scale)
             self.last_norm = norm
             if math.isfinite(norm):
@@ -446,8 +498,8 @@ class Trainer:
             self.good_steps = 0
             if retries >= DIVERGENCE_STREAK or self.scale < 1.0:
                 raise self._diverged(loss, f"the fp16 loss scale fell to {self.scale:g}")
-        tokens = int(sum(np.count_nonzero(b["attention_mask"]) for b in batches))  # segment ids when packed
-        self.samples_run += sum(len(idx) for idx in group)
+        tokens = int(sums[k])
+        self.samples_run += int(sums[k + 1])
         if self.fp16:
             self.good_steps += 1
             if self.good_steps >= SCALE_GROWTH_INTERVAL:
@@ -471,7 +523,7 @@ class Trainer:
         """Train to the end; returns True when stopped early (Ctrl-C or callback)."""
         if resumed:
             self._rewrite_log()
-        else:
+        elif self.world.is_root:
             self.s.out_dir.mkdir(parents=True, exist_ok=True)
             earlier = ckpt.list_checkpoints(self.s.out_dir)
             if earlier:
@@ -479,13 +531,15 @@ class Trainer:
                                  f"run (e.g. {earlier[-1][1].name}); they are left alone (checkpoints of the same "
                                  "step are replaced). To continue that run instead, pass --resume_checkpoint=true")
             self.log_path.write_text("", encoding="utf-8")
+        if not resumed:
             self.model.engine.set_rng(self.s.seed, 0)
         self.model.train()
         t_start = time.perf_counter()
         first_step, self.samples_run = self.global_step, 0
         stopped = False
-        bar = _progress_bar(self.total_steps, min(self.global_step, self.total_steps), self.progress)
-        self.console.bar = bar if self.progress else None
+        show = self.progress and self.world.is_root
+        bar = _progress_bar(self.total_steps, min(self.global_step, self.total_steps), show)
+        self.console.bar = bar if show else None
         try:
             with _StopRequest(self.console) as stop:
                 stopped = self._loop(bar, stop)
@@ -543,13 +597,14 @@ class Trainer:
             self.save()
             saved = True
         want_stop = False
-        if self.callback is not None:
+        if self.callback is not None and self.world.is_root:
             info = {"step": g, "total_steps": self.total_steps, "loss": loss, "epoch": self._epoch_float(g),
                     "grad_norm": self.last_norm,
                     "learning_rate": self.s.lr * lr_lambda(g, self.s.warmup_steps, self.total_steps),
                     "eval_loss": self.last_eval_loss if self.last_eval_step == g else None}
             want_stop = bool(self.callback(info))
-        if (want_stop or stop.requested) and g < self.total_steps:
+        # every rank stops at the same step (Ctrl-C may reach them at different moments)
+        if self.world.any(want_stop or stop.requested) and g < self.total_steps:
             if not saved:
                 self.save()
             self.console.say(f"Entraînement interrompu / training stopped at step {g}/{self.total_steps}; "
@@ -563,16 +618,36 @@ class Trainer:
 # ft.finetune
 
 
-def check_world_size(local_rank: Optional[int]) -> None:
+def check_world_size(local_rank: Optional[int], world: Optional[dist.World] = None) -> None:
+    """Several processes are launched by MPI (falcontune.dist). A torchrun / torch.distributed
+    launch (WORLD_SIZE, LOCAL_RANK, --local_rank) is refused with the command to use instead; in
+    an MPI job the local rank comes from MPI and --local_rank must be left alone."""
+    world = world or dist.World()
+    flag = 0 if local_rank is None else int(local_rank)
+    if world.size > 1:
+        if flag not in (0, -1, world.local_rank):
+            raise ParameterError(f"{{local_rank}}: in an MPI job the local rank comes from MPI ({world.local_rank} "
+                                 "for this process); leave it out", local_rank=local_rank)
+        return
     env = os.environ.get("WORLD_SIZE", "1").strip() or "1"
     try:
-        world = int(env)
+        size = int(env)
     except ValueError:
         raise ValueError(f"WORLD_SIZE={env!r}: expected an integer") from None
-    rank = int(os.environ.get("LOCAL_RANK", local_rank if local_rank is not None else 0))
-    if world > 1 or rank not in (0, -1):
-        raise ValueError(f"multi-GPU training is not supported yet (WORLD_SIZE={world}, local_rank={rank}): "
-                         "run falcontune on a single GPU, without torchrun / torch.distributed.launch")
+    rank = int(os.environ.get("LOCAL_RANK", flag))
+    if size > 1 or rank not in (0, -1):
+        raise ValueError(f"multi-GPU training is launched with MPI, not torchrun / torch.distributed.launch "
+                         f"(WORLD_SIZE={size}, local_rank={rank}): run `mpiexec -n N falcontune finetune ...` with "
+                         f"the same flags, one process per GPU ({dist.DOC})")
+
+
+def _check_world_batch(cfg: FinetuneConfig, world: dist.World) -> None:
+    if world.size > 1 and cfg.batch_size % (cfg.mbatch_size * world.size):
+        raise ParameterError(
+            f"{{batch_size}} is the global batch: with {world.size} processes it must be a multiple of {{mbatch_size}} "
+            f"x {world.size} processes = {cfg.mbatch_size * world.size} (each process accumulates batch_size / "
+            f"(mbatch_size x processes) micro-batches per step)",
+            batch_size=cfg.batch_size, mbatch_size=cfg.mbatch_size)
 
 
 def _setup_lora(m: Any, resume: Optional[Path], cfg: FinetuneConfig, say: Callable[[str], None]) -> None:
@@ -642,6 +717,7 @@ def _write_plot(out_dir: Path, say: Callable[[str], None]) -> None:
 def finetune(model: Any, dataset: Optional[PathLike] = None, **settings: Any) -> FinetuneResult:
     callback = settings.pop("callback", None)
     progress = bool(settings.pop("progress", True))
+    end_job_on_error = bool(settings.pop("_end_job_on_error", True))  # the command reports errors itself
     known = {f.name for f in fields(FinetuneConfig)}
     for name in settings:
         if name not in known:
@@ -649,7 +725,7 @@ def finetune(model: Any, dataset: Optional[PathLike] = None, **settings: Any) ->
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise TypeError(f"finetune() got an unexpected keyword argument {name!r}{hint}")
     return run_finetune(FinetuneConfig(model=model, dataset=dataset, **settings), callback=callback,
-                        progress=progress)
+                        progress=progress, end_job_on_error=end_job_on_error)
 
 
 def _finetune_signature() -> inspect.Signature:
@@ -680,25 +756,59 @@ finetune.__signature__ = _finetune_signature()  # type: ignore[attr-defined]
 finetune.__doc__ = _finetune_doc()
 
 
+def _exit_status(exc: BaseException) -> int:
+    """The exit status of a rank whose error ends an MPI job (the command's: cli.py)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    return 2 if isinstance(exc, (OSError, ValueError, KeyError, MemoryError, NotImplementedError)) else 1
+
+
 def run_finetune(cfg: FinetuneConfig, callback: Optional[Callable[[dict[str, Any]], Any]] = None,
-                 progress: bool = True) -> FinetuneResult:
-    """``finetune`` for an already built ``FinetuneConfig``."""
+                 progress: bool = True, *, end_job_on_error: bool = True) -> FinetuneResult:
+    """``finetune`` for an already built ``FinetuneConfig``. In an MPI job of several processes
+    an error on one rank ends the job (one message, then MPI_Abort: the other ranks would wait
+    in a collective forever) unless ``end_job_on_error`` is False, which the command uses to
+    phrase the message itself."""
+    world = dist.current()
+    if world.size == 1 or not end_job_on_error:
+        return _run_finetune(cfg, callback, progress, world)
+    try:
+        return _run_finetune(cfg, callback, progress, world)
+    except BaseException as exc:  # noqa: BLE001 - every failure must end the job
+        if isinstance(exc, SystemExit):
+            raise
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        dist.end_job(world, f"{type(exc).__name__}: {text}", _exit_status(exc))
+
+
+def _run_finetune(cfg: FinetuneConfig, callback: Optional[Callable[[dict[str, Any]], Any]], progress: bool,
+                  world: dist.World) -> FinetuneResult:
     from .merge import merge_and_save
     from .model import FalconModel, load_model, resolve_device
     from .tokenizer import missing_tokenizer_error
 
-    check_world_size(cfg.local_rank)
-    console = _Console()
+    check_world_size(cfg.local_rank, world)
+    _check_world_batch(cfg, world)
+    console = _Console(quiet=not world.is_root)
     say = console.say
     dev = resolve_device(cfg.backend, cfg.device, say)
+    if world.size > 1 and dev.startswith("cuda"):
+        from . import _C
+
+        dist.check_gpu_placement(world, int(_C.cuda_device_count()))
     out_dir = cfg.out_dir
     resume = ckpt.resolve_resume(cfg.resume_checkpoint, out_dir)
     dataset = _dataset_path(cfg, say)
     records = [] if dataset is None else _load_records(dataset, cfg.data_type, say)  # before loading a model
     m = cfg.model if isinstance(cfg.model, FalconModel) else load_model(cfg.model, cfg.weights, device=dev,
                                                                         tokenizer=cfg.tokenizer)
+    if world.size > 1 and m.device != dev:
+        raise ParameterError(f"{{model}}: in an MPI job this process (rank {world.rank}) trains on {dev}, but the "
+                             f"model given is on {m.device}: load it with device='auto' (or the backend of the run)",
+                             model=NAME_ONLY)
+    processes = {"processes": world.size} if world.size > 1 else {}
     say(_parameters({**cfg.describe(), "dataset": None if dataset is None else str(dataset),
-                     "resume_checkpoint": str(resume) if resume else None, "device": m.device}))
+                     "resume_checkpoint": str(resume) if resume else None, "device": m.device, **processes}))
     if cfg.verbose:
         say(f"{m!r} on {m.device}, activations {m.dtype}")
     _setup_lora(m, resume, cfg, say)
@@ -717,31 +827,42 @@ def run_finetune(cfg: FinetuneConfig, callback: Optional[Callable[[dict[str, Any
                     "lora_alpha": float(lora_cfg["lora_alpha"]), "target_modules": list(lora_cfg["target_modules"]),
                     "n_train": len(data.train)}
         pad_id = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
-        trainer = Trainer(m, data, cfg, console, pad_id, run_args, callback=callback, progress=progress)
+        sum_gradients = dist.GradientSum(world, m.engine)
+        trainer = Trainer(m, data, cfg, console, pad_id, run_args, callback=callback, progress=progress,
+                          world=world, sum_gradients=sum_gradients)
         if resume is not None:
             trainer.restore(ckpt.load_checkpoint(resume))
             say(f"Resuming from {resume} (step {trainer.global_step}/{trainer.total_steps})")
+        per_process = (f" ({cfg.accumulation // world.size} micro-batches per process x {world.size} processes"
+                       f"{', NCCL' if sum_gradients.nccl else ', MPI'})") if world.size > 1 else ""
         say(f"{trainer.total_steps} optimizer steps ({trainer.steps_per_epoch} per epoch x {cfg.epochs}), "
-            f"gradient accumulation {cfg.accumulation}, "
+            f"gradient accumulation {cfg.accumulation}{per_process}, "
             + (f"eval every {trainer.eval_steps} steps" if trainer.eval_steps else "no validation set"))
         try:
             result.interrupted = trainer.run(resumed=resume is not None)
         except KeyboardInterrupt:
-            if trainer.in_step:
+            if trainer.in_step or world.size > 1:  # ranks cannot agree on a checkpoint from here
                 raise
             trainer.save()
             result.interrupted = True
             say(f"training stopped at step {trainer.global_step}; checkpoint saved in {trainer.last_ckpt}")
+        finally:
+            sum_gradients.close()
         result.history, result.global_step = trainer.history, trainer.global_step
         result.total_steps, result.checkpoint_dir = trainer.total_steps, trainer.last_ckpt
         result.train_loss = trainer.loss_total / trainer.loss_steps if trainer.loss_steps else None
         result.eval_loss = trainer.last_eval_loss
         result.n_train = getattr(data.train, "n_examples", len(data.train))  # examples, also when packed
         result.n_val = 0 if data.val is None else getattr(data.val, "n_examples", len(data.val))
-        _write_plot(out_dir, say)
-    result.adapter_dir = m.save_lora(out_dir)
-    say(f"Adapter LoRA enregistré / LoRA adapter saved in {result.adapter_dir}")
-    if cfg.checkpoint:
-        result.merged_dir = merge_and_save(m, Path(cfg.merged_dir) if cfg.merged_dir else out_dir / "merged")
-        say(f"Merged float16 model (transformers format) saved in {result.merged_dir}")
+        if world.is_root:
+            _write_plot(out_dir, say)
+    if world.is_root:
+        result.adapter_dir = m.save_lora(out_dir)
+        say(f"Adapter LoRA enregistré / LoRA adapter saved in {result.adapter_dir}")
+        if cfg.checkpoint:
+            result.merged_dir = merge_and_save(m, Path(cfg.merged_dir) if cfg.merged_dir else out_dir / "merged")
+            say(f"Merged float16 model (transformers format) saved in {result.merged_dir}")
+    if world.size > 1:  # the other ranks return once rank 0's files are written
+        paths = world.bcast((result.adapter_dir, result.merged_dir))
+        result.adapter_dir, result.merged_dir = paths
     return result

@@ -165,6 +165,7 @@ for preset, bits, fmt in (("tiny", 4, "gptq"), ("tiny-rw", 3, "gptq_v2"), ("tiny
             m.forward_backward(ids, labels, mask)
             opt.step()
         m.lora_grad_dict(); m.optimizer_state(); m.engine.grad_norm()
+        m.engine.set_lora_grad_flat(m.engine.lora_grad_flat())  # data parallel's copy out and back
         m.eval()
         m.generate_ids(ids[:1], max_new_tokens=3)
         m.generate_ids(ids, attention_mask=mask, max_new_tokens=2, do_sample=True, top_k=5, top_p=0.9, temperature=0.8)
@@ -175,6 +176,9 @@ for preset, bits, fmt in (("tiny", 4, "gptq"), ("tiny-rw", 3, "gptq_v2"), ("tiny
         # error paths
         expect_error(lambda: m.forward([[V]]))
         expect_error(lambda: m.forward(ids, mask - 2))  # negative: neither padding nor a segment id
+        expect_error(lambda: m.engine.set_lora_grad_flat(np.zeros(3, np.float32)))
+        expect_error(lambda: m.engine.dist_init("libnccl.so.2", bytes(128), 0, 1))  # a CPU model
+        expect_error(lambda: _C.dist_unique_id("/nonexistent/libnccl.so.2"))  # dlopen fails
         expect_error(lambda: m.forward(ids.astype(np.float32)))
         expect_error(lambda: m.forward_backward(ids, labels + 1000))
         expect_error(lambda: m.forward_backward(ids, labels[:, :3]))
