@@ -9,6 +9,9 @@
 #   cudatests -> every test marked cuda (needs .devdata/ = a copy of ../shared/data, carried)
 #   decode -> bench/decode_bench.py (ours + HF bf16 and HF bnb NF4 generate)   ($OUT/decode.log, $OUT/decode_*.json)
 #   profile -> bench/decode_profile.py (per-kernel time of a decode step)   ($OUT/decode_profile.txt)
+#   ops    -> the op-level CUDA tests and the data-parallel GPU tests (tests/test_ops.py, tests/test_dist.py)
+#   trainprofile -> bench/train_profile.py (CUPTI per-kernel time of a 7B step; PROFILE_MB="1 16")
+#   ckpt40bbg, bench40bours -> write the 40B checkpoint in the background (CPU), later ours only on it
 #   full   -> bench, decode, bench40b in that order, the 40B checkpoint written in the background
 #             meanwhile (~6-8 min on an H200 after the build; each stage has its own timeout)
 # The peers need bitsandbytes, which the GPU machine lacks: run bench/fetch_peer_wheels.sh here
@@ -27,6 +30,7 @@ echo "build ok"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || { echo "installing .whl failed"; exit 1; }
+  [ -d /tmp/site/bin ] && export PATH=/tmp/site/bin:$PATH  # mpiexec of the mpich wheel
   echo "wheels: $(ls .whl | tr '\n' ' ')"
 fi
 python3 -c "import sys; sys.path.insert(0, 'bench'); import hf_peers; print('peers:', hf_peers.versions())" | tee "$OUT/versions.txt"
@@ -34,6 +38,7 @@ python3 -c "import sys; sys.path.insert(0, 'bench'); import hf_peers; print('pee
 bench7b() { timeout ${BENCH_TIMEOUT:-420} python3 bench/train_bench.py --out "$OUT" --ckpt /tmp/ft7b ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | grep -v "^\s*$" | tail -30; }
 bench40b() { timeout ${BENCH40_TIMEOUT:-420} python3 bench/train_bench.py --preset falcon-40b --out "$OUT" --ckpt /tmp/ft40b ${BENCH40_ARGS:-} 2>&1 | tee "$OUT/bench40b.log" | grep -v "^\s*$" | tail -20; }
 decode() { timeout ${DECODE_TIMEOUT:-300} python3 bench/decode_bench.py --out "$OUT" --ckpt /tmp/ft7b ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode.log" | tail -20; }
+wait_ckpt40b() { [ -n "${CK40:-}" ] && { wait "$CK40"; tail -2 "$OUT/ckpt40b.log"; }; return 0; }
 ckpt40b() { nice -n 10 python3 -c "import sys; sys.path.insert(0, 'bench'); from train_bench import make_bench_checkpoint; make_bench_checkpoint('/tmp/ft40b', 'falcon-40b')"; }
 for what in "$@"; do
   case "$what" in
@@ -51,6 +56,10 @@ for what in "$@"; do
       BENCH40_TIMEOUT=${BENCH40_TIMEOUT:-200} bench40b; echo "full done at $((SECONDS - t0)) s" ;;
     cudatests) FALCONTUNE_SHARED_DATA=$PWD/.devdata FT_7B_CKPT=/tmp/ft7b timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -m cuda -p no:cacheprovider tests/ ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/cudatests.log" | tail -40 ;;
     decode) decode ;;
+    ops) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_ops.py tests/test_dist.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/ops.log" | tail -30 ;;
+    trainprofile) timeout ${PROFILE_TIMEOUT:-200} python3 bench/train_profile.py --mb ${PROFILE_MB:-1 16} --ckpt /tmp/ft7b --out "$OUT" --top 40 2>&1 | tee "$OUT/train_profile.txt" | grep -E "^==|^ +[0-9]" | head -${PROFILE_LINES:-60} ;;
+    bench40bours) wait_ckpt40b; BENCH40_ARGS="--no-hf ${BENCH40_ARGS:-}" bench40b ;;
+    ckpt40bbg) ckpt40b > "$OUT/ckpt40b.log" 2>&1 & CK40=$! ;;
     profile) timeout ${DECODE_TIMEOUT:-200} python3 bench/decode_profile.py --out "$OUT" --ckpt /tmp/ft7b 2>&1 | grep -vi warn | tail -40 ;;
     benchours) timeout ${BENCH_TIMEOUT:-300} python3 bench/train_bench.py --no-hf --out "$OUT" --ckpt /tmp/ft7b ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -30 ;;
   esac

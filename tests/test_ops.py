@@ -131,7 +131,8 @@ def layernorm_fwd_cases(rng):
 
 
 def layernorm_bwd_cases(rng):
-    for N, D in ((1, 8), (6, 45)):
+    # D % 8 == 0 takes the CUDA register-row kernel (1, 2 and 4 vectors per thread), 45 the strided one
+    for N, D in ((1, 8), (6, 45), (3, 4544), (2, 12000), (2, 24000)):
         x = f32(rng, N, D, scale=2.0)
         mu, rs = _ln_stats(x, 1e-5)
 
@@ -220,7 +221,10 @@ def qlinear_cases(rng):
 
 
 def lora_cases(rng):
-    for N, fin, fout, r, p, seed in ((1, 24, 40, 1, 0.0, 0), (11, 72, 56, 8, 0.25, 12345), (4, 128, 384, 16, 0.5, 7)):
+    # widths that are multiples of 8 take the CUDA kernels' 16-byte paths, 20 x 36 the one-element ones;
+    # 4500 rows the 4- and 8-row blocks (r 12: two rank passes, the second partial)
+    for N, fin, fout, r, p, seed in ((1, 24, 40, 1, 0.0, 0), (11, 72, 56, 8, 0.25, 12345), (4, 128, 384, 16, 0.5, 7),
+                                     (9, 20, 36, 6, 0.3, 5), (4500, 64, 96, 12, 0.1, 99)):
         scale = 2.0
         x, A, B = f32(rng, N, fin), f32(rng, r, fin, scale=0.2), f32(rng, fout, r, scale=0.2)
         mask = dropout_scale(seed, N * fin, p).reshape(N, fin)
