@@ -30,7 +30,10 @@ echo "build ok"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || { echo "installing .whl failed"; exit 1; }
-  [ -d /tmp/site/bin ] && export PATH=/tmp/site/bin:$PATH  # mpiexec of the mpich wheel
+  # the mpich wheel's mpiexec and library: mpi4py looks for libmpi under the interpreter's prefixes,
+  # not under --target, and would otherwise load another MPI found on the machine
+  [ -d /tmp/site/bin ] && export PATH=/tmp/site/bin:$PATH
+  [ -e /tmp/site/lib/libmpi.so.12 ] && export MPI4PY_LIBMPI=/tmp/site/lib/libmpi.so.12
   echo "wheels: $(ls .whl | tr '\n' ' ')"
 fi
 python3 -c "import sys; sys.path.insert(0, 'bench'); import hf_peers; print('peers:', hf_peers.versions())" | tee "$OUT/versions.txt"

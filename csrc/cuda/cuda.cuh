@@ -57,7 +57,7 @@ constexpr int AD_KEYS = AD_THREADS / 2; /* keys per block: two threads per key *
 constexpr int AD_HD = 128;              /* largest head dim (K+V tiles: 34 KB of shared memory) */
 
 /* scratch slots: each a device buffer grown on demand, reused call after call */
-enum { SCR_DEQ = 0, SCR_LORA0, SCR_LORA1, SCR_ATTN, SCR_MISC, SCR_N };
+enum { SCR_DEQ = 0, SCR_LORA0, SCR_LORA1, SCR_LORA2, SCR_ATTN, SCR_MISC, SCR_N };
 
 /* One recorded step (graph.cu): a CUDA graph of what the caller's body enqueued under `key`, valid
  * while the backend's scratch memory stays where it was (scratch_gen == gen). */

@@ -475,30 +475,51 @@ __global__ void lora_outer_sum(float *__restrict__ G, const float *__restrict__ 
  * (every Falcon shape); the one-element kernels above serve the rest. The one-element forms issue
  * a 2-byte access and r rank loads per activation: on an H200 at 7B shapes they moved 0.2-0.4 TB/s
  * (lora_up 196 us for one [4096, 4672] output, a 76 MB pass). Here a thread owns 8 consecutive
- * columns, keeps their 8 x LR_J rank entries in registers and reuses them over ROWS rows.
- * Sums keep a fixed order (no atomics). */
+ * columns, loads their rank entries 16 bytes at a time from an r-major matrix (B [out, r] is
+ * transposed into scratch first: read column-wise its loads were 32 cache lines per warp access)
+ * and issues its activation loads before the arithmetic. Sums keep a fixed order (no atomics). */
 constexpr int LRV_THREADS = 128;
 
-/* w[c][jj] = W(c0 + c, j0 + jj) for 8 columns (0 past r); W r-major [r, X] (RMAJ) or [X, r] */
-template <bool RMAJ>
+/* w[c][jj] = W[j0 + jj, c0 + c] for 8 columns (0 past r); W r-major [r, X], X % 8 == 0 */
 __device__ __forceinline__ void rank_block8(float w[8][LR_J], const float *W, int X, int r, int j0, int c0)
 {
+    const bool v4 = ((uintptr_t)W & 15u) == 0; /* uniform */
 #pragma unroll
     for (int jj = 0; jj < LR_J; jj++) {
         const int j = j0 + jj;
+        if (j < r && v4) {
+            const float4 a = __ldg((const float4 *)(W + (size_t)j * X + c0));
+            const float4 b = __ldg((const float4 *)(W + (size_t)j * X + c0) + 1);
+            w[0][jj] = a.x; w[1][jj] = a.y; w[2][jj] = a.z; w[3][jj] = a.w;
+            w[4][jj] = b.x; w[5][jj] = b.y; w[6][jj] = b.z; w[7][jj] = b.w;
+        } else {
 #pragma unroll
-        for (int c = 0; c < 8; c++) w[c][jj] = j < r ? rank_at<RMAJ>(W, X, r, j, c0 + c) : 0.0f;
+            for (int c = 0; c < 8; c++) w[c][jj] = j < r ? __ldg(W + (size_t)j * X + c0 + c) : 0.0f;
+        }
     }
 }
 
-/* block (column chunk, row group): y[n, c0..c0+8) += alpha sum_j u[n, j] W(c, j), j in order */
-template <typename T, bool RMAJ, bool DROP, int ROWS>
+/* Wt[j, c] = W[c, j]: B [C, r] -> r-major [r, C] */
+__global__ void rank_transpose(float *__restrict__ Wt, const float *__restrict__ W, int C, int r)
+{
+    const size_t n = (size_t)r * C;
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x)
+        Wt[e] = W[(e % C) * r + e / C];
+}
+
+/* block (column chunk, row group): y[n, c0..c0+8) += alpha sum_j u[n, j] W[j, c], j in order
+ * (as lora_up_kernel: bit-identical results); W r-major [r, C] */
+template <typename T, bool DROP, int ROWS>
 __global__ void __launch_bounds__(LRV_THREADS) lora_up_vec_kernel(T *__restrict__ y, const float *__restrict__ u,
                                                                   const float *__restrict__ W, int N, int C, int r,
                                                                   float alpha, float p, uint64_t seed)
 {
     const int c0 = (blockIdx.x * LRV_THREADS + threadIdx.x) * 8, n0 = blockIdx.y * ROWS;
     if (c0 >= C) return;
+    uint4 yw[ROWS]; /* in flight while the rank products run */
+#pragma unroll
+    for (int rr = 0; rr < ROWS; rr++)
+        if (n0 + rr < N) yw[rr] = *(const uint4 *)(y + (size_t)(n0 + rr) * C + c0);
     float t[ROWS][8];
 #pragma unroll
     for (int rr = 0; rr < ROWS; rr++)
@@ -506,7 +527,7 @@ __global__ void __launch_bounds__(LRV_THREADS) lora_up_vec_kernel(T *__restrict_
         for (int c = 0; c < 8; c++) t[rr][c] = 0.0f;
     for (int j0 = 0; j0 < r; j0 += LR_J) {
         float w[8][LR_J];
-        rank_block8<RMAJ>(w, W, C, r, j0, c0);
+        rank_block8(w, W, C, r, j0, c0);
 #pragma unroll
         for (int rr = 0; rr < ROWS; rr++) {
             const int n = n0 + rr;
@@ -526,7 +547,7 @@ __global__ void __launch_bounds__(LRV_THREADS) lora_up_vec_kernel(T *__restrict_
         if (n >= N) break;
         const size_t i = (size_t)n * C + c0;
         float yv[8];
-        unpack8<T>(*(const uint4 *)(y + i), yv);
+        unpack8<T>(yw[rr], yv);
 #pragma unroll
         for (int c = 0; c < 8; c++)
             if (!DROP || ft_dropout_keep(seed, i + c, p)) yv[c] += alpha * t[rr][c];
@@ -535,7 +556,8 @@ __global__ void __launch_bounds__(LRV_THREADS) lora_up_vec_kernel(T *__restrict_
 }
 
 /* block (column chunk, split s): G(j, c0..c0+8) summed over the split's rows in order; one split:
- * G += alpha * sum, several: part[s][j][c] = sum (lora_outer_sum adds them in split order) */
+ * G += alpha * sum, several: part[s][j][c] = sum (lora_outer_sum adds them in split order).
+ * G r-major [r, C] (RMAJ) or [C, r]. */
 template <typename T, bool RMAJ, bool DROP>
 __global__ void __launch_bounds__(LRV_THREADS) lora_outer_vec_kernel(float *__restrict__ G, float *__restrict__ part,
                                                                      const float *__restrict__ u,
@@ -552,7 +574,7 @@ __global__ void __launch_bounds__(LRV_THREADS) lora_outer_vec_kernel(float *__re
         for (int c = 0; c < 8; c++)
 #pragma unroll
             for (int jj = 0; jj < LR_J; jj++) acc[c][jj] = 0.0f;
-#pragma unroll 2
+#pragma unroll 4
         for (int n = nb; n < ne; n++) {
             const size_t i = (size_t)n * C + c0;
             float xv[8];
@@ -581,8 +603,8 @@ __global__ void __launch_bounds__(LRV_THREADS) lora_outer_vec_kernel(float *__re
 }
 
 /* block b: rows b*ROWS .. +ROWS; each thread 8 consecutive k per step, LR_J accumulators per row,
- * then the block's fixed-order reduction of lora_down_kernel */
-template <typename T, bool RMAJ, bool DROP, int ROWS>
+ * then the block's fixed-order reduction of lora_down_kernel. W r-major [r, K]. */
+template <typename T, bool DROP, int ROWS>
 __global__ void __launch_bounds__(LR_THREADS) lora_down_vec_kernel(float *__restrict__ u, const T *__restrict__ v,
                                                                    const float *__restrict__ W, int N, int K, int r,
                                                                    float alpha, float p, uint64_t seed)
@@ -597,15 +619,19 @@ __global__ void __launch_bounds__(LR_THREADS) lora_down_vec_kernel(float *__rest
 #pragma unroll
             for (int jj = 0; jj < LR_J; jj++) acc[rr][jj] = 0.0f;
         for (int k0 = threadIdx.x * 8; k0 < K; k0 += LR_THREADS * 8) {
+            uint4 xw[ROWS]; /* in flight with the rank loads */
+#pragma unroll
+            for (int rr = 0; rr < ROWS; rr++)
+                if (n0 + rr < N) xw[rr] = __ldg((const uint4 *)(v + (size_t)(n0 + rr) * K + k0));
             float w[8][LR_J];
-            rank_block8<RMAJ>(w, W, K, r, j0, k0);
+            rank_block8(w, W, K, r, j0, k0);
 #pragma unroll
             for (int rr = 0; rr < ROWS; rr++) {
                 const int n = n0 + rr;
                 if (n >= N) break;
                 const size_t i = (size_t)n * K + k0;
                 float xv[8];
-                unpack8<T>(__ldg((const uint4 *)(v + i)), xv);
+                unpack8<T>(xw[rr], xv);
 #pragma unroll
                 for (int c = 0; c < 8; c++) {
                     if (DROP) xv[c] = dropped(xv[c], seed, i + c, p, ks);
@@ -632,6 +658,22 @@ __global__ void __launch_bounds__(LR_THREADS) lora_down_vec_kernel(float *__rest
     }
 }
 
+/* the r-major form of W for the vector kernels: W itself (RMAJ), else W^T in scratch */
+template <bool RMAJ>
+static ft_status rank_major(cuda_backend *be, const float *W, int X, int r, const float **Wr, ft_error *err)
+{
+    if constexpr (RMAJ) {
+        *Wr = W;
+    } else {
+        void *t;
+        FT_TRY(cuda_scratch(be, SCR_LORA2, (size_t)r * X * sizeof(float), &t, err));
+        rank_transpose<<<grid_for((size_t)r * X, 256), 256, 0, be->stream>>>((float *)t, W, X, r);
+        LAUNCH_CHECK("LoRA rank-major copy");
+        *Wr = (const float *)t;
+    }
+    return FT_OK;
+}
+
 /* u[N, r] = alpha d(v[N, K]) W^T; W r-major [r, K] (RMAJ) or [K, r] */
 template <bool RMAJ>
 static ft_status lora_down(cuda_backend *be, float *u, const void *v, const float *W, int N, int K, int r, float alpha,
@@ -640,23 +682,31 @@ static ft_status lora_down(cuda_backend *be, float *u, const void *v, const floa
     /* 4 rows per block once there are blocks enough: W is read from L2 once per block */
     const bool four = N >= 4 * be->sms;
     const unsigned blocks = (unsigned)(four ? (N + 3) / 4 : N);
-    const bool vec = K % 8 == 0 && aligned16(v);
-#define LORA_DOWN(KERNEL, DROP, ROWS) \
-    KERNEL<T, RMAJ, DROP, ROWS><<<blocks, LR_THREADS, 0, be->stream>>>(u, vt, W, N, K, r, alpha, p, seed)
-#define LORA_DOWN_ROWS(KERNEL, DROP) \
-    do {                                              \
-        if (four) LORA_DOWN(KERNEL, DROP, 4);         \
-        else LORA_DOWN(KERNEL, DROP, 1);              \
-    } while (0)
+    if (K % 8 == 0 && aligned16(v)) {
+        const float *Wr;
+        FT_TRY(rank_major<RMAJ>(be, W, K, r, &Wr, err));
+#define LORA_DOWN_VEC(DROP, ROWS) \
+    lora_down_vec_kernel<T, DROP, ROWS><<<blocks, LR_THREADS, 0, be->stream>>>(u, (const T *)v, Wr, N, K, r, alpha, p, seed)
+        ACT_DISPATCH(&be->base, T, {
+            if (p > 0.0f && four) LORA_DOWN_VEC(true, 4);
+            else if (p > 0.0f) LORA_DOWN_VEC(true, 1);
+            else if (four) LORA_DOWN_VEC(false, 4);
+            else LORA_DOWN_VEC(false, 1);
+        });
+#undef LORA_DOWN_VEC
+        LAUNCH_CHECK("LoRA rank-r product");
+        return FT_OK;
+    }
     ACT_DISPATCH(&be->base, T, {
         const T *vt = (const T *)v;
-        if (vec && p > 0.0f) LORA_DOWN_ROWS(lora_down_vec_kernel, true);
-        else if (vec) LORA_DOWN_ROWS(lora_down_vec_kernel, false);
-        else if (p > 0.0f) LORA_DOWN_ROWS(lora_down_kernel, true);
-        else LORA_DOWN_ROWS(lora_down_kernel, false);
+        if (p > 0.0f) {
+            if (four) lora_down_kernel<T, RMAJ, true, 4><<<blocks, LR_THREADS, 0, be->stream>>>(u, vt, W, N, K, r, alpha, p, seed);
+            else lora_down_kernel<T, RMAJ, true, 1><<<blocks, LR_THREADS, 0, be->stream>>>(u, vt, W, N, K, r, alpha, p, seed);
+        } else {
+            if (four) lora_down_kernel<T, RMAJ, false, 4><<<blocks, LR_THREADS, 0, be->stream>>>(u, vt, W, N, K, r, alpha, p, seed);
+            else lora_down_kernel<T, RMAJ, false, 1><<<blocks, LR_THREADS, 0, be->stream>>>(u, vt, W, N, K, r, alpha, p, seed);
+        }
     });
-#undef LORA_DOWN_ROWS
-#undef LORA_DOWN
     LAUNCH_CHECK("LoRA rank-r product");
     return FT_OK;
 }
@@ -667,16 +717,18 @@ static ft_status lora_up(cuda_backend *be, void *y, const float *u, const float 
                          float p, uint64_t seed, ft_error *err)
 {
     if (C % 8 == 0 && aligned16(y)) {
-        /* 8 rows per thread once that still leaves ~4 blocks per SM: each rank entry loaded once per 8 rows */
+        const float *Wr;
+        FT_TRY(rank_major<RMAJ>(be, W, C, r, &Wr, err));
+        /* 4 rows per thread once that still leaves ~8 blocks per SM: rank entries loaded once per 4 rows */
         const unsigned cblocks = (unsigned)((C / 8 + LRV_THREADS - 1) / LRV_THREADS);
-        const bool eight = (size_t)cblocks * (size_t)(N / 8) >= (size_t)4 * be->sms;
-        const dim3 grid(cblocks, (unsigned)(eight ? (N + 7) / 8 : N));
+        const bool four = (size_t)cblocks * (size_t)(N / 4) >= (size_t)8 * be->sms;
+        const dim3 grid(cblocks, (unsigned)(four ? (N + 3) / 4 : N));
 #define LORA_UP(DROP, ROWS) \
-    lora_up_vec_kernel<T, RMAJ, DROP, ROWS><<<grid, LRV_THREADS, 0, be->stream>>>((T *)y, u, W, N, C, r, alpha, p, seed)
+    lora_up_vec_kernel<T, DROP, ROWS><<<grid, LRV_THREADS, 0, be->stream>>>((T *)y, u, Wr, N, C, r, alpha, p, seed)
         ACT_DISPATCH(&be->base, T, {
-            if (p > 0.0f && eight) LORA_UP(true, 8);
+            if (p > 0.0f && four) LORA_UP(true, 4);
             else if (p > 0.0f) LORA_UP(true, 1);
-            else if (eight) LORA_UP(false, 8);
+            else if (four) LORA_UP(false, 4);
             else LORA_UP(false, 1);
         });
 #undef LORA_UP
@@ -701,7 +753,9 @@ static ft_status lora_outer(cuda_backend *be, float *G, const float *u, const vo
     /* about 4 blocks per SM: split the rows when the columns alone give fewer */
     const int cblocks = vec ? (C / 8 + LRV_THREADS - 1) / LRV_THREADS : (C + LR_THREADS - 1) / LR_THREADS;
     int splits = (4 * be->sms + cblocks - 1) / cblocks;
-    const int max_splits = (N + 31) / 32; /* at least 32 rows per split */
+    /* at least 32 rows per split (8 for the vector kernel: 8x fewer column threads to spread) */
+    const int min_rows = vec ? 8 : 32;
+    const int max_splits = (N + min_rows - 1) / min_rows;
     if (splits > max_splits) splits = max_splits;
     if (splits < 1) splits = 1;
     const int rows = (N + splits - 1) / splits;
