@@ -28,12 +28,22 @@ if [ ! -f .built_ok ] || [ -n "$(find csrc setup.py -newer .built_ok)" ]; then
 fi
 echo "build ok"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || { echo "installing .whl failed"; exit 1; }
-  # the mpich wheel's mpiexec and library: mpi4py looks for libmpi under the interpreter's prefixes,
-  # not under --target, and would otherwise load another MPI found on the machine
-  [ -d /tmp/site/bin ] && export PATH=/tmp/site/bin:$PATH
-  [ -e /tmp/site/lib/libmpi.so.12 ] && export MPI4PY_LIBMPI=/tmp/site/lib/libmpi.so.12
+  # the MPI wheels (mpi4py, mpich) go to a prefix of their own: --target drops the mpich wheel's
+  # bin/ and lib/ (mpiexec, libmpi), and mpi4py then loads whatever other MPI the machine has
+  others=$(ls .whl/*.whl | grep -v -e /mpi4py- -e /mpich-)
+  if [ -n "$others" ]; then
+    # shellcheck disable=SC2086
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $others \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || { echo "installing .whl failed"; exit 1; }
+  fi
+  if ls .whl/mpi4py-*.whl .whl/mpich-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --prefix /tmp/mpi .whl/mpi4py-*.whl \
+      .whl/mpich-*.whl || { echo "installing the MPI wheels failed"; exit 1; }
+    mpisite=$(dirname "$(find /tmp/mpi -name __init__.py -path "*mpi4py/__init__.py" | head -1)")/..
+    export PYTHONPATH=$mpisite${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/mpi/bin:$PATH
+    MPI4PY_LIBMPI=$(find /tmp/mpi -name libmpi.so.12 | head -1); export MPI4PY_LIBMPI
+    echo "MPI: $(command -v mpiexec), libmpi $MPI4PY_LIBMPI" | tee "$OUT/mpi.txt"
+  fi
   echo "wheels: $(ls .whl | tr '\n' ' ')"
 fi
 python3 -c "import sys; sys.path.insert(0, 'bench'); import hf_peers; print('peers:', hf_peers.versions())" | tee "$OUT/versions.txt"
