@@ -357,6 +357,30 @@ __device__ __forceinline__ float dropped(float v, uint64_t seed, size_t i, float
     return ft_dropout_keep(seed, i, p) ? v * ks : 0.0f;
 }
 
+/* u[n0 + rr, j0 + jj] = alpha * (the block's sum of acc[rr][jj]): warps first, then the warps in
+ * their order (fixed: deterministic) */
+template <int ROWS>
+__device__ __forceinline__ void rows_rank_sum(float *u, float (*part)[ROWS * LR_J], const float (&acc)[ROWS][LR_J],
+                                              int n0, int j0, int N, int r, float alpha)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int rr = 0; rr < ROWS; rr++)
+#pragma unroll
+        for (int jj = 0; jj < LR_J; jj++) {
+            const float s = warp_sum(acc[rr][jj]);
+            if (lane == 0) part[warp][rr * LR_J + jj] = s;
+        }
+    __syncthreads();
+    if (threadIdx.x < ROWS * LR_J) {
+        const int n = n0 + threadIdx.x / LR_J, j = j0 + threadIdx.x % LR_J;
+        float s = 0.0f;
+        for (int w = 0; w < LR_THREADS / 32; w++) s += part[w][threadIdx.x];
+        if (n < N && j < r) u[(size_t)n * r + j] = alpha * s;
+    }
+    __syncthreads();
+}
+
 /* block b: rows b*ROWS .. +ROWS; each thread a strided slice of k, LR_J accumulators per row */
 template <typename T, bool RMAJ, bool DROP, int ROWS>
 __global__ void __launch_bounds__(LR_THREADS) lora_down_kernel(float *__restrict__ u, const T *__restrict__ v,
@@ -364,7 +388,7 @@ __global__ void __launch_bounds__(LR_THREADS) lora_down_kernel(float *__restrict
                                                                float alpha, float p, uint64_t seed)
 {
     __shared__ float part[LR_THREADS / 32][ROWS * LR_J];
-    const int n0 = blockIdx.x * ROWS, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int n0 = blockIdx.x * ROWS;
     const float ks = DROP ? 1.0f / (1.0f - p) : 1.0f;
     for (int j0 = 0; j0 < r; j0 += LR_J) {
         float acc[ROWS][LR_J];
@@ -388,21 +412,7 @@ __global__ void __launch_bounds__(LR_THREADS) lora_down_kernel(float *__restrict
                 for (int jj = 0; jj < LR_J; jj++) acc[rr][jj] += xv * w[jj];
             }
         }
-#pragma unroll
-        for (int rr = 0; rr < ROWS; rr++)
-#pragma unroll
-            for (int jj = 0; jj < LR_J; jj++) {
-                const float s = warp_sum(acc[rr][jj]);
-                if (lane == 0) part[warp][rr * LR_J + jj] = s;
-            }
-        __syncthreads();
-        if (threadIdx.x < ROWS * LR_J) {
-            const int n = n0 + threadIdx.x / LR_J, j = j0 + threadIdx.x % LR_J;
-            float s = 0.0f;
-            for (int w = 0; w < LR_THREADS / 32; w++) s += part[w][threadIdx.x]; /* warp order: fixed */
-            if (n < N && j < r) u[(size_t)n * r + j] = alpha * s;
-        }
-        __syncthreads();
+        rows_rank_sum<ROWS>(u, part, acc, n0, j0, N, r, alpha);
     }
 }
 
@@ -610,7 +620,7 @@ __global__ void __launch_bounds__(LR_THREADS) lora_down_vec_kernel(float *__rest
                                                                    float alpha, float p, uint64_t seed)
 {
     __shared__ float part[LR_THREADS / 32][ROWS * LR_J];
-    const int n0 = blockIdx.x * ROWS, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int n0 = blockIdx.x * ROWS;
     const float ks = DROP ? 1.0f / (1.0f - p) : 1.0f;
     for (int j0 = 0; j0 < r; j0 += LR_J) {
         float acc[ROWS][LR_J];
@@ -640,21 +650,7 @@ __global__ void __launch_bounds__(LR_THREADS) lora_down_vec_kernel(float *__rest
                 }
             }
         }
-#pragma unroll
-        for (int rr = 0; rr < ROWS; rr++)
-#pragma unroll
-            for (int jj = 0; jj < LR_J; jj++) {
-                const float s = warp_sum(acc[rr][jj]);
-                if (lane == 0) part[warp][rr * LR_J + jj] = s;
-            }
-        __syncthreads();
-        if (threadIdx.x < ROWS * LR_J) {
-            const int n = n0 + threadIdx.x / LR_J, j = j0 + threadIdx.x % LR_J;
-            float s = 0.0f;
-            for (int w = 0; w < LR_THREADS / 32; w++) s += part[w][threadIdx.x]; /* warp order: fixed */
-            if (n < N && j < r) u[(size_t)n * r + j] = alpha * s;
-        }
-        __syncthreads();
+        rows_rank_sum<ROWS>(u, part, acc, n0, j0, N, r, alpha);
     }
 }
 
