@@ -118,11 +118,13 @@ static ft_status nccl_open(const char *path, ft_nccl *n, ft_error *err)
     for (size_t i = 0; i < sizeof syms / sizeof syms[0] && !st; i++)
         st = nccl_symbol(n, syms[i].name, syms[i].required, syms[i].fn_field, err);
     if (!st) st = ft_nccl_check(n, NULL, n->get_version(&n->version), "ncclGetVersion", err);
-    int v[3];
-    nccl_version(n->version, v);
-    if (!st && (v[0] < 2 || (v[0] == 2 && v[1] < 4))) /* ncclCommGetAsyncError, ncclCommAbort: 2.4 */
-        st = ft_fail(err, FT_EUNSUPPORTED, "%s is NCCL %d.%d.%d; falcontune needs NCCL 2.4 or newer", path, v[0], v[1],
-                     v[2]);
+    if (!st) {
+        int v[3];
+        nccl_version(n->version, v);
+        if (v[0] < 2 || (v[0] == 2 && v[1] < 4)) /* ncclCommGetAsyncError, ncclCommAbort: 2.4 */
+            st = ft_fail(err, FT_EUNSUPPORTED, "%s is NCCL %d.%d.%d; falcontune needs NCCL 2.4 or newer", path, v[0],
+                         v[1], v[2]);
+    }
     if (st) nccl_close(n);
     return st;
 }

@@ -77,13 +77,13 @@ sys.exit(0 if b'__asan_init' in open(C.__file__, 'rb').read() else 'not an ASan 
     # Reports go to the C-level stderr, which --capture=sys leaves alone (pytest's default fd capture
     # would swallow them when the process aborts); log_path is not used: with gcc the ASan and UBSan
     # runtimes are separate libraries and ASan's reports ignore it.
-    # shellcheck disable=SC2086
     # matplotlib's C++ extension aborts when libasan is preloaded (ASan's __cxa_throw interceptor
     # finds no real symbol: "CHECK failed: asan_interceptors.cpp:320"), and training draws its
     # curves with it; a sitecustomize on PYTHONPATH (inherited by the CLI subprocesses) hides
     # matplotlib, so the plot is skipped as on a machine without it.
     mkdir -p "$WORK/no-matplotlib"
     printf 'import sys\nsys.modules["matplotlib"] = None  # see tools/sanitize.sh\n' >"$WORK/no-matplotlib/sitecustomize.py"
+    # shellcheck disable=SC2086
     PYTHONPATH="$WORK/no-matplotlib${PYTHONPATH:+:$PYTHONPATH}" \
     LD_PRELOAD="$LIBASAN" \
     ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1:check_initialization_order=1" \

@@ -104,18 +104,26 @@ __global__ void layernorm_fwd_vec_kernel(T *y, float *mean, float *rstd, const T
     }
 }
 
+/* Launch shape of the register-row layernorm kernels: vectors (16 bytes) per thread, 0 when the
+ * row does not qualify (D % 8, unaligned pointers, rows over 4096 vectors: the strided kernel) */
+static int ln_row_plan(int D, bool aligned, int *threads)
+{
+    const int nv = D / 8;
+    if (!aligned || D % 8 != 0 || nv > 4 * 1024) return 0;
+    const int vpt = nv <= 1024 ? 1 : nv <= 2048 ? 2 : 4;
+    *threads = ((nv + vpt - 1) / vpt + 31) / 32 * 32;
+    return vpt;
+}
+
 extern "C" ft_status cuda_layernorm_fwd(ft_backend *base, void *y, float *mean, float *rstd, const void *x,
                                         const void *g, const void *b, int N, int D, float eps, ft_error *err)
 {
     if (N <= 0) return FT_OK;
     PROF_T0(CB(base));
     cudaStream_t st = CB(base)->stream;
-    const int nv = D / 8;
-    const bool aligned = D % 8 == 0 && ((uintptr_t)x | (uintptr_t)y | (uintptr_t)g | (uintptr_t)b) % 16 == 0;
-    if (aligned && nv <= 4 * 1024) {
-        const int vpt = nv <= 1024 ? 1 : nv <= 2048 ? 2 : 4;
-        int threads = (nv + vpt - 1) / vpt;
-        threads = (threads + 31) / 32 * 32;
+    int threads = 0;
+    const int vpt = ln_row_plan(D, ((uintptr_t)x | (uintptr_t)y | (uintptr_t)g | (uintptr_t)b) % 16 == 0, &threads);
+    if (vpt) {
         ACT_DISPATCH(base, T, {
             if (vpt == 1)
                 layernorm_fwd_vec_kernel<T, 1><<<N, threads, 0, st>>>((T *)y, mean, rstd, (const T *)x, (const T *)g,
@@ -212,12 +220,9 @@ extern "C" ft_status cuda_layernorm_bwd(ft_backend *base, void *dx, const void *
     if (N <= 0) return FT_OK;
     PROF_T0(CB(base));
     cudaStream_t st = CB(base)->stream;
-    const int nv = D / 8;
-    const bool aligned = D % 8 == 0 && ((uintptr_t)dx | (uintptr_t)dy | (uintptr_t)x | (uintptr_t)g) % 16 == 0;
-    if (aligned && nv <= 4 * 1024) {
-        const int vpt = nv <= 1024 ? 1 : nv <= 2048 ? 2 : 4;
-        int threads = (nv + vpt - 1) / vpt;
-        threads = (threads + 31) / 32 * 32;
+    int threads = 0;
+    const int vpt = ln_row_plan(D, ((uintptr_t)dx | (uintptr_t)dy | (uintptr_t)x | (uintptr_t)g) % 16 == 0, &threads);
+    if (vpt) {
 #define LN_BWD(VPT)                                                                                             \
     layernorm_bwd_vec_kernel<T, VPT><<<N, threads, 0, st>>>((T *)dx, (const T *)dy, (const T *)x, mean, rstd, \
                                                             (const T *)g, D)

@@ -342,19 +342,74 @@ extern "C" ft_status cuda_qlinear_bwd(ft_backend *base, void *dx, const void *dy
  *   lora_up     y[n, c] += alpha sum_j u[n, j] W(c, j)       forward y += s xa B^T;
  *               (DROP: only kept elements, as the CPU)       backward dx += d'(dxa A)
  *   lora_outer  G(j, c) += alpha sum_n u[n, j] d(v[n, c])   backward dB += s dy^T xa, dA += dxa^T d(x)
- * Sums run in fp32 in a fixed order (no atomics): deterministic. */
+ * A thread owns V consecutive activations of a row: V = 8 (one 16-byte access) when the row length
+ * is a multiple of 8 and the pointer 16-byte aligned (every Falcon shape), else V = 1. Accessed 2
+ * bytes at a time with r rank loads per activation, these products moved 0.2-0.4 TB/s on an H200 at
+ * 7B shapes (lora_up 196 us for one [4096, 4672] output, a 76 MB pass). The kernels read W r-major
+ * (B is copied transposed into scratch first: read column-wise, 8 columns per thread touched 32
+ * cache lines per warp load), keep V x LR_J rank entries in registers over several rows, and issue
+ * their activation loads before the arithmetic. Sums run in fp32 in a fixed order (no atomics):
+ * deterministic. */
 
-constexpr int LR_J = 8;         /* rank entries per pass (more passes when r > 8) */
-constexpr int LR_THREADS = 256;
-
-template <bool RMAJ> __device__ __forceinline__ float rank_at(const float *W, int X, int r, int j, int k)
-{
-    return RMAJ ? __ldg(W + (size_t)j * X + k) : __ldg(W + (size_t)k * r + j);
-}
+constexpr int LR_J = 8;           /* rank entries per pass (more passes when r > 8) */
+constexpr int LR_THREADS = 256;   /* lora_down: a block reduces over k */
+constexpr int LRV_THREADS = 128;  /* lora_up, lora_outer: a thread per V columns */
 
 __device__ __forceinline__ float dropped(float v, uint64_t seed, size_t i, float p, float ks)
 {
     return ft_dropout_keep(seed, i, p) ? v * ks : 0.0f;
+}
+
+/* V activations as one access: a 16-byte word (V = 8) or one element */
+template <typename T, int V> struct act_vec {
+    using type = uint4;
+};
+template <typename T> struct act_vec<T, 1> {
+    using type = T;
+};
+template <typename T, int V>
+__device__ __forceinline__ void act_unpack(const typename act_vec<T, V>::type &w, float f[V])
+{
+    if constexpr (V == 8) unpack8<T>(w, f);
+    else f[0] = ld<T>(w);
+}
+template <typename T, int V> __device__ __forceinline__ typename act_vec<T, V>::type act_pack(const float f[V])
+{
+    if constexpr (V == 8) return pack8<T>(f);
+    else return cv<T>(f[0]);
+}
+template <typename T, int V> __device__ __forceinline__ typename act_vec<T, V>::type act_load(const T *p)
+{
+    return *(const typename act_vec<T, V>::type *)p;
+}
+
+/* w[c][jj] = W[j0 + jj, c0 + c] for V columns (0 past r); W r-major [r, X] */
+template <int V>
+__device__ __forceinline__ void rank_block(float w[V][LR_J], const float *W, int X, int r, int j0, int c0)
+{
+    const bool v4 = V == 8 && ((uintptr_t)W & 15u) == 0; /* uniform; X % 8 == 0 when V == 8 */
+#pragma unroll
+    for (int jj = 0; jj < LR_J; jj++) {
+        const int j = j0 + jj;
+        if (j < r && v4) {
+            const float4 a = __ldg((const float4 *)(W + (size_t)j * X + c0));
+            const float4 b = __ldg((const float4 *)(W + (size_t)j * X + c0) + 1);
+            const float e[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int c = 0; c < V; c++) w[c][jj] = e[c];
+        } else {
+#pragma unroll
+            for (int c = 0; c < V; c++) w[c][jj] = j < r ? __ldg(W + (size_t)j * X + c0 + c) : 0.0f;
+        }
+    }
+}
+
+/* Wt[j, c] = W[c, j]: B [C, r] -> r-major [r, C] */
+__global__ void rank_transpose(float *__restrict__ Wt, const float *__restrict__ W, int C, int r)
+{
+    const size_t n = (size_t)r * C;
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x)
+        Wt[e] = W[(e % C) * r + e / C];
 }
 
 /* u[n0 + rr, j0 + jj] = alpha * (the block's sum of acc[rr][jj]): warps first, then the warps in
@@ -381,8 +436,9 @@ __device__ __forceinline__ void rows_rank_sum(float *u, float (*part)[ROWS * LR_
     __syncthreads();
 }
 
-/* block b: rows b*ROWS .. +ROWS; each thread a strided slice of k, LR_J accumulators per row */
-template <typename T, bool RMAJ, bool DROP, int ROWS>
+/* block b: rows b*ROWS .. +ROWS; each thread V consecutive k per step (steps strided over the
+ * block), LR_J accumulators per row, then the block's fixed-order reduction. W r-major [r, K]. */
+template <typename T, bool DROP, int ROWS, int V>
 __global__ void __launch_bounds__(LR_THREADS) lora_down_kernel(float *__restrict__ u, const T *__restrict__ v,
                                                                const float *__restrict__ W, int N, int K, int r,
                                                                float alpha, float p, uint64_t seed)
@@ -396,73 +452,123 @@ __global__ void __launch_bounds__(LR_THREADS) lora_down_kernel(float *__restrict
         for (int rr = 0; rr < ROWS; rr++)
 #pragma unroll
             for (int jj = 0; jj < LR_J; jj++) acc[rr][jj] = 0.0f;
-#pragma unroll 4 /* several iterations' loads in flight */
-        for (int k = threadIdx.x; k < K; k += LR_THREADS) {
-            float w[LR_J];
+        for (int k0 = threadIdx.x * V; k0 < K; k0 += LR_THREADS * V) {
+            typename act_vec<T, V>::type xw[ROWS]; /* in flight with the rank loads */
 #pragma unroll
-            for (int jj = 0; jj < LR_J; jj++) w[jj] = j0 + jj < r ? rank_at<RMAJ>(W, K, r, j0 + jj, k) : 0.0f;
+            for (int rr = 0; rr < ROWS; rr++)
+                if (n0 + rr < N) xw[rr] = act_load<T, V>(v + (size_t)(n0 + rr) * K + k0);
+            float w[V][LR_J];
+            rank_block<V>(w, W, K, r, j0, k0);
 #pragma unroll
             for (int rr = 0; rr < ROWS; rr++) {
                 const int n = n0 + rr;
                 if (n >= N) break;
-                const size_t i = (size_t)n * K + k;
-                float xv = ld<T>(v[i]);
-                if (DROP) xv = dropped(xv, seed, i, p, ks);
+                const size_t i = (size_t)n * K + k0;
+                float xv[V];
+                act_unpack<T, V>(xw[rr], xv);
 #pragma unroll
-                for (int jj = 0; jj < LR_J; jj++) acc[rr][jj] += xv * w[jj];
+                for (int c = 0; c < V; c++) {
+                    if (DROP) xv[c] = dropped(xv[c], seed, i + c, p, ks);
+#pragma unroll
+                    for (int jj = 0; jj < LR_J; jj++) acc[rr][jj] += xv[c] * w[c][jj];
+                }
             }
         }
         rows_rank_sum<ROWS>(u, part, acc, n0, j0, N, r, alpha);
     }
 }
 
-/* block (n, c chunk): one element per thread */
-template <typename T, bool RMAJ, bool DROP>
-__global__ void __launch_bounds__(LR_THREADS) lora_up_kernel(T *__restrict__ y, const float *__restrict__ u,
-                                                             const float *__restrict__ W, int C, int r, float alpha,
-                                                             float p, uint64_t seed)
+/* block (column chunk, row group): y[n, c0..c0+V) += alpha sum_j u[n, j] W[j, c], j in order;
+ * W r-major [r, C] */
+template <typename T, bool DROP, int ROWS, int V>
+__global__ void __launch_bounds__(LRV_THREADS) lora_up_kernel(T *__restrict__ y, const float *__restrict__ u,
+                                                              const float *__restrict__ W, int N, int C, int r,
+                                                              float alpha, float p, uint64_t seed)
 {
-    const int n = blockIdx.x, c = blockIdx.y * LR_THREADS + threadIdx.x;
-    if (c >= C) return;
-    const size_t i = (size_t)n * C + c;
-    if (DROP && !ft_dropout_keep(seed, i, p)) return;
-    const float *un = u + (size_t)n * r;
-    float t = 0.0f;
-    for (int j = 0; j < r; j++) t += __ldg(un + j) * rank_at<RMAJ>(W, C, r, j, c);
-    y[i] = cv<T>(ld<T>(y[i]) + alpha * t);
+    const int c0 = (blockIdx.x * LRV_THREADS + threadIdx.x) * V, n0 = blockIdx.y * ROWS;
+    if (c0 >= C) return;
+    typename act_vec<T, V>::type yw[ROWS]; /* in flight while the rank products run */
+#pragma unroll
+    for (int rr = 0; rr < ROWS; rr++)
+        if (n0 + rr < N) yw[rr] = act_load<T, V>(y + (size_t)(n0 + rr) * C + c0);
+    float t[ROWS][V];
+#pragma unroll
+    for (int rr = 0; rr < ROWS; rr++)
+#pragma unroll
+        for (int c = 0; c < V; c++) t[rr][c] = 0.0f;
+    for (int j0 = 0; j0 < r; j0 += LR_J) {
+        float w[V][LR_J];
+        rank_block<V>(w, W, C, r, j0, c0);
+#pragma unroll
+        for (int rr = 0; rr < ROWS; rr++) {
+            const int n = n0 + rr;
+            if (n >= N) break;
+#pragma unroll
+            for (int jj = 0; jj < LR_J; jj++) {
+                if (j0 + jj >= r) break;
+                const float uj = __ldg(u + (size_t)n * r + j0 + jj);
+#pragma unroll
+                for (int c = 0; c < V; c++) t[rr][c] += uj * w[c][jj];
+            }
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < ROWS; rr++) {
+        const int n = n0 + rr;
+        if (n >= N) break;
+        const size_t i = (size_t)n * C + c0;
+        float yv[V];
+        act_unpack<T, V>(yw[rr], yv);
+#pragma unroll
+        for (int c = 0; c < V; c++)
+            if (!DROP || ft_dropout_keep(seed, i + c, p)) yv[c] += alpha * t[rr][c];
+        *(typename act_vec<T, V>::type *)(y + i) = act_pack<T, V>(yv);
+    }
 }
 
-/* block (c chunk, split s): column c summed over the split's rows. One split: G += alpha * sum;
- * several: part[s][j][c] = sum, then lora_outer_sum adds them in split order. */
-template <typename T, bool RMAJ, bool DROP>
-__global__ void __launch_bounds__(LR_THREADS) lora_outer_kernel(float *__restrict__ G, float *__restrict__ part,
-                                                                const float *__restrict__ u, const T *__restrict__ v,
-                                                                int N, int C, int r, int rows, float alpha, float p,
-                                                                uint64_t seed)
+/* block (column chunk, split s): G(j, c0..c0+V) summed over the split's rows in order; one split:
+ * G += alpha * sum, several: part[s][j][c] = sum (lora_outer_sum adds them in split order).
+ * G r-major [r, C] (RMAJ) or [C, r]. */
+template <typename T, bool RMAJ, bool DROP, int V>
+__global__ void __launch_bounds__(LRV_THREADS) lora_outer_kernel(float *__restrict__ G, float *__restrict__ part,
+                                                                 const float *__restrict__ u, const T *__restrict__ v,
+                                                                 int N, int C, int r, int rows, float alpha, float p,
+                                                                 uint64_t seed)
 {
-    const int c = blockIdx.x * LR_THREADS + threadIdx.x, s = blockIdx.y;
-    if (c >= C) return;
+    const int c0 = (blockIdx.x * LRV_THREADS + threadIdx.x) * V, s = blockIdx.y;
+    if (c0 >= C) return;
     const int nb = s * rows, ne = min(N, nb + rows);
     const float ks = DROP ? 1.0f / (1.0f - p) : 1.0f;
     for (int j0 = 0; j0 < r; j0 += LR_J) {
-        float acc[LR_J];
+        float acc[V][LR_J];
 #pragma unroll
-        for (int jj = 0; jj < LR_J; jj++) acc[jj] = 0.0f;
+        for (int c = 0; c < V; c++)
+#pragma unroll
+            for (int jj = 0; jj < LR_J; jj++) acc[c][jj] = 0.0f;
 #pragma unroll 4
         for (int n = nb; n < ne; n++) {
-            const size_t i = (size_t)n * C + c;
-            float xv = ld<T>(v[i]);
-            if (DROP) xv = dropped(xv, seed, i, p, ks);
+            const size_t i = (size_t)n * C + c0;
+            float xv[V];
+            act_unpack<T, V>(act_load<T, V>(v + i), xv);
+            if (DROP)
 #pragma unroll
-            for (int jj = 0; jj < LR_J; jj++)
-                acc[jj] += (j0 + jj < r ? __ldg(u + (size_t)n * r + j0 + jj) : 0.0f) * xv;
+                for (int c = 0; c < V; c++) xv[c] = dropped(xv[c], seed, i + c, p, ks);
+#pragma unroll
+            for (int jj = 0; jj < LR_J; jj++) {
+                const float uj = j0 + jj < r ? __ldg(u + (size_t)n * r + j0 + jj) : 0.0f;
+#pragma unroll
+                for (int c = 0; c < V; c++) acc[c][jj] += uj * xv[c];
+            }
         }
 #pragma unroll
         for (int jj = 0; jj < LR_J; jj++) {
             const int j = j0 + jj;
             if (j >= r) break;
-            if (gridDim.y == 1) G[RMAJ ? (size_t)j * C + c : (size_t)c * r + j] += alpha * acc[jj];
-            else part[((size_t)s * r + j) * C + c] = acc[jj];
+#pragma unroll
+            for (int c = 0; c < V; c++) {
+                if (gridDim.y == 1) G[RMAJ ? (size_t)j * C + c0 + c : (size_t)(c0 + c) * r + j] += alpha * acc[c][jj];
+                else part[((size_t)s * r + j) * C + c0 + c] = acc[c][jj];
+            }
         }
     }
 }
@@ -480,181 +586,7 @@ __global__ void lora_outer_sum(float *__restrict__ G, const float *__restrict__ 
     }
 }
 
-/* ---- the same three products, 8 activations per 16-byte access ----
- * Used when the activation's row length is a multiple of 8 and the pointers are 16-byte aligned
- * (every Falcon shape); the one-element kernels above serve the rest. The one-element forms issue
- * a 2-byte access and r rank loads per activation: on an H200 at 7B shapes they moved 0.2-0.4 TB/s
- * (lora_up 196 us for one [4096, 4672] output, a 76 MB pass). Here a thread owns 8 consecutive
- * columns, loads their rank entries 16 bytes at a time from an r-major matrix (B [out, r] is
- * transposed into scratch first: read column-wise its loads were 32 cache lines per warp access)
- * and issues its activation loads before the arithmetic. Sums keep a fixed order (no atomics). */
-constexpr int LRV_THREADS = 128;
-
-/* w[c][jj] = W[j0 + jj, c0 + c] for 8 columns (0 past r); W r-major [r, X], X % 8 == 0 */
-__device__ __forceinline__ void rank_block8(float w[8][LR_J], const float *W, int X, int r, int j0, int c0)
-{
-    const bool v4 = ((uintptr_t)W & 15u) == 0; /* uniform */
-#pragma unroll
-    for (int jj = 0; jj < LR_J; jj++) {
-        const int j = j0 + jj;
-        if (j < r && v4) {
-            const float4 a = __ldg((const float4 *)(W + (size_t)j * X + c0));
-            const float4 b = __ldg((const float4 *)(W + (size_t)j * X + c0) + 1);
-            w[0][jj] = a.x; w[1][jj] = a.y; w[2][jj] = a.z; w[3][jj] = a.w;
-            w[4][jj] = b.x; w[5][jj] = b.y; w[6][jj] = b.z; w[7][jj] = b.w;
-        } else {
-#pragma unroll
-            for (int c = 0; c < 8; c++) w[c][jj] = j < r ? __ldg(W + (size_t)j * X + c0 + c) : 0.0f;
-        }
-    }
-}
-
-/* Wt[j, c] = W[c, j]: B [C, r] -> r-major [r, C] */
-__global__ void rank_transpose(float *__restrict__ Wt, const float *__restrict__ W, int C, int r)
-{
-    const size_t n = (size_t)r * C;
-    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x)
-        Wt[e] = W[(e % C) * r + e / C];
-}
-
-/* block (column chunk, row group): y[n, c0..c0+8) += alpha sum_j u[n, j] W[j, c], j in order
- * (as lora_up_kernel: bit-identical results); W r-major [r, C] */
-template <typename T, bool DROP, int ROWS>
-__global__ void __launch_bounds__(LRV_THREADS) lora_up_vec_kernel(T *__restrict__ y, const float *__restrict__ u,
-                                                                  const float *__restrict__ W, int N, int C, int r,
-                                                                  float alpha, float p, uint64_t seed)
-{
-    const int c0 = (blockIdx.x * LRV_THREADS + threadIdx.x) * 8, n0 = blockIdx.y * ROWS;
-    if (c0 >= C) return;
-    uint4 yw[ROWS]; /* in flight while the rank products run */
-#pragma unroll
-    for (int rr = 0; rr < ROWS; rr++)
-        if (n0 + rr < N) yw[rr] = *(const uint4 *)(y + (size_t)(n0 + rr) * C + c0);
-    float t[ROWS][8];
-#pragma unroll
-    for (int rr = 0; rr < ROWS; rr++)
-#pragma unroll
-        for (int c = 0; c < 8; c++) t[rr][c] = 0.0f;
-    for (int j0 = 0; j0 < r; j0 += LR_J) {
-        float w[8][LR_J];
-        rank_block8(w, W, C, r, j0, c0);
-#pragma unroll
-        for (int rr = 0; rr < ROWS; rr++) {
-            const int n = n0 + rr;
-            if (n >= N) break;
-#pragma unroll
-            for (int jj = 0; jj < LR_J; jj++) {
-                if (j0 + jj >= r) break;
-                const float uj = __ldg(u + (size_t)n * r + j0 + jj);
-#pragma unroll
-                for (int c = 0; c < 8; c++) t[rr][c] += uj * w[c][jj];
-            }
-        }
-    }
-#pragma unroll
-    for (int rr = 0; rr < ROWS; rr++) {
-        const int n = n0 + rr;
-        if (n >= N) break;
-        const size_t i = (size_t)n * C + c0;
-        float yv[8];
-        unpack8<T>(yw[rr], yv);
-#pragma unroll
-        for (int c = 0; c < 8; c++)
-            if (!DROP || ft_dropout_keep(seed, i + c, p)) yv[c] += alpha * t[rr][c];
-        *(uint4 *)(y + i) = pack8<T>(yv);
-    }
-}
-
-/* block (column chunk, split s): G(j, c0..c0+8) summed over the split's rows in order; one split:
- * G += alpha * sum, several: part[s][j][c] = sum (lora_outer_sum adds them in split order).
- * G r-major [r, C] (RMAJ) or [C, r]. */
-template <typename T, bool RMAJ, bool DROP>
-__global__ void __launch_bounds__(LRV_THREADS) lora_outer_vec_kernel(float *__restrict__ G, float *__restrict__ part,
-                                                                     const float *__restrict__ u,
-                                                                     const T *__restrict__ v, int N, int C, int r,
-                                                                     int rows, float alpha, float p, uint64_t seed)
-{
-    const int c0 = (blockIdx.x * LRV_THREADS + threadIdx.x) * 8, s = blockIdx.y;
-    if (c0 >= C) return;
-    const int nb = s * rows, ne = min(N, nb + rows);
-    const float ks = DROP ? 1.0f / (1.0f - p) : 1.0f;
-    for (int j0 = 0; j0 < r; j0 += LR_J) {
-        float acc[8][LR_J];
-#pragma unroll
-        for (int c = 0; c < 8; c++)
-#pragma unroll
-            for (int jj = 0; jj < LR_J; jj++) acc[c][jj] = 0.0f;
-#pragma unroll 4
-        for (int n = nb; n < ne; n++) {
-            const size_t i = (size_t)n * C + c0;
-            float xv[8];
-            unpack8<T>(__ldg((const uint4 *)(v + i)), xv);
-            if (DROP)
-#pragma unroll
-                for (int c = 0; c < 8; c++) xv[c] = dropped(xv[c], seed, i + c, p, ks);
-#pragma unroll
-            for (int jj = 0; jj < LR_J; jj++) {
-                const float uj = j0 + jj < r ? __ldg(u + (size_t)n * r + j0 + jj) : 0.0f;
-#pragma unroll
-                for (int c = 0; c < 8; c++) acc[c][jj] += uj * xv[c];
-            }
-        }
-#pragma unroll
-        for (int jj = 0; jj < LR_J; jj++) {
-            const int j = j0 + jj;
-            if (j >= r) break;
-#pragma unroll
-            for (int c = 0; c < 8; c++) {
-                if (gridDim.y == 1) G[RMAJ ? (size_t)j * C + c0 + c : (size_t)(c0 + c) * r + j] += alpha * acc[c][jj];
-                else part[((size_t)s * r + j) * C + c0 + c] = acc[c][jj];
-            }
-        }
-    }
-}
-
-/* block b: rows b*ROWS .. +ROWS; each thread 8 consecutive k per step, LR_J accumulators per row,
- * then the block's fixed-order reduction of lora_down_kernel. W r-major [r, K]. */
-template <typename T, bool DROP, int ROWS>
-__global__ void __launch_bounds__(LR_THREADS) lora_down_vec_kernel(float *__restrict__ u, const T *__restrict__ v,
-                                                                   const float *__restrict__ W, int N, int K, int r,
-                                                                   float alpha, float p, uint64_t seed)
-{
-    __shared__ float part[LR_THREADS / 32][ROWS * LR_J];
-    const int n0 = blockIdx.x * ROWS;
-    const float ks = DROP ? 1.0f / (1.0f - p) : 1.0f;
-    for (int j0 = 0; j0 < r; j0 += LR_J) {
-        float acc[ROWS][LR_J];
-#pragma unroll
-        for (int rr = 0; rr < ROWS; rr++)
-#pragma unroll
-            for (int jj = 0; jj < LR_J; jj++) acc[rr][jj] = 0.0f;
-        for (int k0 = threadIdx.x * 8; k0 < K; k0 += LR_THREADS * 8) {
-            uint4 xw[ROWS]; /* in flight with the rank loads */
-#pragma unroll
-            for (int rr = 0; rr < ROWS; rr++)
-                if (n0 + rr < N) xw[rr] = __ldg((const uint4 *)(v + (size_t)(n0 + rr) * K + k0));
-            float w[8][LR_J];
-            rank_block8(w, W, K, r, j0, k0);
-#pragma unroll
-            for (int rr = 0; rr < ROWS; rr++) {
-                const int n = n0 + rr;
-                if (n >= N) break;
-                const size_t i = (size_t)n * K + k0;
-                float xv[8];
-                unpack8<T>(xw[rr], xv);
-#pragma unroll
-                for (int c = 0; c < 8; c++) {
-                    if (DROP) xv[c] = dropped(xv[c], seed, i + c, p, ks);
-#pragma unroll
-                    for (int jj = 0; jj < LR_J; jj++) acc[rr][jj] += xv[c] * w[c][jj];
-                }
-            }
-        }
-        rows_rank_sum<ROWS>(u, part, acc, n0, j0, N, r, alpha);
-    }
-}
-
-/* the r-major form of W for the vector kernels: W itself (RMAJ), else W^T in scratch */
+/* the r-major form of W: W itself (RMAJ), else W^T in scratch */
 template <bool RMAJ>
 static ft_status rank_major(cuda_backend *be, const float *W, int X, int r, const float **Wr, ft_error *err)
 {
@@ -670,39 +602,34 @@ static ft_status rank_major(cuda_backend *be, const float *W, int X, int r, cons
     return FT_OK;
 }
 
+/* 8 activations per access when the rows allow it */
+static int act_width(int row_len, const void *p) { return row_len % 8 == 0 && aligned16(p) ? 8 : 1; }
+
 /* u[N, r] = alpha d(v[N, K]) W^T; W r-major [r, K] (RMAJ) or [K, r] */
 template <bool RMAJ>
 static ft_status lora_down(cuda_backend *be, float *u, const void *v, const float *W, int N, int K, int r, float alpha,
                            float p, uint64_t seed, ft_error *err)
 {
+    const float *Wr = NULL;
+    FT_TRY(rank_major<RMAJ>(be, W, K, r, &Wr, err));
     /* 4 rows per block once there are blocks enough: W is read from L2 once per block */
-    const bool four = N >= 4 * be->sms;
+    const bool four = N >= 4 * be->sms, drop = p > 0.0f, v8 = act_width(K, v) == 8;
     const unsigned blocks = (unsigned)(four ? (N + 3) / 4 : N);
-    if (K % 8 == 0 && aligned16(v)) {
-        const float *Wr;
-        FT_TRY(rank_major<RMAJ>(be, W, K, r, &Wr, err));
-#define LORA_DOWN_VEC(DROP, ROWS) \
-    lora_down_vec_kernel<T, DROP, ROWS><<<blocks, LR_THREADS, 0, be->stream>>>(u, (const T *)v, Wr, N, K, r, alpha, p, seed)
-        ACT_DISPATCH(&be->base, T, {
-            if (p > 0.0f && four) LORA_DOWN_VEC(true, 4);
-            else if (p > 0.0f) LORA_DOWN_VEC(true, 1);
-            else if (four) LORA_DOWN_VEC(false, 4);
-            else LORA_DOWN_VEC(false, 1);
-        });
-#undef LORA_DOWN_VEC
-        LAUNCH_CHECK("LoRA rank-r product");
-        return FT_OK;
-    }
+#define LORA_DOWN(DROP, ROWS, V) \
+    lora_down_kernel<T, DROP, ROWS, V><<<blocks, LR_THREADS, 0, be->stream>>>(u, (const T *)v, Wr, N, K, r, alpha, p, seed)
+#define LORA_DOWN_V(DROP, ROWS) \
+    do {                        \
+        if (v8) LORA_DOWN(DROP, ROWS, 8); \
+        else LORA_DOWN(DROP, ROWS, 1);    \
+    } while (0)
     ACT_DISPATCH(&be->base, T, {
-        const T *vt = (const T *)v;
-        if (p > 0.0f) {
-            if (four) lora_down_kernel<T, RMAJ, true, 4><<<blocks, LR_THREADS, 0, be->stream>>>(u, vt, W, N, K, r, alpha, p, seed);
-            else lora_down_kernel<T, RMAJ, true, 1><<<blocks, LR_THREADS, 0, be->stream>>>(u, vt, W, N, K, r, alpha, p, seed);
-        } else {
-            if (four) lora_down_kernel<T, RMAJ, false, 4><<<blocks, LR_THREADS, 0, be->stream>>>(u, vt, W, N, K, r, alpha, p, seed);
-            else lora_down_kernel<T, RMAJ, false, 1><<<blocks, LR_THREADS, 0, be->stream>>>(u, vt, W, N, K, r, alpha, p, seed);
-        }
+        if (drop && four) LORA_DOWN_V(true, 4);
+        else if (drop) LORA_DOWN_V(true, 1);
+        else if (four) LORA_DOWN_V(false, 4);
+        else LORA_DOWN_V(false, 1);
     });
+#undef LORA_DOWN_V
+#undef LORA_DOWN
     LAUNCH_CHECK("LoRA rank-r product");
     return FT_OK;
 }
@@ -712,30 +639,29 @@ template <bool RMAJ>
 static ft_status lora_up(cuda_backend *be, void *y, const float *u, const float *W, int N, int C, int r, float alpha,
                          float p, uint64_t seed, ft_error *err)
 {
-    if (C % 8 == 0 && aligned16(y)) {
-        const float *Wr;
-        FT_TRY(rank_major<RMAJ>(be, W, C, r, &Wr, err));
-        /* 4 rows per thread once that still leaves ~8 blocks per SM: rank entries loaded once per 4 rows */
-        const unsigned cblocks = (unsigned)((C / 8 + LRV_THREADS - 1) / LRV_THREADS);
-        const bool four = (size_t)cblocks * (size_t)(N / 4) >= (size_t)8 * be->sms;
-        const dim3 grid(cblocks, (unsigned)(four ? (N + 3) / 4 : N));
-#define LORA_UP(DROP, ROWS) \
-    lora_up_vec_kernel<T, DROP, ROWS><<<grid, LRV_THREADS, 0, be->stream>>>((T *)y, u, Wr, N, C, r, alpha, p, seed)
-        ACT_DISPATCH(&be->base, T, {
-            if (p > 0.0f && four) LORA_UP(true, 4);
-            else if (p > 0.0f) LORA_UP(true, 1);
-            else if (four) LORA_UP(false, 4);
-            else LORA_UP(false, 1);
-        });
-#undef LORA_UP
-        LAUNCH_CHECK("LoRA output product");
-        return FT_OK;
-    }
-    const dim3 grid((unsigned)N, (unsigned)((C + LR_THREADS - 1) / LR_THREADS));
+    const float *Wr = NULL;
+    FT_TRY(rank_major<RMAJ>(be, W, C, r, &Wr, err));
+    const int V = act_width(C, y);
+    const bool drop = p > 0.0f;
+    /* 4 rows per thread once that still leaves ~8 blocks per SM: rank entries loaded once per 4 rows */
+    const unsigned cblocks = (unsigned)((C / V + LRV_THREADS - 1) / LRV_THREADS);
+    const bool four = (size_t)cblocks * (size_t)(N / 4) >= (size_t)8 * be->sms;
+    const dim3 grid(cblocks, (unsigned)(four ? (N + 3) / 4 : N));
+#define LORA_UP(DROP, ROWS, VV) \
+    lora_up_kernel<T, DROP, ROWS, VV><<<grid, LRV_THREADS, 0, be->stream>>>((T *)y, u, Wr, N, C, r, alpha, p, seed)
+#define LORA_UP_V(DROP, ROWS) \
+    do {                      \
+        if (V == 8) LORA_UP(DROP, ROWS, 8); \
+        else LORA_UP(DROP, ROWS, 1);        \
+    } while (0)
     ACT_DISPATCH(&be->base, T, {
-        if (p > 0.0f) lora_up_kernel<T, RMAJ, true><<<grid, LR_THREADS, 0, be->stream>>>((T *)y, u, W, C, r, alpha, p, seed);
-        else lora_up_kernel<T, RMAJ, false><<<grid, LR_THREADS, 0, be->stream>>>((T *)y, u, W, C, r, alpha, p, seed);
+        if (drop && four) LORA_UP_V(true, 4);
+        else if (drop) LORA_UP_V(true, 1);
+        else if (four) LORA_UP_V(false, 4);
+        else LORA_UP_V(false, 1);
     });
+#undef LORA_UP_V
+#undef LORA_UP
     LAUNCH_CHECK("LoRA output product");
     return FT_OK;
 }
@@ -745,12 +671,12 @@ template <bool RMAJ>
 static ft_status lora_outer(cuda_backend *be, float *G, const float *u, const void *v, int N, int C, int r, float alpha,
                             float p, uint64_t seed, ft_error *err)
 {
-    const bool vec = C % 8 == 0 && aligned16(v);
-    /* about 4 blocks per SM: split the rows when the columns alone give fewer */
-    const int cblocks = vec ? (C / 8 + LRV_THREADS - 1) / LRV_THREADS : (C + LR_THREADS - 1) / LR_THREADS;
+    const int V = act_width(C, v);
+    /* about 4 blocks per SM: split the rows when the columns alone give fewer, down to 32 rows per
+     * split (8 for eight-column threads: 8x fewer column threads to spread) */
+    const int cblocks = (C / V + LRV_THREADS - 1) / LRV_THREADS;
     int splits = (4 * be->sms + cblocks - 1) / cblocks;
-    /* at least 32 rows per split (8 for the vector kernel: 8x fewer column threads to spread) */
-    const int min_rows = vec ? 8 : 32;
+    const int min_rows = V == 8 ? 8 : 32;
     const int max_splits = (N + min_rows - 1) / min_rows;
     if (splits > max_splits) splits = max_splits;
     if (splits < 1) splits = 1;
@@ -759,17 +685,16 @@ static ft_status lora_outer(cuda_backend *be, float *G, const float *u, const vo
     void *part = NULL;
     if (splits > 1) FT_TRY(cuda_scratch(be, SCR_LORA1, (size_t)splits * r * C * sizeof(float), &part, err));
     const dim3 grid((unsigned)cblocks, (unsigned)splits);
+#define LORA_OUTER(DROP, VV)                                                                                   \
+    lora_outer_kernel<T, RMAJ, DROP, VV><<<grid, LRV_THREADS, 0, be->stream>>>(G, (float *)part, u, (const T *)v, N, C, \
+                                                                               r, rows, alpha, p, seed)
     ACT_DISPATCH(&be->base, T, {
-        const T *vt = (const T *)v;
-        float *pt = (float *)part;
-        if (vec && p > 0.0f)
-            lora_outer_vec_kernel<T, RMAJ, true><<<grid, LRV_THREADS, 0, be->stream>>>(G, pt, u, vt, N, C, r, rows, alpha, p, seed);
-        else if (vec)
-            lora_outer_vec_kernel<T, RMAJ, false><<<grid, LRV_THREADS, 0, be->stream>>>(G, pt, u, vt, N, C, r, rows, alpha, p, seed);
-        else if (p > 0.0f)
-            lora_outer_kernel<T, RMAJ, true><<<grid, LR_THREADS, 0, be->stream>>>(G, pt, u, vt, N, C, r, rows, alpha, p, seed);
-        else lora_outer_kernel<T, RMAJ, false><<<grid, LR_THREADS, 0, be->stream>>>(G, pt, u, vt, N, C, r, rows, alpha, p, seed);
+        if (p > 0.0f && V == 8) LORA_OUTER(true, 8);
+        else if (p > 0.0f) LORA_OUTER(true, 1);
+        else if (V == 8) LORA_OUTER(false, 8);
+        else LORA_OUTER(false, 1);
     });
+#undef LORA_OUTER
     LAUNCH_CHECK("LoRA weight gradient");
     if (splits > 1) {
         lora_outer_sum<RMAJ><<<grid_for((size_t)r * C, 256), 256, 0, be->stream>>>(G, (const float *)part, splits, r, C,
