@@ -1,4 +1,4 @@
-"""Quantized products and LoRA kernels on CUDA (csrc/cuda/qgemm.cu, qmatmul.cu, choice.cu).
+"""Quantized products and LoRA kernels on CUDA (csrc/cuda/qgemm.cu, qmatmul.cu, lora.cu, choice.cu).
 
 Every FT_CUDA_QGEMM variant (auto, scratch, scratch_t, fused) is forced in turn and checked against
 the CPU engine and against the scratch path on the GPU, over shapes the kernels treat specially:
