@@ -1,4 +1,5 @@
-"""CUDA attention implementations: FT_CUDA_ATTN=gemm (cuBLAS tensor cores, default) and flash.
+"""CUDA attention implementations: FT_CUDA_ATTN=gemm (cuBLAS tensor cores, default), flash and mma
+(tensor-core flash kernels, head dim 64; op-level tests in test_ops.py).
 
 The backend reads FT_CUDA_ATTN and FT_CUDA_ATTN_CHUNK_MB when it is created (ft.load_model), so each
 model below is loaded with the environment set for it. A tiny FT_CUDA_ATTN_CHUNK_MB forces the gemm
@@ -97,6 +98,7 @@ def test_attention_gemm_vs_flash_long(tmp_path, monkeypatch, preset, kw, T):
         "flash": gpu_model(d, monkeypatch, "flash", None, sd, targets),
         "gemm": gpu_model(d, monkeypatch, "gemm", None, sd, targets),
         "gemm-split": gpu_model(d, monkeypatch, "gemm", "1", sd, targets),  # 1 MiB: row chunks of one item
+        "mma": gpu_model(d, monkeypatch, "mma", None, sd, targets),  # hd 64: attention_mma.cu; hd 128: gemm
     }
     rng = np.random.default_rng(1)
     B = 2
@@ -110,7 +112,7 @@ def test_attention_gemm_vs_flash_long(tmp_path, monkeypatch, preset, kw, T):
     ref.zero_grad()
     loss_f = ref.forward_backward(ids, labels, mask)
     gf = ref.lora_grad_dict()
-    for name in ("gemm", "gemm-split"):
+    for name in ("gemm", "gemm-split", "mma"):
         m = models[name]
         lg = m.forward(ids, mask)
         assert np.isfinite(lg).all(), name

@@ -16,6 +16,10 @@ overwrite ("=") cannot pass by leaving them, one that accumulates ("+=") is chec
 from __future__ import annotations
 
 import math
+import os
+import pickle
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -380,6 +384,12 @@ ATTN_SHAPES = [  # B, H, KV, T, Tk, cap, hd, alibi, pad: left-padding rows (1 ma
     (1, 6, 3, 33, 33, 33, 16, True, 0),
     (2, 4, 4, 3, 11, 16, 64, False, 2),   # a prompt appended to a cache
     (3, 8, 2, 1, 14, 20, 64, True, 1),    # one decode step
+    # hd 64 shapes for the tensor-core kernels (FT_CUDA_ATTN=mma): rows of several heads in one block,
+    # more than one key tile, Falcon-7B's 71 query heads per kv head, a prompt after a cache
+    (2, 5, 1, 70, 70, 70, 64, True, 9),
+    (1, 71, 1, 130, 130, 130, 64, False, 0),
+    (2, 8, 2, 100, 100, 100, 64, False, 30),
+    (1, 4, 2, 20, 90, 96, 64, True, 0),
 ]
 
 
@@ -669,6 +679,57 @@ def test_cuda_graph_matches_cpu(cpu, gpu, case):
     values = _lowp_values(case, gpu.act_dtype)
     want = cpu.run(case.op, **_copy(values))
     _compare(case, gpu.run(case.op, graph=True, **_copy(values)), want, gpu.act_dtype + ", graph")
+
+
+ATTN_CASES = [c for c in CASES if c.op in ("attention_fwd", "attention_bwd") and c.values["hd"] == 64]
+
+
+@pytest.fixture(scope="module", params=["bfloat16", "float16"])
+def gpu_mma(request) -> Any:
+    """A CUDA runner whose attention runs the tensor-core flash kernels (FT_CUDA_ATTN is read when the
+    backend is created)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FT_CUDA_ATTN", "mma")
+        try:
+            return _C.OpRunner("cuda:0", request.param)
+        except NotImplementedError as e:  # bfloat16 on a T4
+            pytest.skip(str(e))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"{c.op}-{c.id}")
+def test_cuda_attention_mma_matches_cpu(cpu, gpu_mma, case):
+    """attention_mma.cu against the CPU op, and bit-identical from one run to the next."""
+    values = _lowp_values(case, gpu_mma.act_dtype)
+    want = cpu.run(case.op, **_copy(values))
+    got = gpu_mma.run(case.op, **_copy(values))
+    _compare(case, got, want, gpu_mma.act_dtype + ", mma")
+    again = gpu_mma.run(case.op, **_copy(values))
+    for name in case.outputs:
+        assert np.array_equal(got[name], again[name], equal_nan=True), f"{case.op} {name}: not deterministic"
+
+
+@pytest.mark.cuda
+def test_cuda_attention_mma_is_the_kernel_that_ran():
+    """FT_CUDA_ATTN=mma on an hd 64 call runs ATTN_MMA (the profiler's choice table says so), not a
+    silent fallback."""
+    case = next(c for c in ATTN_CASES if c.op == "attention_bwd")
+    script = (
+        "import numpy as np, pickle, sys\n"
+        "from falcontune import _C\n"
+        "op, values = pickle.loads(sys.stdin.buffer.read())\n"
+        "r = _C.OpRunner('cuda:0', 'float16')\n"
+        "r.run('attention_fwd', **{k: v for k, v in values.items() if k not in ('dout', 'dq', 'dk', 'dv')})\n"
+        "r.run(op, **values)\n"
+        "del r\n"
+    )
+    env = {**os.environ, "FT_CUDA_ATTN": "mma", "FT_CUDA_PROFILE": "1"}
+    res = subprocess.run([sys.executable, "-c", script], input=pickle.dumps((case.op, _copy(case.values))),
+                         capture_output=True, env=env, timeout=300)
+    err = res.stderr.decode()
+    assert res.returncode == 0, err
+    assert "attention fwd kernel: mma 1;" in err, err
+    assert "attention bwd kernel: mma 1;" in err, err
 
 
 @pytest.mark.cuda

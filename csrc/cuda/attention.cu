@@ -460,19 +460,20 @@ static attn_p make_p(const ft_attn_args *a)
         else { constexpr int HDM = 256; __VA_ARGS__; }                  \
     } while (0)
 
-/* attn_choose (choice.cu) picks: decode (attention_decode.cu), gemm (default, attention_gemm.cu) or
- * flash (FT_CUDA_ATTN=flash, the kernels above). All save the same lse, so a forward of one kind and a
- * backward of another agree. */
+/* attn_choose (choice.cu) picks: decode (attention_decode.cu), gemm (default, attention_gemm.cu),
+ * flash (FT_CUDA_ATTN=flash, the kernels above) or mma (FT_CUDA_ATTN=mma, attention_mma.cu). All save
+ * the same lse, so a forward of one kind and a backward of another agree. */
 extern "C" ft_status cuda_attention_fwd(ft_backend *base, void *out, float *lse, const void *q, const void *k,
                                         const void *v, const ft_attn_args *a, ft_error *err)
 {
-    const attn_kind kind = attn_choose(CB(base), a, k, v, 0);
+    const attn_kind kind = attn_choose(CB(base), a, k, v, (uintptr_t)q | (uintptr_t)out, 0);
     if (kind == ATTN_DECODE) return cuda_attention_decode(CB(base), out, lse, q, k, v, a, err);
     /* the paths below size their work from the host's Tk: fine when run directly, wrong in a
      * graph replayed at later steps (the caller then runs its steps uncaptured) */
     if (a->tk_dev && CB(base)->capturing)
         return ft_fail(err, FT_EUNSUPPORTED, "attention with Tk on the device needs the decode kernel");
     if (kind == ATTN_GEMM) return cuda_attention_fwd_gemm(base, out, lse, q, k, v, a, err);
+    if (kind == ATTN_MMA) return cuda_attention_fwd_mma(CB(base), out, lse, q, k, v, a, err);
     if (a->hd > 256) return ft_fail(err, FT_EUNSUPPORTED, "CUDA attention supports head_dim <= 256, got %d", a->hd);
     if (a->B <= 0 || a->T <= 0) return FT_OK;
     const attn_p p = make_p(a);
@@ -492,8 +493,11 @@ extern "C" ft_status cuda_attention_bwd(ft_backend *base, void *dq, void *dk, vo
                                         const void *v, const ft_attn_args *a, ft_error *err)
 {
     cuda_backend *be = CB(base);
-    if (attn_choose(be, a, k, v, 1) == ATTN_GEMM)
-        return cuda_attention_bwd_gemm(base, dq, dk, dv, dout, out, lse, q, k, v, a, err);
+    const uintptr_t others = (uintptr_t)q | (uintptr_t)out | (uintptr_t)dout | (uintptr_t)dq | (uintptr_t)dk |
+                             (uintptr_t)dv;
+    const attn_kind kind = attn_choose(be, a, k, v, others, 1);
+    if (kind == ATTN_GEMM) return cuda_attention_bwd_gemm(base, dq, dk, dv, dout, out, lse, q, k, v, a, err);
+    if (kind == ATTN_MMA) return cuda_attention_bwd_mma(be, dq, dk, dv, dout, out, lse, q, k, v, a, err);
     if (a->hd > 256) return ft_fail(err, FT_EUNSUPPORTED, "CUDA attention supports head_dim <= 256, got %d", a->hd);
     if (a->Tk != a->T || a->cap != a->T)
         return ft_fail(err, FT_EINVAL, "attention backward needs Tk == T == cap (training without cache)");

@@ -27,7 +27,10 @@ static const char *const qfused_names[QF_N] = {"ok", "bits (3 bits)", "shape (K 
                                                "alignment", "arch (built without bf16 mma)"};
 static const char *const gemv_names[GEMV_N] = {"ok", "off (FT_CUDA_GEMV=0)", "rows (N > 8)", "bits (3 bits)",
                                                "shape", "alignment", "arch (built without bf16 mma)"};
-static const char *const attn_names[ATTN_N] = {"gemm", "flash", "decode"};
+static const char *const attn_names[ATTN_N] = {"gemm", "flash", "decode", "mma"};
+static const char *const attn_mma_names[AMM_N] = {"ok", "head (hd != 64 or H % KV)",
+                                                  "shape (> 65535 items, or backward with a cache)", "alignment",
+                                                  "arch (built without bf16 mma)"};
 static const char *const attn_decode_names[AD_N] = {"ok", "off (FT_CUDA_ATTN_DECODE=0)", "rows (T != 1)",
                                                     "head (hd % 16, hd > 128 or H % KV)", "alignment",
                                                     "size (no rows, or > 65535 key splits)"};
@@ -44,6 +47,7 @@ static const struct {
     {"attention fwd kernel", ATTN_N, attn_names},
     {"attention bwd kernel", ATTN_N, attn_names},
     {"decode attention usable", AD_N, attn_decode_names},
+    {"mma attention usable", AMM_N, attn_mma_names},
 };
 
 static int note(cuda_backend *be, int ch, int v)
@@ -82,13 +86,15 @@ static int env_on(const char *name, int dflt)
 
 ft_status cuda_read_env(cuda_backend *be, ft_error *err)
 {
-    /* attention: FT_CUDA_ATTN=gemm (default, cuBLAS tensor cores) or flash */
+    /* attention: FT_CUDA_ATTN=gemm (default, cuBLAS tensor cores), flash (scalar) or mma (tensor-core
+     * flash kernels, where attn_mma_check allows) */
     const char *ae = getenv("FT_CUDA_ATTN");
-    be->attn_flash = 0;
-    if (ae && ae[0] && strcmp(ae, "gemm") != 0) {
-        if (strcmp(ae, "flash") != 0)
-            return ft_fail(err, FT_EINVAL, "FT_CUDA_ATTN must be 'gemm' or 'flash', got '%s'", ae);
-        be->attn_flash = 1;
+    be->attn_pref = ATTN_GEMM;
+    if (ae && ae[0]) {
+        if (!strcmp(ae, "flash")) be->attn_pref = ATTN_FLASH;
+        else if (!strcmp(ae, "mma")) be->attn_pref = ATTN_MMA;
+        else if (strcmp(ae, "gemm") != 0)
+            return ft_fail(err, FT_EINVAL, "FT_CUDA_ATTN must be 'gemm', 'flash' or 'mma', got '%s'", ae);
     }
     /* f32 score scratch of one attention chunk, MiB (fractions allowed: tests force small chunks) */
     const char *ce = getenv("FT_CUDA_ATTN_CHUNK_MB");
@@ -131,6 +137,7 @@ void cuda_probe_kernels(cuda_backend *be)
 {
     be->gemv_ptx = cuda_qgemv_ptx();
     be->qgemm_ptx = cuda_qgemm_ptx();
+    be->attn_mma_ptx = cuda_attention_mma_ptx();
 }
 
 /* ---- 3. the choices ---- */
@@ -218,9 +225,26 @@ static attn_decode_why attn_decode_check(const cuda_backend *be, const ft_attn_a
     return AD_OK;
 }
 
-attn_kind attn_choose(cuda_backend *be, const ft_attn_args *a, const void *k, const void *v, int backward)
+/* The tensor-core flash kernels (attention_mma.cuh): head dim 64 (16-byte fragment and tile loads of
+ * 128-byte rows), whole query groups per kv head, items in gridDim.y, backward only for the training
+ * shape; bf16 mma needs sm_80 code, fp16 runs sm_75's m16n8k8. */
+static attn_mma_why attn_mma_check(const cuda_backend *be, const ft_attn_args *a, uintptr_t addr_bits, int backward)
+{
+    if (a->hd != 64 || a->KV <= 0 || a->H % a->KV) return AMM_HEAD;
+    if ((long)a->B * a->KV > 65535 || (backward && (a->Tk != a->T || a->cap != a->T))) return AMM_SHAPE;
+    if (addr_bits % 16) return AMM_ALIGN;
+    if (be->attn_mma_ptx < (be->base.act_dtype == FT_BF16 ? 80 : 75)) return AMM_ARCH;
+    return AMM_OK;
+}
+
+attn_kind attn_choose(cuda_backend *be, const ft_attn_args *a, const void *k, const void *v, uintptr_t others,
+                      int backward)
 {
     if (!backward && note(be, CH_ATTN_DECODE, attn_decode_check(be, a, k, v)) == AD_OK)
         return (attn_kind)note(be, CH_ATTN_FWD, ATTN_DECODE);
-    return (attn_kind)note(be, backward ? CH_ATTN_BWD : CH_ATTN_FWD, be->attn_flash ? ATTN_FLASH : ATTN_GEMM);
+    attn_kind kind = be->attn_pref;
+    if (kind == ATTN_MMA &&
+        note(be, CH_ATTN_MMA, attn_mma_check(be, a, (uintptr_t)k | (uintptr_t)v | others, backward)) != AMM_OK)
+        kind = ATTN_GEMM;
+    return (attn_kind)note(be, backward ? CH_ATTN_BWD : CH_ATTN_FWD, kind);
 }

@@ -42,13 +42,17 @@ typedef enum { QGEMM_FWD, QGEMM_BWD } qgemm_dir;
 typedef enum { QF_OK, QF_BITS, QF_SHAPE, QF_ALIGN, QF_ARCH, QF_N } qfused_why;
 /* why the GEMV does not run a forward (GEMV_OK: it does) */
 typedef enum { GEMV_OK, GEMV_OFF, GEMV_ROWS, GEMV_BITS, GEMV_SHAPE, GEMV_ALIGN, GEMV_ARCH, GEMV_N } gemv_why;
-/* attention: cuBLAS chunks (default), scalar flash kernels (FT_CUDA_ATTN=flash), one-launch decode */
-typedef enum { ATTN_GEMM, ATTN_FLASH, ATTN_DECODE, ATTN_N } attn_kind;
+/* attention: cuBLAS chunks (default), scalar flash kernels (FT_CUDA_ATTN=flash), one-launch decode,
+ * tensor-core flash kernels (FT_CUDA_ATTN=mma, attention_mma.cu) */
+typedef enum { ATTN_GEMM, ATTN_FLASH, ATTN_DECODE, ATTN_MMA, ATTN_N } attn_kind;
+/* why the tensor-core flash kernels do not run an attention call asked of them (AMM_OK: they do) */
+typedef enum { AMM_OK, AMM_HEAD, AMM_SHAPE, AMM_ALIGN, AMM_ARCH, AMM_N } attn_mma_why;
 /* why the decode attention does not run a forward (AD_OK: it does) */
 typedef enum { AD_OK, AD_OFF, AD_ROWS, AD_HEAD, AD_ALIGN, AD_SIZE, AD_N } attn_decode_why;
 
 /* the counted choices: one row each in the profiler's table */
-enum { CH_QGEMM_FWD, CH_QGEMM_BWD, CH_QFUSED, CH_GEMV, CH_ATTN_FWD, CH_ATTN_BWD, CH_ATTN_DECODE, CH_N };
+enum { CH_QGEMM_FWD, CH_QGEMM_BWD, CH_QFUSED, CH_GEMV, CH_ATTN_FWD, CH_ATTN_BWD, CH_ATTN_DECODE, CH_ATTN_MMA,
+       CH_N };
 #define CH_MAXV 8 /* most answers of one choice */
 
 /* the decode attention's limits (attention_decode.cu), which attn_decode_check tests */
@@ -93,9 +97,9 @@ struct cuda_backend {
     /* what this build can run on this device (choice.cu: cuda_probe_kernels): the PTX
      * architecture the kernels were compiled from, which a JIT-compiled sm_75 build keeps low
      * on an sm_90 card */
-    int gemv_ptx, qgemm_ptx;
+    int gemv_ptx, qgemm_ptx, attn_mma_ptx;
     /* settings, read once by cuda_read_env (choice.cu) when the backend is created */
-    int attn_flash;  /* FT_CUDA_ATTN=flash: scalar flash kernels instead of the cuBLAS path */
+    attn_kind attn_pref; /* FT_CUDA_ATTN: ATTN_GEMM (default), ATTN_FLASH or ATTN_MMA where it can run */
     size_t attn_chunk_bytes; /* f32 score scratch per attention chunk (FT_CUDA_ATTN_CHUNK_MB) */
     int gemv_on;       /* FT_CUDA_GEMV != 0: fused dequant-GEMV for N <= 8 rows */
     int attn_decode_on; /* FT_CUDA_ATTN_DECODE != 0: one-launch attention for T == 1 */
@@ -322,14 +326,16 @@ ft_status cuda_gather_rows(ft_backend *be, void *dst, const void *src, const int
 /* ---- choice.cu: settings, what the build can run, and the choices ---- */
 /* every FT_CUDA_* variable, read once when the backend is created (be->device set) */
 ft_status cuda_read_env(cuda_backend *be, ft_error *err);
-/* be->gemv_ptx, be->qgemm_ptx from the kernels as loaded on this device */
+/* be->gemv_ptx, be->qgemm_ptx, be->attn_mma_ptx from the kernels as loaded on this device */
 void cuda_probe_kernels(cuda_backend *be);
 /* the choice table of FT_CUDA_PROFILE=1 (stderr) */
 void choice_report(const cuda_backend *be);
 /* which kernel computes a quantized product with N rows; a: its act input (x or dy), c: its output */
 qgemm_kind qgemm_choose(cuda_backend *be, const ft_qlinear *q, int N, qgemm_dir dir, const void *a, const void *c);
-/* which attention kernel runs (backward: never ATTN_DECODE) */
-attn_kind attn_choose(cuda_backend *be, const ft_attn_args *a, const void *k, const void *v, int backward);
+/* which attention kernel runs (backward: never ATTN_DECODE); others: the bitwise OR of the addresses
+ * of the call's other tensors (q, out, and in backward dout, dq, dk, dv), for the alignment checks */
+attn_kind attn_choose(cuda_backend *be, const ft_attn_args *a, const void *k, const void *v, uintptr_t others,
+                      int backward);
 
 /* gemv.cu: fused dequant-GEMV for few rows (decode). prepare: at qlinear_create (host g_idx);
  * cuda_qgemv runs when qgemm_choose said QGEMM_GEMV. ptx: the PTX arch of its kernels here. */
@@ -341,6 +347,13 @@ int cuda_qgemv_ptx(void);
 ft_status cuda_qgemm_fused(cuda_backend *be, qgemm_dir dir, void *c, const void *a, const ft_qlinear *q, int N,
                            int accumulate, ft_error *err);
 int cuda_qgemm_ptx(void);
+/* attention_mma.cu: the tensor-core flash attention (when attn_choose said ATTN_MMA); ptx: as above */
+ft_status cuda_attention_fwd_mma(cuda_backend *be, void *out, float *lse, const void *q, const void *k, const void *v,
+                                 const ft_attn_args *a, ft_error *err);
+ft_status cuda_attention_bwd_mma(cuda_backend *be, void *dq, void *dk, void *dv, const void *dout, const void *out,
+                                 const float *lse, const void *q, const void *k, const void *v, const ft_attn_args *a,
+                                 ft_error *err);
+int cuda_attention_mma_ptx(void);
 /* attention_decode.cu: attention_fwd for T == 1 in one launch (when attn_choose said ATTN_DECODE) */
 ft_status cuda_attention_decode(cuda_backend *be, void *out, float *lse, const void *q, const void *k, const void *v,
                                 const ft_attn_args *a, ft_error *err);

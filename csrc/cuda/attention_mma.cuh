@@ -1,0 +1,530 @@
+/* attention_mma.cuh -- flash attention on the tensor cores (mma.sync m16n8k16), head dim 64.
+ *
+ * The kernels only (attention_mma.cu launches them). They depend on nothing but mma.cuh's helpers,
+ * the act types and backend.h, so that tests/cuda_emu can compile this file for the CPU and run it
+ * under an emulation of the warp and its mma: their indexing and masking are tested without a GPU.
+ *
+ * Same contract as attention_gemm.cu and csrc/cpu/attention.c:
+ *   s_tj = (q_t . k_j + slope_h kpos_j) scale, visible when j <= Tk - T + t and
+ *   ft_key_visible(kmask_j, kmask_{Tk-T+t}); out_t = sum_j p_tj v_j, p = softmax over the visible keys;
+ *   lse_t saved (-inf and out 0 for a query that sees no key).
+ * Rows as in attention_gemm.cu: an item is (batch row b, kv head g), i = b KV + g; its queries are the
+ * [gs T, hd] matrix of q [B,H,T,hd] at row i gs T (row r = hh T + t, head h = g gs + hh), and lse, dq
+ * use the same rows. K and V of the item are [cap, hd] at k + i cap hd.
+ *
+ * Forward (am_fwd_kernel), a block per (64 item rows, item): each of 4 warps owns 16 rows and keeps
+ * their Q fragments, running max m, per-lane partial sum l and O[16, 64] in registers; key tiles of 64
+ * go through shared memory (K row-major, V transposed), S = Q K^T and O += P V are mma tiles; P goes
+ * from the S accumulators straight into the A fragments of the second product (the accumulator
+ * layout of m16n8 is the A layout of m16k16 over two n tiles).
+ * Backward, with D_t = dout_t . out_t (am_dot_kernel) and G = P (dP - D) (dS = scale G; G unscaled
+ * keeps fp16 further from its subnormals):
+ *   am_dq_kernel   a block per 64 item rows, over key tiles:  S, P, dP = dO V^T, G; dQ += G K
+ *   am_dkv_kernel  a block per (64 keys, item, split of the item's query heads), over query tiles of
+ *                  each head of the split: S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, G^T,
+ *                  dK += G^T Q; f32 partials per split, summed in a fixed order (am_split_sum_kernel)
+ * No atomics: deterministic. Sums are fp32; P and G are rounded to the act type before their
+ * product, as the cuBLAS path rounds them into its act scratch.
+ */
+#ifndef FT_CUDA_ATTENTION_MMA_CUH
+#define FT_CUDA_ATTENTION_MMA_CUH
+
+#include <math.h>
+#include <stdint.h>
+
+#include "../backend.h"
+#include "mma.cuh"
+
+constexpr int AM_HD = 64;                /* the head dim these kernels handle */
+constexpr int AM_BM = 64;                /* query rows per block: 4 warps x 16 */
+constexpr int AM_BN = 64;                /* keys per tile (and per dK/dV block) */
+constexpr int AM_THREADS = 128;
+constexpr int AM_KS = AM_HD / 16;        /* k steps of a product over the head dim */
+constexpr int AM_NT = AM_BN / 8;         /* n tiles of 8 keys (or 8 dims) */
+/* shared tile row stride in 2-byte elements: +8 makes the 32-bit fragment loads of 8 rows x 4
+ * columns hit 32 different banks (row stride 36 words) */
+constexpr int AM_LD = 64 + 8;
+/* one tile shape serves every product: k over 64 keys or queries, n over 8 tiles of keys or dims */
+static_assert(AM_HD == 64 && AM_BN == 64 && AM_BM == 64, "the fragment loops assume 64 x 64 tiles");
+
+struct am_p {
+    int H, KV, gs, T, Tk, cap;
+    int rows_item; /* gs * T */
+    float scale;
+    int kstride;                 /* row stride of kmask / kpos */
+    const int32_t *kmask, *kpos; /* [B, kstride] */
+    const float *slopes;         /* [H] or NULL */
+    int hps;                     /* backward dK/dV: query heads per split */
+};
+
+/* the kernels' view of an attention call */
+static inline am_p am_params(const ft_attn_args *a)
+{
+    am_p p;
+    p.H = a->H;
+    p.KV = a->KV;
+    p.gs = a->H / a->KV;
+    p.T = a->T;
+    p.Tk = a->Tk;
+    p.cap = a->cap;
+    p.rows_item = p.gs * a->T;
+    p.scale = a->scale;
+    p.kstride = a->kstride;
+    p.kmask = a->kmask;
+    p.kpos = a->kpos;
+    p.slopes = a->slopes;
+    p.hps = p.gs;
+    return p;
+}
+
+/* query heads per dK/dV split: a kv head of Falcon-7B has 71 query heads and a 7B step at mb 1 only
+ * 4 blocks of 64 keys, so the heads are split until ~4 blocks per multiprocessor run, each split
+ * writing f32 partials (splits x B x KV x T x 64 floats, twice) */
+static inline int am_heads_per_split(const am_p &p, int items, int sms)
+{
+    const long key_blocks = (long)items * ((p.T + AM_BN - 1) / AM_BN);
+    const long want = 4L * (sms > 0 ? sms : 1);
+    long splits = (want + key_blocks - 1) / key_blocks;
+    if (splits > p.gs) splits = p.gs;
+    if (splits < 1) splits = 1;
+    return (int)((p.gs + splits - 1) / splits);
+}
+
+/* One query row of a block, seen by the lanes that hold it. */
+struct am_row {
+    int ok;       /* a real row of the item */
+    int t, h;     /* query index, head */
+    int n;        /* causally visible keys 0 .. n-1 */
+    int32_t seg;  /* the query's segment id */
+    float slope;  /* alibi slope of the head, 0 without alibi */
+    size_t qrow;  /* row in q / dq / lse: i gs T + r */
+    size_t orow;  /* element offset in out / dout [B, T, H hd] */
+};
+
+__device__ __forceinline__ am_row am_row_of(const am_p &p, int item, int r)
+{
+    am_row o;
+    o.ok = r < p.rows_item;
+    if (!o.ok) r = 0;
+    const int b = item / p.KV, g = item % p.KV, hh = r / p.T;
+    o.t = r % p.T;
+    o.h = g * p.gs + hh;
+    const int qp = p.Tk - p.T + o.t;
+    o.n = qp + 1;
+    o.seg = p.kmask[(size_t)b * p.kstride + qp];
+    o.slope = p.slopes ? p.slopes[o.h] : 0.0f;
+    o.qrow = (size_t)item * p.rows_item + r;
+    o.orow = (((size_t)b * p.T + o.t) * p.H + o.h) * AM_HD;
+    return o;
+}
+
+/* ---- tiles in shared memory (2-byte elements, row stride AM_LD) ---- */
+
+/* rows[n][0..64) = src row (row0 + n) (stride `stride` elements) for n < 64, zero where !(n < valid) */
+__device__ __forceinline__ void am_load_rows(uint16_t *rows, const uint16_t *src, size_t stride, int valid)
+{
+    for (int c = threadIdx.x; c < 64 * (AM_HD / 8); c += AM_THREADS) {
+        const int n = c / (AM_HD / 8), d8 = (c % (AM_HD / 8)) * 8;
+        uint4 w = make_uint4(0u, 0u, 0u, 0u);
+        if (n < valid) w = *reinterpret_cast<const uint4 *>(src + (size_t)n * stride + d8);
+        *reinterpret_cast<uint4 *>(rows + n * AM_LD + d8) = w;
+    }
+}
+
+/* the same rows transposed: cols[d][n] */
+__device__ __forceinline__ void am_load_cols(uint16_t *cols, const uint16_t *src, size_t stride, int valid)
+{
+    for (int c = threadIdx.x; c < 64 * (AM_HD / 8); c += AM_THREADS) {
+        const int n = c % 64, d8 = (c / 64) * 8; /* consecutive threads: consecutive rows, fewer conflicts */
+        uint4 w = make_uint4(0u, 0u, 0u, 0u);
+        if (n < valid) w = *reinterpret_cast<const uint4 *>(src + (size_t)n * stride + d8);
+        const uint32_t e[4] = {w.x, w.y, w.z, w.w};
+        for (int k = 0; k < 4; k++) {
+            cols[(d8 + 2 * k) * AM_LD + n] = (uint16_t)(e[k] & 0xffffu);
+            cols[(d8 + 2 * k + 1) * AM_LD + n] = (uint16_t)(e[k] >> 16);
+        }
+    }
+}
+
+/* the 32-bit pair tile[row][col], tile[row][col + 1] */
+__device__ __forceinline__ uint32_t am_pair(const uint16_t *tile, int row, int col)
+{
+    return *reinterpret_cast<const uint32_t *>(tile + row * AM_LD + col);
+}
+
+/* acc[nt] += A (16 x 64, fragments a[ks]) B, where B[k][n] = tile[n][k] over 8 n tiles */
+template <typename T>
+__device__ __forceinline__ void am_mma_rows(float (&acc)[AM_NT][4], const uint32_t (&a)[AM_KS][4],
+                                            const uint16_t *tile)
+{
+    const int lane = threadIdx.x & 31, g = lane >> 2, t2 = (lane & 3) * 2;
+#pragma unroll
+    for (int ks = 0; ks < AM_KS; ks++)
+#pragma unroll
+        for (int nt = 0; nt < AM_NT; nt++)
+            mma16816<T>(acc[nt], a[ks][0], a[ks][1], a[ks][2], a[ks][3], am_pair(tile, nt * 8 + g, ks * 16 + t2),
+                        am_pair(tile, nt * 8 + g, ks * 16 + t2 + 8));
+}
+
+/* acc[nt] += X (16 x 64 over k, given as the f32 values of an m16n8 accumulator set, rounded to T)
+ * times B, where B[k][n] = tile[n][k] over 8 n tiles */
+template <typename T>
+__device__ __forceinline__ void am_mma_acc(float (&acc)[AM_NT][4], const float (&x)[AM_NT][4], const uint16_t *tile)
+{
+    const int lane = threadIdx.x & 31, g = lane >> 2, t2 = (lane & 3) * 2;
+#pragma unroll
+    for (int ks = 0; ks < AM_BN / 16; ks++) {
+        const uint32_t a0 = pack2<T>(x[2 * ks][0], x[2 * ks][1]), a1 = pack2<T>(x[2 * ks][2], x[2 * ks][3]);
+        const uint32_t a2 = pack2<T>(x[2 * ks + 1][0], x[2 * ks + 1][1]);
+        const uint32_t a3 = pack2<T>(x[2 * ks + 1][2], x[2 * ks + 1][3]);
+#pragma unroll
+        for (int nt = 0; nt < AM_NT; nt++)
+            mma16816<T>(acc[nt], a0, a1, a2, a3, am_pair(tile, nt * 8 + g, ks * 16 + t2),
+                        am_pair(tile, nt * 8 + g, ks * 16 + t2 + 8));
+    }
+}
+
+/* A fragments of 16 rows (this lane's rows lo, hi) of a [*, 64] matrix in global memory */
+__device__ __forceinline__ void am_frag_global(uint32_t (&a)[AM_KS][4], const uint16_t *lo, const uint16_t *hi,
+                                               int ok_lo, int ok_hi)
+{
+    const int t2 = (threadIdx.x & 3) * 2;
+#pragma unroll
+    for (int ks = 0; ks < AM_KS; ks++) {
+        const int c = ks * 16 + t2;
+        a[ks][0] = ok_lo ? *reinterpret_cast<const uint32_t *>(lo + c) : 0u;
+        a[ks][1] = ok_hi ? *reinterpret_cast<const uint32_t *>(hi + c) : 0u;
+        a[ks][2] = ok_lo ? *reinterpret_cast<const uint32_t *>(lo + c + 8) : 0u;
+        a[ks][3] = ok_hi ? *reinterpret_cast<const uint32_t *>(hi + c + 8) : 0u;
+    }
+}
+
+__device__ __forceinline__ void am_zero(float (&x)[AM_NT][4])
+{
+#pragma unroll
+    for (int nt = 0; nt < AM_NT; nt++) x[nt][0] = x[nt][1] = x[nt][2] = x[nt][3] = 0.0f;
+}
+
+/* keys a block of rows r0 .. r0+63 of one item must visit: the causal bound of its last row, or all
+ * Tk keys when the block spans two heads (its rows' t are then not increasing) */
+__device__ __forceinline__ int am_key_end(const am_p &p, int r0)
+{
+    const int last = min(r0 + AM_BM, p.rows_item) - 1;
+    if (last / p.T != r0 / p.T) return p.Tk;
+    return p.Tk - p.T + last % p.T + 1;
+}
+
+/* the key tile's segment ids and alibi positions (0 past Tk) */
+__device__ __forceinline__ void am_load_keyinfo(int32_t *seg, float *pos, const am_p &p, int b, int j0)
+{
+    for (int jj = threadIdx.x; jj < AM_BN; jj += AM_THREADS) {
+        const int j = j0 + jj;
+        const size_t at = (size_t)b * p.kstride + j;
+        seg[jj] = j < p.Tk ? p.kmask[at] : 0;
+        pos[jj] = j < p.Tk && p.slopes ? (float)p.kpos[at] : 0.0f;
+    }
+}
+
+/* the masked, scaled score of key (tile column) jj for a row, or -inf */
+__device__ __forceinline__ float am_score(float s, const am_row &row, int j, int jj, const int32_t *seg,
+                                          const float *pos, float scale)
+{
+    if (!(j < row.n) || !ft_key_visible(seg[jj], row.seg)) return -INFINITY;
+    return (s + row.slope * pos[jj]) * scale;
+}
+
+/* ------------------------------------------------------------------------ */
+/* forward                                                                   */
+
+template <typename T>
+__global__ void __launch_bounds__(AM_THREADS)
+am_fwd_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__restrict__ q, const T *__restrict__ k,
+              const T *__restrict__ v, am_p p)
+{
+    __shared__ __align__(16) uint16_t Ks[AM_BN * AM_LD]; /* [key][dim] */
+    __shared__ __align__(16) uint16_t Vt[AM_HD * AM_LD]; /* [dim][key] */
+    __shared__ int32_t kseg[AM_BN];
+    __shared__ float kpos[AM_BN];
+    const int item = blockIdx.y, b = item / p.KV, r0 = blockIdx.x * AM_BM;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t2 = (lane & 3) * 2;
+    const am_row lo = am_row_of(p, item, r0 + warp * 16 + g), hi = am_row_of(p, item, r0 + warp * 16 + g + 8);
+    const uint16_t *q16 = reinterpret_cast<const uint16_t *>(q);
+    uint32_t qa[AM_KS][4];
+    am_frag_global(qa, q16 + lo.qrow * AM_HD, q16 + hi.qrow * AM_HD, lo.ok, hi.ok);
+    const uint16_t *kb = reinterpret_cast<const uint16_t *>(k) + (size_t)item * p.cap * AM_HD;
+    const uint16_t *vb = reinterpret_cast<const uint16_t *>(v) + (size_t)item * p.cap * AM_HD;
+
+    float o[AM_NT][4];
+    am_zero(o);
+    float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f; /* l: this lane's columns only */
+    const int kend = am_key_end(p, r0);
+    for (int j0 = 0; j0 < kend; j0 += AM_BN) {
+        __syncthreads(); /* the previous tile is consumed */
+        am_load_rows(Ks, kb + (size_t)j0 * AM_HD, AM_HD, p.Tk - j0);
+        am_load_cols(Vt, vb + (size_t)j0 * AM_HD, AM_HD, p.Tk - j0);
+        am_load_keyinfo(kseg, kpos, p, b, j0);
+        __syncthreads();
+        float s[AM_NT][4];
+        am_zero(s);
+        am_mma_rows<T>(s, qa, Ks);
+        float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < AM_NT; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int jj = nt * 8 + t2 + (e & 1);
+                const am_row &row = e < 2 ? lo : hi;
+                s[nt][e] = am_score(s[nt][e], row, j0 + jj, jj, kseg, kpos, p.scale);
+                if (e < 2) mx_lo = fmaxf(mx_lo, s[nt][e]);
+                else mx_hi = fmaxf(mx_hi, s[nt][e]);
+            }
+        /* the row's max over its 4 lanes */
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+        const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+        /* reference point: 0 while a row has seen no visible key (exp(-inf - 0) = 0, never NaN) */
+        const float ref_lo = mn_lo == -INFINITY ? 0.0f : mn_lo, ref_hi = mn_hi == -INFINITY ? 0.0f : mn_hi;
+        const float al_lo = __expf(m_lo - ref_lo), al_hi = __expf(m_hi - ref_hi);
+        m_lo = mn_lo;
+        m_hi = mn_hi;
+        l_lo *= al_lo;
+        l_hi *= al_hi;
+#pragma unroll
+        for (int nt = 0; nt < AM_NT; nt++) {
+            s[nt][0] = __expf(s[nt][0] - ref_lo);
+            s[nt][1] = __expf(s[nt][1] - ref_lo);
+            s[nt][2] = __expf(s[nt][2] - ref_hi);
+            s[nt][3] = __expf(s[nt][3] - ref_hi);
+            l_lo += s[nt][0] + s[nt][1];
+            l_hi += s[nt][2] + s[nt][3];
+            o[nt][0] *= al_lo;
+            o[nt][1] *= al_lo;
+            o[nt][2] *= al_hi;
+            o[nt][3] *= al_hi;
+        }
+        am_mma_acc<T>(o, s, Vt);
+    }
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+    const float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f, inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
+    uint16_t *o16 = reinterpret_cast<uint16_t *>(out);
+#pragma unroll
+    for (int nt = 0; nt < AM_NT; nt++) {
+        const int d = nt * 8 + t2;
+        if (lo.ok) *reinterpret_cast<uint32_t *>(o16 + lo.orow + d) = pack2<T>(o[nt][0] * inv_lo, o[nt][1] * inv_lo);
+        if (hi.ok) *reinterpret_cast<uint32_t *>(o16 + hi.orow + d) = pack2<T>(o[nt][2] * inv_hi, o[nt][3] * inv_hi);
+    }
+    if ((lane & 3) == 0) {
+        if (lo.ok) lse[lo.qrow] = m_lo == -INFINITY ? -INFINITY : m_lo + logf(l_lo);
+        if (hi.ok) lse[hi.qrow] = m_hi == -INFINITY ? -INFINITY : m_hi + logf(l_hi);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* backward (training: Tk == T == cap)                                       */
+
+/* D[row] = dout_row . out_row (f32), a warp per query row, rows in lse order */
+template <typename T>
+__global__ void am_dot_kernel(float *__restrict__ D, const T *__restrict__ dout, const T *__restrict__ out, am_p p,
+                              int items)
+{
+    const size_t w = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (w >= (size_t)items * p.rows_item) return;
+    const am_row row = am_row_of(p, (int)(w / p.rows_item), (int)(w % p.rows_item));
+    const uint16_t *a = reinterpret_cast<const uint16_t *>(dout) + row.orow + 2 * lane;
+    const uint16_t *c = reinterpret_cast<const uint16_t *>(out) + row.orow + 2 * lane;
+    const float2 x = unpack2<T>(*reinterpret_cast<const uint32_t *>(a));
+    const float2 y = unpack2<T>(*reinterpret_cast<const uint32_t *>(c));
+    float s = x.x * y.x + x.y * y.y;
+    for (int m = 16; m; m >>= 1) s += __shfl_xor_sync(0xffffffffu, s, m);
+    if (lane == 0) D[w] = s;
+}
+
+/* P and G = P (dP - D) of one score tile held as m16n8 accumulators (rows lo/hi, tile columns jj);
+ * in: s (raw q.k) and dp; out: s = P, dp = G */
+__device__ __forceinline__ void am_probs_grad(float (&s)[AM_NT][4], float (&dp)[AM_NT][4], const am_row &lo,
+                                              const am_row &hi, float lse_lo, float lse_hi, float D_lo, float D_hi,
+                                              int j0, const int32_t *seg, const float *pos, float scale)
+{
+    const int t2 = (threadIdx.x & 3) * 2;
+#pragma unroll
+    for (int nt = 0; nt < AM_NT; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int jj = nt * 8 + t2 + (e & 1);
+            const am_row &row = e < 2 ? lo : hi;
+            const float L = e < 2 ? lse_lo : lse_hi;
+            const float sc = am_score(s[nt][e], row, j0 + jj, jj, seg, pos, scale);
+            const float pr = sc == -INFINITY || L == -INFINITY ? 0.0f : __expf(sc - L);
+            s[nt][e] = pr;
+            dp[nt][e] = pr * (dp[nt][e] - (e < 2 ? D_lo : D_hi));
+        }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(AM_THREADS)
+am_dq_kernel(T *__restrict__ dq, const T *__restrict__ dout, const float *__restrict__ lse,
+             const float *__restrict__ D, const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,
+             am_p p)
+{
+    __shared__ __align__(16) uint16_t Ks[AM_BN * AM_LD]; /* [key][dim]: S = Q K^T */
+    __shared__ __align__(16) uint16_t Vs[AM_BN * AM_LD]; /* [key][dim]: dP = dO V^T */
+    __shared__ __align__(16) uint16_t Kt[AM_HD * AM_LD]; /* [dim][key]: dQ += G K */
+    __shared__ int32_t kseg[AM_BN];
+    __shared__ float kpos[AM_BN];
+    const int item = blockIdx.y, b = item / p.KV, r0 = blockIdx.x * AM_BM;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t2 = (lane & 3) * 2;
+    const am_row lo = am_row_of(p, item, r0 + warp * 16 + g), hi = am_row_of(p, item, r0 + warp * 16 + g + 8);
+    uint32_t qa[AM_KS][4], da[AM_KS][4];
+    const uint16_t *q16 = reinterpret_cast<const uint16_t *>(q), *d16 = reinterpret_cast<const uint16_t *>(dout);
+    am_frag_global(qa, q16 + lo.qrow * AM_HD, q16 + hi.qrow * AM_HD, lo.ok, hi.ok);
+    am_frag_global(da, d16 + lo.orow, d16 + hi.orow, lo.ok, hi.ok);
+    const float lse_lo = lo.ok ? lse[lo.qrow] : -INFINITY, lse_hi = hi.ok ? lse[hi.qrow] : -INFINITY;
+    const float D_lo = lo.ok ? D[lo.qrow] : 0.0f, D_hi = hi.ok ? D[hi.qrow] : 0.0f;
+    const uint16_t *kb = reinterpret_cast<const uint16_t *>(k) + (size_t)item * p.cap * AM_HD;
+    const uint16_t *vb = reinterpret_cast<const uint16_t *>(v) + (size_t)item * p.cap * AM_HD;
+
+    float acc[AM_NT][4];
+    am_zero(acc);
+    const int kend = am_key_end(p, r0);
+    for (int j0 = 0; j0 < kend; j0 += AM_BN) {
+        __syncthreads();
+        am_load_rows(Ks, kb + (size_t)j0 * AM_HD, AM_HD, p.Tk - j0);
+        am_load_rows(Vs, vb + (size_t)j0 * AM_HD, AM_HD, p.Tk - j0);
+        am_load_cols(Kt, kb + (size_t)j0 * AM_HD, AM_HD, p.Tk - j0);
+        am_load_keyinfo(kseg, kpos, p, b, j0);
+        __syncthreads();
+        float s[AM_NT][4], dp[AM_NT][4];
+        am_zero(s);
+        am_zero(dp);
+        am_mma_rows<T>(s, qa, Ks);
+        am_mma_rows<T>(dp, da, Vs);
+        am_probs_grad(s, dp, lo, hi, lse_lo, lse_hi, D_lo, D_hi, j0, kseg, kpos, p.scale);
+        am_mma_acc<T>(acc, dp, Kt);
+    }
+    uint16_t *o16 = reinterpret_cast<uint16_t *>(dq);
+#pragma unroll
+    for (int nt = 0; nt < AM_NT; nt++) {
+        const int d = nt * 8 + t2;
+        if (lo.ok)
+            *reinterpret_cast<uint32_t *>(o16 + lo.qrow * AM_HD + d) = pack2<T>(p.scale * acc[nt][0], p.scale * acc[nt][1]);
+        if (hi.ok)
+            *reinterpret_cast<uint32_t *>(o16 + hi.qrow * AM_HD + d) = pack2<T>(p.scale * acc[nt][2], p.scale * acc[nt][3]);
+    }
+}
+
+/* dK, dV partials of keys j0 .. j0+63 of one item over the query heads of split z:
+ * dk_part / dv_part [splits][items T hd] f32 */
+template <typename T>
+__global__ void __launch_bounds__(AM_THREADS)
+am_dkv_kernel(float *__restrict__ dk_part, float *__restrict__ dv_part, const T *__restrict__ dout,
+              const float *__restrict__ lse, const float *__restrict__ D, const T *__restrict__ q,
+              const T *__restrict__ k, const T *__restrict__ v, am_p p, int items)
+{
+    __shared__ __align__(16) uint16_t Qs[AM_BM * AM_LD];  /* [query][dim]: S^T = K Q^T */
+    __shared__ __align__(16) uint16_t Qt[AM_HD * AM_LD];  /* [dim][query]: dK += G^T Q */
+    __shared__ __align__(16) uint16_t Os[AM_BM * AM_LD];  /* dout [query][dim]: dP^T = V dO^T */
+    __shared__ __align__(16) uint16_t Ot[AM_HD * AM_LD];  /* dout [dim][query]: dV += P^T dO */
+    __shared__ float qlse[AM_BM], qD[AM_BM];
+    __shared__ int32_t qseg[AM_BM];
+    const int item = blockIdx.y, b = item / p.KV, g_kv = item % p.KV, j0 = blockIdx.x * AM_BN, z = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t2 = (lane & 3) * 2;
+    /* this lane's two keys (the "rows" of the transposed products) */
+    const int j_lo = j0 + warp * 16 + g, j_hi = j_lo + 8;
+    const int ok_lo = j_lo < p.T, ok_hi = j_hi < p.T;
+    const size_t kat = (size_t)b * p.kstride;
+    const int32_t seg_lo = ok_lo ? p.kmask[kat + j_lo] : 0, seg_hi = ok_hi ? p.kmask[kat + j_hi] : 0;
+    const float pos_lo = ok_lo && p.slopes ? (float)p.kpos[kat + j_lo] : 0.0f;
+    const float pos_hi = ok_hi && p.slopes ? (float)p.kpos[kat + j_hi] : 0.0f;
+    const uint16_t *kb = reinterpret_cast<const uint16_t *>(k) + (size_t)item * p.cap * AM_HD;
+    const uint16_t *vb = reinterpret_cast<const uint16_t *>(v) + (size_t)item * p.cap * AM_HD;
+    uint32_t ka[AM_KS][4], va[AM_KS][4];
+    am_frag_global(ka, kb + (size_t)j_lo * AM_HD, kb + (size_t)j_hi * AM_HD, ok_lo, ok_hi);
+    am_frag_global(va, vb + (size_t)j_lo * AM_HD, vb + (size_t)j_hi * AM_HD, ok_lo, ok_hi);
+    const uint16_t *q16 = reinterpret_cast<const uint16_t *>(q), *d16 = reinterpret_cast<const uint16_t *>(dout);
+
+    float dk[AM_NT][4], dv[AM_NT][4];
+    am_zero(dk);
+    am_zero(dv);
+    const int hh1 = min(p.gs, (z + 1) * p.hps);
+    for (int hh = z * p.hps; hh < hh1; hh++) {
+        const int h = g_kv * p.gs + hh;
+        const float slope = p.slopes ? p.slopes[h] : 0.0f;
+        const size_t qrow0 = (size_t)item * p.rows_item + (size_t)hh * p.T; /* row of t = 0 */
+        for (int t0 = j0; t0 < p.T; t0 += AM_BM) { /* queries before j0 see none of these keys */
+            const int nq = p.T - t0;
+            __syncthreads();
+            am_load_rows(Qs, q16 + (qrow0 + t0) * AM_HD, AM_HD, nq);
+            am_load_cols(Qt, q16 + (qrow0 + t0) * AM_HD, AM_HD, nq);
+            const size_t orow0 = (((size_t)b * p.T + t0) * p.H + h) * AM_HD;
+            am_load_rows(Os, d16 + orow0, (size_t)p.H * AM_HD, nq);
+            am_load_cols(Ot, d16 + orow0, (size_t)p.H * AM_HD, nq);
+            for (int tt = threadIdx.x; tt < AM_BM; tt += AM_THREADS) {
+                const int ok = tt < nq;
+                qlse[tt] = ok ? lse[qrow0 + t0 + tt] : -INFINITY;
+                qD[tt] = ok ? D[qrow0 + t0 + tt] : 0.0f;
+                qseg[tt] = ok ? p.kmask[kat + t0 + tt] : 0;
+            }
+            __syncthreads();
+            float s[AM_NT][4], dp[AM_NT][4];
+            am_zero(s);
+            am_zero(dp);
+            am_mma_rows<T>(s, ka, Qs);
+            am_mma_rows<T>(dp, va, Os);
+#pragma unroll
+            for (int nt = 0; nt < AM_NT; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int tt = nt * 8 + t2 + (e & 1), t = t0 + tt;
+                    const int j = e < 2 ? j_lo : j_hi;
+                    const int32_t ks = e < 2 ? seg_lo : seg_hi;
+                    const float kp = e < 2 ? pos_lo : pos_hi;
+                    const float L = qlse[tt];
+                    float pr = 0.0f;
+                    if (t < p.T && j <= t && L != -INFINITY && ft_key_visible(ks, qseg[tt]))
+                        pr = __expf((s[nt][e] + slope * kp) * p.scale - L);
+                    s[nt][e] = pr;
+                    dp[nt][e] = pr * (dp[nt][e] - qD[tt]);
+                }
+            am_mma_acc<T>(dv, s, Ot);
+            am_mma_acc<T>(dk, dp, Qt);
+        }
+    }
+    const size_t base = (size_t)z * items * p.T * AM_HD + ((size_t)item * p.T) * AM_HD;
+#pragma unroll
+    for (int nt = 0; nt < AM_NT; nt++) {
+        const int d = nt * 8 + t2;
+        if (ok_lo) {
+            *reinterpret_cast<float2 *>(dk_part + base + (size_t)j_lo * AM_HD + d) =
+                make_float2(p.scale * dk[nt][0], p.scale * dk[nt][1]);
+            *reinterpret_cast<float2 *>(dv_part + base + (size_t)j_lo * AM_HD + d) = make_float2(dv[nt][0], dv[nt][1]);
+        }
+        if (ok_hi) {
+            *reinterpret_cast<float2 *>(dk_part + base + (size_t)j_hi * AM_HD + d) =
+                make_float2(p.scale * dk[nt][2], p.scale * dk[nt][3]);
+            *reinterpret_cast<float2 *>(dv_part + base + (size_t)j_hi * AM_HD + d) = make_float2(dv[nt][2], dv[nt][3]);
+        }
+    }
+}
+
+/* dst[e] = sum over splits z = 0, 1, .. of part[z][e], in that order, rounded once to T */
+template <typename T>
+__global__ void am_split_sum_kernel(T *__restrict__ dst, const float *__restrict__ part, int splits, size_t n)
+{
+    const size_t e = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 2;
+    if (e >= n) return;
+    float a = 0.0f, c = 0.0f;
+    for (int z = 0; z < splits; z++) {
+        const float2 w = *reinterpret_cast<const float2 *>(part + (size_t)z * n + e);
+        a += w.x;
+        c += w.y;
+    }
+    *reinterpret_cast<uint32_t *>(reinterpret_cast<uint16_t *>(dst) + e) = pack2<T>(a, c);
+}
+
+#endif /* FT_CUDA_ATTENTION_MMA_CUH */

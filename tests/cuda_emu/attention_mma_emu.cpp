@@ -1,0 +1,249 @@
+/* attention_mma_emu.cpp -- csrc/cuda/attention_mma.cuh run under emu.h, against a float64 reference.
+ *
+ * Every case draws fresh random q, k, v, dout (rounded to the act type, so the reference sees the
+ * kernels' inputs), segment ids with padding and packed examples, alibi or not, and checks out, lse,
+ * then dq, dk, dv from am_dot / am_dq / am_dkv / am_split_sum with the launch geometry
+ * attention_mma.cu uses (am_params, am_heads_per_split). Exit status 0 when every case passes.
+ * Built and run by tests/test_cuda_emu.py.
+ */
+#include "emu.h"
+
+#include "cuda/attention_mma.cuh"
+
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+
+struct spec {
+    int B, H, KV, T, past, extra_cap; /* Tk = past + T, cap = Tk + extra_cap */
+    int segments;                     /* 0: 0/1 mask with left padding; n: n packed examples per row */
+    int alibi;
+    int sms;                          /* multiprocessors assumed for the split choice */
+};
+
+template <typename T> static float round_to(float x) { return unpack2<T>(pack2<T>(x, 0.0f)).x; }
+
+template <typename T> static std::vector<uint16_t> to_act(const std::vector<float> &x)
+{
+    std::vector<uint16_t> o(x.size());
+    for (size_t i = 0; i < x.size(); i++) o[i] = (uint16_t)(pack2<T>(x[i], 0.0f) & 0xffffu);
+    return o;
+}
+template <typename T> static float from_act(uint16_t v) { return unpack2<T>((uint32_t)v).x; }
+
+/* max |a - b| / max |b| over a tensor (the kernels round P, G and the outputs to the act type); the
+ * denominator is at least 0.01, the inputs being of order 1: a gradient that is zero in exact
+ * arithmetic (one visible key) comes out as rounding noise */
+static double rel_err(const std::vector<double> &want, const std::vector<float> &got)
+{
+    double num = 0.0, den = 1e-2;
+    for (size_t i = 0; i < want.size(); i++) {
+        num = std::max(num, std::fabs(want[i] - (double)got[i]));
+        den = std::max(den, std::fabs(want[i]));
+    }
+    return num / den;
+}
+
+template <typename T> static int run_case(const spec &c, uint64_t seed, const char *tname, double tol)
+{
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    const int hd = AM_HD, gs = c.H / c.KV, Tk = c.past + c.T, cap = Tk + c.extra_cap, kstride = cap + 3;
+    const int training = c.past == 0 && c.extra_cap == 0;
+    auto draw = [&](size_t n, float s) {
+        std::vector<float> v(n);
+        for (auto &x : v) x = round_to<T>(s * nd(rng));
+        return v;
+    };
+    std::vector<float> q = draw((size_t)c.B * c.H * c.T * hd, 1.0f);
+    std::vector<float> k = draw((size_t)c.B * c.KV * cap * hd, 1.0f);
+    std::vector<float> v = draw((size_t)c.B * c.KV * cap * hd, 1.0f);
+    std::vector<float> dout = draw((size_t)c.B * c.T * c.H * hd, 1.0f);
+    /* segment ids: packed rows get c.segments examples of random lengths then padding; 0/1 masks get
+     * left padding of a random length (a row may be all padding) */
+    std::vector<int32_t> kmask((size_t)c.B * kstride, -7), kpos((size_t)c.B * kstride, -7);
+    for (int b = 0; b < c.B; b++) {
+        int32_t *m = &kmask[(size_t)b * kstride], *ps = &kpos[(size_t)b * kstride];
+        if (c.segments == 0) {
+            const int pad = (int)(rng() % (Tk / 2 + 2));
+            for (int j = 0; j < Tk; j++) {
+                m[j] = j >= pad;
+                ps[j] = j >= pad ? j - pad : 0;
+            }
+        } else {
+            int j = 0;
+            for (int s = 1; s <= c.segments && j < Tk; s++) {
+                const int len = 1 + (int)(rng() % (2 * Tk / c.segments + 1));
+                for (int e = 0; e < len && j < Tk; e++, j++) {
+                    m[j] = s;
+                    ps[j] = e;
+                }
+            }
+            for (; j < Tk; j++) m[j] = ps[j] = 0;
+        }
+    }
+    std::vector<float> slopes(c.H);
+    for (int h = 0; h < c.H; h++) slopes[h] = std::pow(2.0f, -8.0f * (h + 1) / c.H);
+    const float scale = 1.0f / std::sqrt((float)hd);
+
+    /* float64 reference: out, lse, and the gradients of sum(dout . out) */
+    const size_t nq = (size_t)c.B * c.H * c.T;
+    std::vector<double> ref_out(nq * hd, 0.0), ref_lse(nq), ref_dq(nq * hd, 0.0);
+    std::vector<double> ref_dk((size_t)c.B * c.KV * c.T * hd, 0.0), ref_dv(ref_dk.size(), 0.0);
+    std::vector<double> P(Tk);
+    for (int b = 0; b < c.B; b++)
+        for (int h = 0; h < c.H; h++)
+            for (int t = 0; t < c.T; t++) {
+                const int qp = Tk - c.T + t;
+                const int32_t qseg = kmask[(size_t)b * kstride + qp];
+                const float *qr = &q[(((size_t)b * c.H + h) * c.T + t) * hd];
+                const float *kb = &k[((size_t)b * c.KV + h / gs) * cap * hd];
+                const float *vb = &v[((size_t)b * c.KV + h / gs) * cap * hd];
+                double mx = -INFINITY;
+                for (int j = 0; j < Tk; j++) {
+                    P[j] = -INFINITY;
+                    if (j > qp || !ft_key_visible(kmask[(size_t)b * kstride + j], qseg)) continue;
+                    double s = 0.0;
+                    for (int d = 0; d < hd; d++) s += (double)qr[d] * kb[(size_t)j * hd + d];
+                    if (c.alibi) s += (double)slopes[h] * kpos[(size_t)b * kstride + j];
+                    P[j] = s * scale;
+                    mx = std::max(mx, P[j]);
+                }
+                const size_t row = ((size_t)b * c.H + h) * c.T + t;
+                double *o = &ref_out[row * hd];
+                if (mx == -INFINITY) {
+                    ref_lse[row] = -INFINITY;
+                    continue;
+                }
+                double sum = 0.0;
+                for (int j = 0; j < Tk; j++) sum += P[j] == -INFINITY ? 0.0 : std::exp(P[j] - mx);
+                ref_lse[row] = mx + std::log(sum);
+                for (int j = 0; j < Tk; j++) {
+                    P[j] = P[j] == -INFINITY ? 0.0 : std::exp(P[j] - ref_lse[row]);
+                    for (int d = 0; d < hd; d++) o[d] += P[j] * vb[(size_t)j * hd + d];
+                }
+                if (!training) continue;
+                const float *dor = &dout[(((size_t)b * c.T + t) * c.H + h) * hd];
+                double Dt = 0.0;
+                for (int d = 0; d < hd; d++) Dt += (double)dor[d] * o[d];
+                double *dkb = &ref_dk[((size_t)b * c.KV + h / gs) * c.T * hd];
+                double *dvb = &ref_dv[((size_t)b * c.KV + h / gs) * c.T * hd];
+                for (int j = 0; j < Tk; j++) {
+                    if (P[j] == 0.0) continue;
+                    double dp = 0.0;
+                    for (int d = 0; d < hd; d++) dp += (double)dor[d] * vb[(size_t)j * hd + d];
+                    const double ds = P[j] * (dp - Dt) * scale;
+                    for (int d = 0; d < hd; d++) {
+                        ref_dq[row * hd + d] += ds * kb[(size_t)j * hd + d];
+                        dkb[(size_t)j * hd + d] += ds * qr[d];
+                        dvb[(size_t)j * hd + d] += P[j] * dor[d];
+                    }
+                }
+            }
+
+    /* the kernels, launched as attention_mma.cu launches them */
+    ft_attn_args a{};
+    a.B = c.B;
+    a.H = c.H;
+    a.KV = c.KV;
+    a.T = c.T;
+    a.Tk = Tk;
+    a.cap = cap;
+    a.hd = hd;
+    a.scale = scale;
+    a.kstride = kstride;
+    a.kmask = kmask.data();
+    a.kpos = kpos.data();
+    a.slopes = c.alibi ? slopes.data() : nullptr;
+    am_p p = am_params(&a);
+    const int items = c.B * c.KV;
+    std::vector<uint16_t> q16 = to_act<T>(q), k16 = to_act<T>(k), v16 = to_act<T>(v), do16 = to_act<T>(dout);
+    std::vector<uint16_t> out16(nq * hd, 0x7e00u); /* NaN-ish poison: every element must be written */
+    std::vector<float> lse(nq, 12345.0f);
+    const dim3 grid((p.rows_item + AM_BM - 1) / AM_BM, items);
+    emu_launch(grid, dim3(AM_THREADS), am_fwd_kernel<T>, (T *)out16.data(), lse.data(), (const T *)q16.data(),
+               (const T *)k16.data(), (const T *)v16.data(), p);
+    std::vector<float> out(nq * hd);
+    for (size_t i = 0; i < out.size(); i++) out[i] = from_act<T>(out16[i]);
+    /* out is [B, T, H hd]; the reference [B, H, T, hd]: compare in the reference's order */
+    std::vector<float> out_bhtd(nq * hd);
+    for (int b = 0; b < c.B; b++)
+        for (int h = 0; h < c.H; h++)
+            for (int t = 0; t < c.T; t++)
+                for (int d = 0; d < hd; d++)
+                    out_bhtd[(((size_t)b * c.H + h) * c.T + t) * hd + d] =
+                        out[(((size_t)b * c.T + t) * c.H + h) * hd + d];
+    int bad = 0;
+    double lse_err = 0.0;
+    for (size_t i = 0; i < nq; i++) {
+        if (std::isinf(ref_lse[i]) || std::isinf(lse[i])) {
+            if (!(std::isinf(ref_lse[i]) && std::isinf(lse[i]) && lse[i] < 0)) lse_err = INFINITY;
+        } else {
+            lse_err = std::max(lse_err, std::fabs(ref_lse[i] - lse[i]) / std::max(1.0, std::fabs(ref_lse[i])));
+        }
+    }
+    const double e_out = rel_err(ref_out, out_bhtd);
+    bad |= !(e_out <= tol) || !(lse_err <= 1e-4);
+    double e_dq = 0, e_dk = 0, e_dv = 0;
+    int hps = 0;
+    if (training) {
+        std::vector<float> D(nq, 777.0f);
+        emu_launch(dim3((unsigned)((nq * 32 + 255) / 256)), dim3(256), am_dot_kernel<T>, D.data(),
+                   (const T *)do16.data(), (const T *)out16.data(), p, items);
+        std::vector<uint16_t> dq16(nq * hd, 0x7e00u);
+        emu_launch(grid, dim3(AM_THREADS), am_dq_kernel<T>, (T *)dq16.data(), (const T *)do16.data(),
+                   (const float *)lse.data(), (const float *)D.data(), (const T *)q16.data(), (const T *)k16.data(),
+                   (const T *)v16.data(), p);
+        hps = am_heads_per_split(p, items, c.sms);
+        p.hps = hps;
+        const int splits = (gs + hps - 1) / hps;
+        const size_t nkv = (size_t)items * c.T * hd;
+        std::vector<float> dkp(splits * nkv, NAN), dvp(splits * nkv, NAN);
+        emu_launch(dim3((c.T + AM_BN - 1) / AM_BN, items, splits), dim3(AM_THREADS), am_dkv_kernel<T>, dkp.data(),
+                   dvp.data(), (const T *)do16.data(), (const float *)lse.data(), (const float *)D.data(),
+                   (const T *)q16.data(), (const T *)k16.data(), (const T *)v16.data(), p, items);
+        std::vector<uint16_t> dk16(nkv, 0x7e00u), dv16(nkv, 0x7e00u);
+        const dim3 sg((unsigned)((nkv / 2 + 255) / 256));
+        emu_launch(sg, dim3(256), am_split_sum_kernel<T>, (T *)dk16.data(), (const float *)dkp.data(), splits, nkv);
+        emu_launch(sg, dim3(256), am_split_sum_kernel<T>, (T *)dv16.data(), (const float *)dvp.data(), splits, nkv);
+        auto unact = [&](const std::vector<uint16_t> &x) {
+            std::vector<float> f(x.size());
+            for (size_t i = 0; i < x.size(); i++) f[i] = from_act<T>(x[i]);
+            return f;
+        };
+        e_dq = rel_err(ref_dq, unact(dq16));
+        e_dk = rel_err(ref_dk, unact(dk16));
+        e_dv = rel_err(ref_dv, unact(dv16));
+        bad |= !(e_dq <= 2 * tol) || !(e_dk <= 2 * tol) || !(e_dv <= 2 * tol);
+    }
+    std::printf("%s %s B=%d H=%d KV=%d T=%d past=%d cap+%d seg=%d alibi=%d hps=%d: out %.2e lse %.2e dq %.2e "
+                "dk %.2e dv %.2e\n",
+                bad ? "FAIL" : "ok  ", tname, c.B, c.H, c.KV, c.T, c.past, c.extra_cap, c.segments, c.alibi, hps,
+                e_out, lse_err, e_dq, e_dk, e_dv);
+    return bad;
+}
+
+int main(int argc, char **argv)
+{
+    const uint64_t seed = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 20261204u;
+    const spec cases[] = {
+        /* B  H  KV  T  past cap seg alibi sms */
+        {1, 1, 1, 64, 0, 0, 0, 0, 132},   /* one tile */
+        {2, 3, 1, 37, 0, 0, 0, 1, 132},   /* rows of 3 heads span blocks, left padding, alibi */
+        {1, 4, 2, 100, 0, 0, 3, 0, 2},    /* two kv heads, packed examples, T over two tiles, few SMs */
+        {2, 6, 1, 130, 0, 0, 2, 1, 1},    /* three key tiles, packed + alibi, all 6 heads in one split */
+        {1, 8, 1, 70, 0, 0, 0, 1, 2},     /* splits of 2 heads */
+        {1, 2, 1, 1, 0, 0, 0, 0, 132},    /* one query */
+        {1, 2, 1, 5, 70, 9, 0, 1, 132},   /* prefill after a cache: Tk > T, cap > Tk (forward only) */
+        {2, 4, 4, 48, 0, 0, 1, 0, 132},   /* one query head per kv head */
+    };
+    int bad = 0;
+    uint64_t s = seed;
+    for (const spec &c : cases) {
+        bad += run_case<f16>(c, s++, "f16 ", 4e-3);
+        bad += run_case<bf16>(c, s++, "bf16", 3e-2);
+    }
+    std::printf("%s: %d case(s) failed\n", bad ? "FAILED" : "passed", bad);
+    return bad ? 1 : 0;
+}

@@ -1,0 +1,245 @@
+/* emu.h -- run CUDA kernels on the CPU: one fiber per CUDA thread, blocks one after another.
+ *
+ * For kernels written against a small surface (threadIdx/blockIdx/blockDim, __syncthreads,
+ * __shfl_xor_sync, static __shared__ arrays, mma.cuh's pack2/unpack2/mma16816), so that their
+ * indexing, masking and fragment bookkeeping can be tested on a machine without a GPU. A warp is 32
+ * threads meeting at a barrier for every collective; mma16816 gathers the warp's fragments and
+ * computes the m16n8k16 product from the PTX fragment layout that mma.cuh documents, in fp32.
+ * Fibers switch only at barriers; the scheduler resumes a random half of them, in a random order, at
+ * every sweep, so warps drift apart and a shared-memory access that no __syncthreads orders against
+ * another warp's sees the wrong data in some sweep. What it cannot see:
+ * timing, and the hardware's own summation order inside one mma.
+ *
+ * Include it before the kernel header; compile with g++ -std=c++20 -pthread -I<cuda>/include.
+ */
+#ifndef FT_CUDA_EMU_H
+#define FT_CUDA_EMU_H
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <algorithm>
+#include <functional>
+#include <ucontext.h>
+#include <vector>
+
+#undef __shared__
+#define __shared__ static /* one block runs at a time: a function-local static is its shared memory */
+#define __launch_bounds__(...)
+
+typedef __nv_bfloat16 bf16;
+typedef __half f16;
+
+/* A barrier of n fibers: the last to arrive opens the next generation; the others yield to the
+ * scheduler until it has. */
+struct emu_barrier {
+    int n, count = 0;
+    unsigned gen = 0;
+    explicit emu_barrier(int n_) : n(n_) {}
+    void arrive_and_wait();
+};
+
+struct emu_warp {
+    emu_barrier bar{32};
+    float f[32];
+    uint32_t frag[32][6];
+};
+
+struct emu_block {
+    explicit emu_block(int threads) : bar(threads), warps(threads / 32) {}
+    emu_barrier bar;
+    std::vector<emu_warp> warps;
+};
+
+struct emu_thread {
+    uint3 tid, bid;
+    emu_block *block;
+    ucontext_t ctx;
+    std::unique_ptr<char[]> stack;
+    bool done;
+};
+inline emu_thread *emu_cur;     /* the fiber running now */
+inline ucontext_t emu_sched;    /* the scheduler's context */
+inline dim3 emu_block_dim, emu_grid_dim;
+inline std::mt19937 emu_order_rng{12345u};
+#define emu_self (*emu_cur)
+
+inline void emu_yield() { swapcontext(&emu_cur->ctx, &emu_sched); }
+inline void emu_barrier::arrive_and_wait()
+{
+    const unsigned my = gen;
+    if (++count == n) {
+        count = 0;
+        gen++;
+        return;
+    }
+    while (gen == my) emu_yield();
+}
+
+#define threadIdx (emu_self.tid)
+#define blockIdx (emu_self.bid)
+#define blockDim (emu_block_dim)
+#define gridDim (emu_grid_dim)
+
+inline emu_warp &emu_my_warp() { return emu_self.block->warps[emu_self.tid.x / 32]; }
+
+/* a fiber's entry: runs the launched kernel once, then marks itself finished (uc_link returns to
+ * the scheduler) */
+inline std::function<void()> emu_body; /* the kernel call every fiber of a launch makes */
+inline void emu_fiber_main()
+{
+    emu_body();
+    emu_cur->done = true;
+}
+
+inline void emu_syncthreads() { emu_self.block->bar.arrive_and_wait(); }
+#define __syncthreads() emu_syncthreads()
+
+inline float emu_shfl_xor_sync(unsigned mask, float v, int lanes)
+{
+    (void)mask;
+    emu_warp &w = emu_my_warp();
+    const int lane = emu_self.tid.x & 31;
+    w.f[lane] = v;
+    w.bar.arrive_and_wait();
+    const float r = w.f[lane ^ lanes];
+    w.bar.arrive_and_wait();
+    return r;
+}
+#define __shfl_xor_sync emu_shfl_xor_sync
+
+inline float emu_expf(float x) { return std::exp(x); }
+#define __expf emu_expf
+using std::min;
+using std::max;
+
+/* ---- mma.cuh, emulated ---- */
+#define FT_CUDA_MMA_CUH
+
+template <typename T> inline uint32_t pack2(float lo, float hi);
+template <> inline uint32_t pack2<bf16>(float lo, float hi)
+{
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    uint32_t u;
+    std::memcpy(&u, &h, 4);
+    return u;
+}
+template <> inline uint32_t pack2<f16>(float lo, float hi)
+{
+    __half2 h = __floats2half2_rn(lo, hi);
+    uint32_t u;
+    std::memcpy(&u, &h, 4);
+    return u;
+}
+template <typename T> inline float2 unpack2(uint32_t v);
+template <> inline float2 unpack2<bf16>(uint32_t v)
+{
+    __nv_bfloat162 h;
+    std::memcpy(static_cast<void *>(&h), &v, 4);
+    return __bfloat1622float2(h);
+}
+template <> inline float2 unpack2<f16>(uint32_t v)
+{
+    __half2 h;
+    std::memcpy(static_cast<void *>(&h), &v, 4);
+    return __half22float2(h);
+}
+
+/* d (this lane's D[g][2t..2t+1], D[g+8][2t..2t+1]) += A B over the warp's fragments */
+template <typename T>
+inline void mma16816(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1)
+{
+    emu_warp &w = emu_my_warp();
+    const int lane = emu_self.tid.x & 31, g = lane >> 2, t = lane & 3;
+    const uint32_t mine[6] = {a0, a1, a2, a3, b0, b1};
+    std::memcpy(w.frag[lane], mine, sizeof mine);
+    w.bar.arrive_and_wait();
+    auto half_of = [](uint32_t v, int k) {
+        const float2 f = unpack2<T>(v);
+        return (k & 1) ? f.y : f.x;
+    };
+    /* A[row][k]: lane (row % 8) * 4 + (k % 8) / 2, register a0 (row < 8, k < 8), a1 (row >= 8),
+     * a2 (k >= 8), a3 (both); B[k][n]: lane n * 4 + (k % 8) / 2, register b0 (k < 8) or b1 */
+    auto A = [&](int row, int k) {
+        return half_of(w.frag[(row % 8) * 4 + (k % 8) / 2][(row < 8 ? 0 : 1) + (k < 8 ? 0 : 2)], k);
+    };
+    auto B = [&](int k, int n) { return half_of(w.frag[n * 4 + (k % 8) / 2][k < 8 ? 4 : 5], k); };
+    float out[4];
+    for (int i = 0; i < 4; i++) {
+        const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+        float s = 0.0f;
+        for (int k = 0; k < 16; k++) s += A(row, k) * B(k, col);
+        out[i] = s;
+    }
+    w.bar.arrive_and_wait(); /* every lane has read the fragments before any lane writes again */
+    for (int i = 0; i < 4; i++) d[i] += out[i];
+}
+
+/* runs one fiber until it yields or ends (kept out of line: the caller's locals stay clear of the
+ * context switch) */
+[[gnu::noinline]] inline void emu_resume(emu_thread *e)
+{
+    emu_cur = e;
+    swapcontext(&emu_sched, &e->ctx);
+}
+
+/* a fiber that starts in emu_fiber_main on its own stack (out of line, as emu_resume) */
+[[gnu::noinline]] inline void emu_fiber_init(emu_thread *e, size_t stack_bytes)
+{
+    e->stack.reset(new char[stack_bytes]);
+    getcontext(&e->ctx);
+    e->ctx.uc_stack.ss_sp = e->stack.get();
+    e->ctx.uc_stack.ss_size = stack_bytes;
+    e->ctx.uc_link = &emu_sched;
+    makecontext(&e->ctx, emu_fiber_main, 0);
+}
+
+/* block (x, y, z) of the current launch: its threads are fibers of this OS thread, switched at every
+ * barrier, a random half of them in a random order at every sweep */
+inline void emu_run_block(uint3 bid)
+{
+    constexpr size_t stack_bytes = 256 * 1024;
+    const unsigned n = emu_block_dim.x;
+    emu_block blk((int)n);
+    std::vector<emu_thread> th(n);
+    std::vector<unsigned> order(n);
+    for (unsigned t = 0; t < n; t++) {
+        emu_thread &e = th[t];
+        e.tid = make_uint3(t, 0, 0);
+        e.bid = bid;
+        e.block = &blk;
+        e.done = false;
+        emu_fiber_init(&e, stack_bytes);
+        order[t] = t;
+    }
+    for (unsigned left = n; left;) {
+        left = 0;
+        std::shuffle(order.begin(), order.end(), emu_order_rng);
+        for (unsigned o : order) {
+            if (th[o].done) continue;
+            if (emu_order_rng() & 1) emu_resume(&th[o]); /* skipped half the time: warps drift apart */
+            left += !th[o].done;
+        }
+    }
+}
+
+/* kernel<<<grid, block>>>(args...) with 1-D blocks of a multiple of 32 threads, blocks in order */
+template <typename... P, typename... A>
+void emu_launch(dim3 grid, dim3 block, void (*kernel)(P...), A... args)
+{
+    emu_grid_dim = grid;
+    emu_block_dim = block;
+    emu_body = [=] { kernel(args...); };
+    for (unsigned z = 0; z < grid.z; z++)
+        for (unsigned y = 0; y < grid.y; y++)
+            for (unsigned x = 0; x < grid.x; x++) emu_run_block(make_uint3(x, y, z));
+    emu_body = nullptr;
+}
+
+#endif /* FT_CUDA_EMU_H */
