@@ -6,6 +6,8 @@
 #   bench40b -> bench/train_bench.py --preset falcon-40b (ours + peers that fit, mb 1 4)
 #             ($OUT/bench40b.log, $OUT/train40b_*.json)
 #   benchours -> bench/train_bench.py --no-hf
+#   mmatests -> the GPU tests of the tensor-core flash attention (test_ops.py -k mma, test_cuda_attention.py)
+#   benchmma -> benchours with FT_CUDA_ATTN=mma
 #   cudatests -> every test marked cuda (needs .devdata/ = a copy of ../shared/data, carried)
 #   decode -> bench/decode_bench.py (ours + HF bf16 and HF bnb NF4 generate)   ($OUT/decode.log, $OUT/decode_*.json)
 #   profile -> bench/decode_profile.py (per-kernel time of a decode step)   ($OUT/decode_profile.txt)
@@ -74,6 +76,8 @@ for what in "$@"; do
     bench40bours) wait_ckpt40b; BENCH40_ARGS="--no-hf ${BENCH40_ARGS:-}" bench40b ;;
     ckpt40bbg) ckpt40b > "$OUT/ckpt40b.log" 2>&1 & CK40=$! ;;
     profile) timeout ${DECODE_TIMEOUT:-200} python3 bench/decode_profile.py --out "$OUT" --ckpt /tmp/ft7b 2>&1 | grep -vi warn | tail -40 ;;
+    mmatests) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_ops.py -k "mma" tests/test_cuda_attention.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/mmatests.log" | tail -30 ;;
+    benchmma) FT_CUDA_ATTN=mma timeout ${BENCH_TIMEOUT:-300} python3 bench/train_bench.py --no-hf --out "$OUT" --ckpt /tmp/ft7b ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_mma.log" | tail -30 ;;
     benchours) timeout ${BENCH_TIMEOUT:-300} python3 bench/train_bench.py --no-hf --out "$OUT" --ckpt /tmp/ft7b ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -30 ;;
   esac
 done
