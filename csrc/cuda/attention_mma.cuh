@@ -233,6 +233,21 @@ __device__ __forceinline__ float am_score(float s, const am_row &row, int j, int
     return (s + row.slope * pos[jj]) * scale;
 }
 
+/* a score tile held as m16n8 accumulators (this lane: rows lo, hi; tile columns nt*8 + 2t + 0/1),
+ * raw q.k in, masked and scaled scores out */
+__device__ __forceinline__ void am_scores(float (&s)[AM_NT][4], const am_row &lo, const am_row &hi, int j0,
+                                          const int32_t *seg, const float *pos, float scale)
+{
+    const int t2 = (threadIdx.x & 3) * 2;
+#pragma unroll
+    for (int nt = 0; nt < AM_NT; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int jj = nt * 8 + t2 + (e & 1);
+            s[nt][e] = am_score(s[nt][e], e < 2 ? lo : hi, j0 + jj, jj, seg, pos, scale);
+        }
+}
+
 /* ------------------------------------------------------------------------ */
 /* forward                                                                   */
 
@@ -267,17 +282,13 @@ am_fwd_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__restrict_
         float s[AM_NT][4];
         am_zero(s);
         am_mma_rows<T>(s, qa, Ks);
+        am_scores(s, lo, hi, j0, kseg, kpos, p.scale);
         float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
-        for (int nt = 0; nt < AM_NT; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int jj = nt * 8 + t2 + (e & 1);
-                const am_row &row = e < 2 ? lo : hi;
-                s[nt][e] = am_score(s[nt][e], row, j0 + jj, jj, kseg, kpos, p.scale);
-                if (e < 2) mx_lo = fmaxf(mx_lo, s[nt][e]);
-                else mx_hi = fmaxf(mx_hi, s[nt][e]);
-            }
+        for (int nt = 0; nt < AM_NT; nt++) {
+            mx_lo = fmaxf(mx_lo, fmaxf(s[nt][0], s[nt][1]));
+            mx_hi = fmaxf(mx_hi, fmaxf(s[nt][2], s[nt][3]));
+        }
         /* the row's max over its 4 lanes */
         mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
         mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
@@ -345,22 +356,17 @@ __global__ void am_dot_kernel(float *__restrict__ D, const T *__restrict__ dout,
     if (lane == 0) D[w] = s;
 }
 
-/* P and G = P (dP - D) of one score tile held as m16n8 accumulators (rows lo/hi, tile columns jj);
- * in: s (raw q.k) and dp; out: s = P, dp = G */
-__device__ __forceinline__ void am_probs_grad(float (&s)[AM_NT][4], float (&dp)[AM_NT][4], const am_row &lo,
-                                              const am_row &hi, float lse_lo, float lse_hi, float D_lo, float D_hi,
-                                              int j0, const int32_t *seg, const float *pos, float scale)
+/* P and G = P (dP - D) of one score tile held as m16n8 accumulators (rows lo/hi);
+ * in: s (masked, scaled scores) and dp; out: s = P, dp = G */
+__device__ __forceinline__ void am_probs_grad(float (&s)[AM_NT][4], float (&dp)[AM_NT][4], float lse_lo,
+                                              float lse_hi, float D_lo, float D_hi)
 {
-    const int t2 = (threadIdx.x & 3) * 2;
 #pragma unroll
     for (int nt = 0; nt < AM_NT; nt++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            const int jj = nt * 8 + t2 + (e & 1);
-            const am_row &row = e < 2 ? lo : hi;
             const float L = e < 2 ? lse_lo : lse_hi;
-            const float sc = am_score(s[nt][e], row, j0 + jj, jj, seg, pos, scale);
-            const float pr = sc == -INFINITY || L == -INFINITY ? 0.0f : __expf(sc - L);
+            const float pr = s[nt][e] == -INFINITY || L == -INFINITY ? 0.0f : __expf(s[nt][e] - L);
             s[nt][e] = pr;
             dp[nt][e] = pr * (dp[nt][e] - (e < 2 ? D_lo : D_hi));
         }
@@ -404,7 +410,8 @@ am_dq_kernel(T *__restrict__ dq, const T *__restrict__ dout, const float *__rest
         am_zero(dp);
         am_mma_rows<T>(s, qa, Ks);
         am_mma_rows<T>(dp, da, Vs);
-        am_probs_grad(s, dp, lo, hi, lse_lo, lse_hi, D_lo, D_hi, j0, kseg, kpos, p.scale);
+        am_scores(s, lo, hi, j0, kseg, kpos, p.scale);
+        am_probs_grad(s, dp, lse_lo, lse_hi, D_lo, D_hi);
         am_mma_acc<T>(acc, dp, Kt);
     }
     uint16_t *o16 = reinterpret_cast<uint16_t *>(dq);
