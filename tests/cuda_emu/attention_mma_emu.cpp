@@ -237,6 +237,7 @@ int main(int argc, char **argv)
         {1, 2, 1, 1, 0, 0, 0, 0, 132},    /* one query */
         {1, 2, 1, 5, 70, 9, 0, 1, 132},   /* prefill after a cache: Tk > T, cap > Tk (forward only) */
         {2, 4, 4, 48, 0, 0, 1, 0, 132},   /* one query head per kv head */
+        {1, 71, 1, 77, 0, 0, 2, 0, 8},    /* Falcon-7B's 71 heads per kv head: 15 splits of 5 heads, the last of 1 */
     };
     int bad = 0;
     uint64_t s = seed;

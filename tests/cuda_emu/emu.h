@@ -7,13 +7,18 @@
  * computes the m16n8k16 product from the PTX fragment layout that mma.cuh documents, in fp32.
  * Fibers switch only at barriers; the scheduler resumes a random half of them, in a random order, at
  * every sweep, so warps drift apart and a shared-memory access that no __syncthreads orders against
- * another warp's sees the wrong data in some sweep. What it cannot see:
- * timing, and the hardware's own summation order inside one mma.
+ * another warp's sees the wrong data in some sweep. What it cannot see: timing, bank conflicts,
+ * and the hardware's own summation order inside one mma. A fiber starts through makecontext and
+ * switches with _setjmp/_longjmp (swapcontext saves the signal mask: a syscall per switch).
  *
- * Include it before the kernel header; compile with g++ -std=c++20 -pthread -I<cuda>/include.
+ * Include it before the kernel header; compile with g++ -std=c++20 -I<cuda>/include.
  */
 #ifndef FT_CUDA_EMU_H
 #define FT_CUDA_EMU_H
+
+/* fibers switch stacks with _longjmp, which the fortified longjmp check would take for a jump
+ * into a dead frame */
+#undef _FORTIFY_SOURCE
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -26,6 +31,7 @@
 #include <random>
 #include <algorithm>
 #include <functional>
+#include <setjmp.h>
 #include <ucontext.h>
 #include <vector>
 
@@ -60,17 +66,23 @@ struct emu_block {
 struct emu_thread {
     uint3 tid, bid;
     emu_block *block;
-    ucontext_t ctx;
+    ucontext_t ctx;  /* the first entry (makecontext) */
+    jmp_buf jb;      /* where it yielded */
+    bool started;
     std::unique_ptr<char[]> stack;
     bool done;
 };
 inline emu_thread *emu_cur;     /* the fiber running now */
-inline ucontext_t emu_sched;    /* the scheduler's context */
+inline ucontext_t emu_sched;    /* the scheduler's context for a fiber's first entry */
+inline jmp_buf emu_sched_jb;    /* the scheduler, for every later switch (no signal-mask syscalls) */
 inline dim3 emu_block_dim, emu_grid_dim;
 inline std::mt19937 emu_order_rng{12345u};
 #define emu_self (*emu_cur)
 
-inline void emu_yield() { swapcontext(&emu_cur->ctx, &emu_sched); }
+inline void emu_yield()
+{
+    if (!_setjmp(emu_cur->jb)) _longjmp(emu_sched_jb, 1);
+}
 inline void emu_barrier::arrive_and_wait()
 {
     const unsigned my = gen;
@@ -89,13 +101,15 @@ inline void emu_barrier::arrive_and_wait()
 
 inline emu_warp &emu_my_warp() { return emu_self.block->warps[emu_self.tid.x / 32]; }
 
-/* a fiber's entry: runs the launched kernel once, then marks itself finished (uc_link returns to
- * the scheduler) */
 inline std::function<void()> emu_body; /* the kernel call every fiber of a launch makes */
+
+/* a fiber's entry: runs the launched kernel once, marks itself finished and jumps back to the
+ * scheduler (never returns: its stack stays allocated until the block ends) */
 inline void emu_fiber_main()
 {
     emu_body();
     emu_cur->done = true;
+    _longjmp(emu_sched_jb, 1);
 }
 
 inline void emu_syncthreads() { emu_self.block->bar.arrive_and_wait(); }
@@ -186,7 +200,13 @@ inline void mma16816(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a
 [[gnu::noinline]] inline void emu_resume(emu_thread *e)
 {
     emu_cur = e;
-    swapcontext(&emu_sched, &e->ctx);
+    if (_setjmp(emu_sched_jb)) return; /* the fiber yielded or ended */
+    if (!e->started) {
+        e->started = true;
+        swapcontext(&emu_sched, &e->ctx);
+    } else {
+        _longjmp(e->jb, 1);
+    }
 }
 
 /* a fiber that starts in emu_fiber_main on its own stack (out of line, as emu_resume) */
@@ -196,7 +216,8 @@ inline void mma16816(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a
     getcontext(&e->ctx);
     e->ctx.uc_stack.ss_sp = e->stack.get();
     e->ctx.uc_stack.ss_size = stack_bytes;
-    e->ctx.uc_link = &emu_sched;
+    e->ctx.uc_link = nullptr; /* emu_fiber_main never returns */
+    e->started = false;
     makecontext(&e->ctx, emu_fiber_main, 0);
 }
 
