@@ -14,9 +14,10 @@
  *
  * Forward (am_fwd_kernel), a block per (64 item rows, item): each of 4 warps owns 16 rows and keeps
  * their Q fragments, running max m, per-lane partial sum l and O[16, 64] in registers; key tiles of 64
- * go through shared memory (K row-major, V transposed), S = Q K^T and O += P V are mma tiles; P goes
- * from the S accumulators straight into the A fragments of the second product (the accumulator
- * layout of m16n8 is the A layout of m16k16 over two n tiles).
+ * go through shared memory row-major (B fragments by ldmatrix, .trans where the tile's rows are the
+ * product's k), S = Q K^T and O += P V are mma tiles; P goes from the S accumulators straight into
+ * the A fragments of the second product (the accumulator layout of m16n8 is the A layout of m16k16
+ * over two n tiles).
  * Backward, with D_t = dout_t . out_t (am_dot_kernel) and G = P (dP - D) (dS = scale G; G unscaled
  * keeps fp16 further from its subnormals):
  *   am_dq_kernel   a block per 64 item rows, over key tiles:  S, P, dP = dO V^T, G; dQ += G K
@@ -131,56 +132,46 @@ __device__ __forceinline__ void am_load_rows(uint16_t *rows, const uint16_t *src
     }
 }
 
-/* the same rows transposed: cols[d][n] */
-__device__ __forceinline__ void am_load_cols(uint16_t *cols, const uint16_t *src, size_t stride, int valid)
-{
-    for (int c = threadIdx.x; c < 64 * (AM_HD / 8); c += AM_THREADS) {
-        const int n = c % 64, d8 = (c / 64) * 8; /* consecutive threads: consecutive rows, fewer conflicts */
-        uint4 w = make_uint4(0u, 0u, 0u, 0u);
-        if (n < valid) w = *reinterpret_cast<const uint4 *>(src + (size_t)n * stride + d8);
-        const uint32_t e[4] = {w.x, w.y, w.z, w.w};
-        for (int k = 0; k < 4; k++) {
-            cols[(d8 + 2 * k) * AM_LD + n] = (uint16_t)(e[k] & 0xffffu);
-            cols[(d8 + 2 * k + 1) * AM_LD + n] = (uint16_t)(e[k] >> 16);
-        }
-    }
-}
-
-/* the 32-bit pair tile[row][col], tile[row][col + 1] */
-__device__ __forceinline__ uint32_t am_pair(const uint16_t *tile, int row, int col)
-{
-    return *reinterpret_cast<const uint32_t *>(tile + row * AM_LD + col);
-}
-
-/* acc[nt] += A (16 x 64, fragments a[ks]) B, where B[k][n] = tile[n][k] over 8 n tiles */
+/* acc[nt] += A B over 8 n tiles: A (16 x 64) given as fragments a[ks], B[k][n] = tile[n][k] (a tile
+ * whose rows are the n index: K rows for S = Q K^T) */
 template <typename T>
 __device__ __forceinline__ void am_mma_rows(float (&acc)[AM_NT][4], const uint32_t (&a)[AM_KS][4],
                                             const uint16_t *tile)
 {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t2 = (lane & 3) * 2;
+    const int lane = threadIdx.x & 31;
+    const uint16_t *at = tile + ((lane & 7) + (lane >> 4) * 8) * AM_LD + ((lane >> 3) & 1) * 8;
 #pragma unroll
     for (int ks = 0; ks < AM_KS; ks++)
 #pragma unroll
-        for (int nt = 0; nt < AM_NT; nt++)
-            mma16816<T>(acc[nt], a[ks][0], a[ks][1], a[ks][2], a[ks][3], am_pair(tile, nt * 8 + g, ks * 16 + t2),
-                        am_pair(tile, nt * 8 + g, ks * 16 + t2 + 8));
+        for (int np = 0; np < AM_NT / 2; np++) {
+            uint32_t b[4]; /* b0, b1 of n tiles 2 np and 2 np + 1 */
+            ldsm_x4(b, at + np * 16 * AM_LD + ks * 16);
+            mma16816<T>(acc[2 * np], a[ks][0], a[ks][1], a[ks][2], a[ks][3], b[0], b[1]);
+            mma16816<T>(acc[2 * np + 1], a[ks][0], a[ks][1], a[ks][2], a[ks][3], b[2], b[3]);
+        }
 }
 
-/* acc[nt] += X (16 x 64 over k, given as the f32 values of an m16n8 accumulator set, rounded to T)
- * times B, where B[k][n] = tile[n][k] over 8 n tiles */
+/* acc[nt] += X B over 8 n tiles: X (16 x 64 over k) given as the f32 values of an m16n8 accumulator
+ * set, rounded to T (the accumulator layout of two n tiles is the A layout of one k16 step);
+ * B[k][n] = tile[k][n] (a tile whose rows are the k index: V rows for O += P V), read transposed by
+ * ldmatrix */
 template <typename T>
 __device__ __forceinline__ void am_mma_acc(float (&acc)[AM_NT][4], const float (&x)[AM_NT][4], const uint16_t *tile)
 {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t2 = (lane & 3) * 2;
+    const int lane = threadIdx.x & 31;
+    const uint16_t *at = tile + ((lane & 7) + ((lane >> 3) & 1) * 8) * AM_LD + (lane >> 4) * 8;
 #pragma unroll
     for (int ks = 0; ks < AM_BN / 16; ks++) {
         const uint32_t a0 = pack2<T>(x[2 * ks][0], x[2 * ks][1]), a1 = pack2<T>(x[2 * ks][2], x[2 * ks][3]);
         const uint32_t a2 = pack2<T>(x[2 * ks + 1][0], x[2 * ks + 1][1]);
         const uint32_t a3 = pack2<T>(x[2 * ks + 1][2], x[2 * ks + 1][3]);
 #pragma unroll
-        for (int nt = 0; nt < AM_NT; nt++)
-            mma16816<T>(acc[nt], a0, a1, a2, a3, am_pair(tile, nt * 8 + g, ks * 16 + t2),
-                        am_pair(tile, nt * 8 + g, ks * 16 + t2 + 8));
+        for (int np = 0; np < AM_NT / 2; np++) {
+            uint32_t b[4];
+            ldsm_x4_trans(b, at + ks * 16 * AM_LD + np * 16);
+            mma16816<T>(acc[2 * np], a0, a1, a2, a3, b[0], b[1]);
+            mma16816<T>(acc[2 * np + 1], a0, a1, a2, a3, b[2], b[3]);
+        }
     }
 }
 
@@ -257,7 +248,7 @@ am_fwd_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__restrict_
               const T *__restrict__ v, am_p p)
 {
     __shared__ __align__(16) uint16_t Ks[AM_BN * AM_LD]; /* [key][dim] */
-    __shared__ __align__(16) uint16_t Vt[AM_HD * AM_LD]; /* [dim][key] */
+    __shared__ __align__(16) uint16_t Vs[AM_BN * AM_LD]; /* [key][dim] */
     __shared__ int32_t kseg[AM_BN];
     __shared__ float kpos[AM_BN];
     const int item = blockIdx.y, b = item / p.KV, r0 = blockIdx.x * AM_BM;
@@ -276,7 +267,7 @@ am_fwd_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__restrict_
     for (int j0 = 0; j0 < kend; j0 += AM_BN) {
         __syncthreads(); /* the previous tile is consumed */
         am_load_rows(Ks, kb + (size_t)j0 * AM_HD, AM_HD, p.Tk - j0);
-        am_load_cols(Vt, vb + (size_t)j0 * AM_HD, AM_HD, p.Tk - j0);
+        am_load_rows(Vs, vb + (size_t)j0 * AM_HD, AM_HD, p.Tk - j0);
         am_load_keyinfo(kseg, kpos, p, b, j0);
         __syncthreads();
         float s[AM_NT][4];
@@ -315,7 +306,7 @@ am_fwd_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__restrict_
             o[nt][2] *= al_hi;
             o[nt][3] *= al_hi;
         }
-        am_mma_acc<T>(o, s, Vt);
+        am_mma_acc<T>(o, s, Vs);
     }
     l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
     l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
@@ -378,9 +369,8 @@ am_dq_kernel(T *__restrict__ dq, const T *__restrict__ dout, const float *__rest
              const float *__restrict__ D, const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,
              am_p p)
 {
-    __shared__ __align__(16) uint16_t Ks[AM_BN * AM_LD]; /* [key][dim]: S = Q K^T */
+    __shared__ __align__(16) uint16_t Ks[AM_BN * AM_LD]; /* [key][dim]: S = Q K^T, dQ += G K */
     __shared__ __align__(16) uint16_t Vs[AM_BN * AM_LD]; /* [key][dim]: dP = dO V^T */
-    __shared__ __align__(16) uint16_t Kt[AM_HD * AM_LD]; /* [dim][key]: dQ += G K */
     __shared__ int32_t kseg[AM_BN];
     __shared__ float kpos[AM_BN];
     const int item = blockIdx.y, b = item / p.KV, r0 = blockIdx.x * AM_BM;
@@ -402,7 +392,6 @@ am_dq_kernel(T *__restrict__ dq, const T *__restrict__ dout, const float *__rest
         __syncthreads();
         am_load_rows(Ks, kb + (size_t)j0 * AM_HD, AM_HD, p.Tk - j0);
         am_load_rows(Vs, vb + (size_t)j0 * AM_HD, AM_HD, p.Tk - j0);
-        am_load_cols(Kt, kb + (size_t)j0 * AM_HD, AM_HD, p.Tk - j0);
         am_load_keyinfo(kseg, kpos, p, b, j0);
         __syncthreads();
         float s[AM_NT][4], dp[AM_NT][4];
@@ -412,7 +401,7 @@ am_dq_kernel(T *__restrict__ dq, const T *__restrict__ dout, const float *__rest
         am_mma_rows<T>(dp, da, Vs);
         am_scores(s, lo, hi, j0, kseg, kpos, p.scale);
         am_probs_grad(s, dp, lse_lo, lse_hi, D_lo, D_hi);
-        am_mma_acc<T>(acc, dp, Kt);
+        am_mma_acc<T>(acc, dp, Ks);
     }
     uint16_t *o16 = reinterpret_cast<uint16_t *>(dq);
 #pragma unroll
@@ -433,10 +422,8 @@ am_dkv_kernel(float *__restrict__ dk_part, float *__restrict__ dv_part, const T 
               const float *__restrict__ lse, const float *__restrict__ D, const T *__restrict__ q,
               const T *__restrict__ k, const T *__restrict__ v, am_p p, int items)
 {
-    __shared__ __align__(16) uint16_t Qs[AM_BM * AM_LD];  /* [query][dim]: S^T = K Q^T */
-    __shared__ __align__(16) uint16_t Qt[AM_HD * AM_LD];  /* [dim][query]: dK += G^T Q */
-    __shared__ __align__(16) uint16_t Os[AM_BM * AM_LD];  /* dout [query][dim]: dP^T = V dO^T */
-    __shared__ __align__(16) uint16_t Ot[AM_HD * AM_LD];  /* dout [dim][query]: dV += P^T dO */
+    __shared__ __align__(16) uint16_t Qs[AM_BM * AM_LD]; /* [query][dim]: S^T = K Q^T, dK += G^T Q */
+    __shared__ __align__(16) uint16_t Os[AM_BM * AM_LD]; /* dout [query][dim]: dP^T = V dO^T, dV += P^T dO */
     __shared__ float qlse[AM_BM], qD[AM_BM];
     __shared__ int32_t qseg[AM_BM];
     const int item = blockIdx.y, b = item / p.KV, g_kv = item % p.KV, j0 = blockIdx.x * AM_BN, z = blockIdx.z;
@@ -467,10 +454,8 @@ am_dkv_kernel(float *__restrict__ dk_part, float *__restrict__ dv_part, const T 
             const int nq = p.T - t0;
             __syncthreads();
             am_load_rows(Qs, q16 + (qrow0 + t0) * AM_HD, AM_HD, nq);
-            am_load_cols(Qt, q16 + (qrow0 + t0) * AM_HD, AM_HD, nq);
             const size_t orow0 = (((size_t)b * p.T + t0) * p.H + h) * AM_HD;
             am_load_rows(Os, d16 + orow0, (size_t)p.H * AM_HD, nq);
-            am_load_cols(Ot, d16 + orow0, (size_t)p.H * AM_HD, nq);
             for (int tt = threadIdx.x; tt < AM_BM; tt += AM_THREADS) {
                 const int ok = tt < nq;
                 qlse[tt] = ok ? lse[qrow0 + t0 + tt] : -INFINITY;
@@ -498,8 +483,8 @@ am_dkv_kernel(float *__restrict__ dk_part, float *__restrict__ dv_part, const T 
                     s[nt][e] = pr;
                     dp[nt][e] = pr * (dp[nt][e] - qD[tt]);
                 }
-            am_mma_acc<T>(dv, s, Ot);
-            am_mma_acc<T>(dk, dp, Qt);
+            am_mma_acc<T>(dv, s, Os);
+            am_mma_acc<T>(dk, dp, Qs);
         }
     }
     const size_t base = (size_t)z * items * p.T * AM_HD + ((size_t)item * p.T) * AM_HD;

@@ -1,4 +1,4 @@
-/* mma.cuh -- tensor-core and pair-packing helpers of the packed-weight kernels (gemv.cu, qgemm.cu).
+/* mma.cuh -- tensor-core, ldmatrix and pair-packing helpers (gemv.cu, qgemm.cu, attention_mma.cuh).
  *
  * mma16816<T>: d[0..3] += A B for one m16n8k16 tile, fp32 accumulators, the PTX fragment layout
  * (thread g = lane / 4, t = lane % 4): a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..],
@@ -72,5 +72,28 @@ __device__ __forceinline__ void mma16816<f16>(float *d, uint32_t a0, uint32_t a1
 #endif
 }
 #undef FT_MMA16816
+
+/* ---- fragments from shared memory (ldmatrix, sm_75+) ----
+ * ldsm_x4: lanes 8i .. 8i+7 give the row addresses (16-byte aligned, 8 b16 each) of 8 x 8 matrix i;
+ * r[i] of lane l = matrix i, row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1. ldsm_x4_trans: r[i] of
+ * lane l = matrix i, rows 2 (l % 4) and 2 (l % 4) + 1 of column l / 4 (the transposed matrix's pair).
+ * So for a row-major A tile, lane address (row lane % 16, col (lane / 16) 8) gives a0..a3 of mma16816;
+ * for B[k][n] stored as tile[n][k], (row (lane % 8) + (lane / 16) 8, col ((lane / 8) % 2) 8) gives b0, b1
+ * of two n tiles; for B stored as tile[k][n], the trans form with (row (lane % 8) + ((lane / 8) % 2) 8,
+ * col (lane / 16) 8) does. */
+__device__ __forceinline__ unsigned smem_addr(const void *p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t *r, const void *p)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t *r, const void *p)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
 
 #endif /* FT_CUDA_MMA_CUH */

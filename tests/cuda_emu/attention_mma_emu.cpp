@@ -224,8 +224,36 @@ template <typename T> static int run_case(const spec &c, uint64_t seed, const ch
     return bad;
 }
 
+/* The emulated ldmatrix against mma.cuh's fragment layout, with the address patterns of qgemm.cu
+ * (whose GPU tests validate those patterns on hardware): on a 32 x 32 tile holding value 64 row + col,
+ * the non-trans load of a row-major A gives a0..a3 (a0 = A[g][2t..], a1 = A[g+8][2t..], a2 = A[g][2t+8..],
+ * a3 = A[g+8][2t+8..]) and the trans load of a tile[k][n] gives b0 = B[2t..][g], b1 = B[2t+8..][g] of two
+ * n tiles. Mismatching registers are counted in ldsm_layout_kernel_bad. */
+static int ldsm_layout_kernel_bad;
+static void ldsm_layout_kernel(const uint16_t *tile, int ld)
+{
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    auto want = [&](int r, int c) { return (uint32_t)(64 * r + c) | (uint32_t)(64 * r + c + 1) << 16; };
+    auto want_t = [&](int k, int n) { return (uint32_t)(64 * k + n) | (uint32_t)(64 * (k + 1) + n) << 16; };
+    uint32_t a[4], b[4];
+    ldsm_x4(a, tile + (lane & 15) * ld + (lane >> 4) * 8);
+    const uint32_t wa[4] = {want(g, 2 * t), want(g + 8, 2 * t), want(g, 2 * t + 8), want(g + 8, 2 * t + 8)};
+    ldsm_x4_trans(b, tile + ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + (lane >> 4) * 8);
+    const uint32_t wb[4] = {want_t(2 * t, g), want_t(2 * t + 8, g), want_t(2 * t, g + 8), want_t(2 * t + 8, g + 8)};
+    for (int i = 0; i < 4; i++) ldsm_layout_kernel_bad += (a[i] != wa[i]) + (b[i] != wb[i]);
+}
+
 int main(int argc, char **argv)
 {
+    {
+        std::vector<uint16_t> tile(32 * 40);
+        for (int r = 0; r < 32; r++)
+            for (int c = 0; c < 40; c++) tile[r * 40 + c] = (uint16_t)(64 * r + c);
+        emu_launch(dim3(1), dim3(32), ldsm_layout_kernel, (const uint16_t *)tile.data(), 40);
+        std::printf("%s ldmatrix layout: %d register(s) off\n", ldsm_layout_kernel_bad ? "FAIL" : "ok  ",
+                    ldsm_layout_kernel_bad);
+        if (ldsm_layout_kernel_bad) return 1;
+    }
     const uint64_t seed = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 20261204u;
     const spec cases[] = {
         /* B  H  KV  T  past cap seg alibi sms */

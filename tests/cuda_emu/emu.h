@@ -1,7 +1,7 @@
 /* emu.h -- run CUDA kernels on the CPU: one fiber per CUDA thread, blocks one after another.
  *
  * For kernels written against a small surface (threadIdx/blockIdx/blockDim, __syncthreads,
- * __shfl_xor_sync, static __shared__ arrays, mma.cuh's pack2/unpack2/mma16816), so that their
+ * __shfl_xor_sync, static __shared__ arrays, mma.cuh's pack2/unpack2/mma16816/ldsm_x4), so that their
  * indexing, masking and fragment bookkeeping can be tested on a machine without a GPU. A warp is 32
  * threads meeting at a barrier for every collective; mma16816 gathers the warp's fragments and
  * computes the m16n8k16 product from the PTX fragment layout that mma.cuh documents, in fp32.
@@ -55,6 +55,7 @@ struct emu_warp {
     emu_barrier bar{32};
     float f[32];
     uint32_t frag[32][6];
+    const uint16_t *ptr[32];
 };
 
 struct emu_block {
@@ -194,6 +195,32 @@ inline void mma16816(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a
     w.bar.arrive_and_wait(); /* every lane has read the fragments before any lane writes again */
     for (int i = 0; i < 4; i++) d[i] += out[i];
 }
+
+/* ldmatrix .x4 (mma.cuh's ldsm_x4 / ldsm_x4_trans): lanes 8i .. 8i+7 give the row addresses of 8 x 8
+ * b16 matrix i; lane l receives r[i] = matrix i (row l / 4, elements 2 (l % 4), +1), or with trans
+ * (rows 2 (l % 4), +1 of column l / 4) */
+inline void emu_ldsm(uint32_t *r, const void *p, bool trans)
+{
+    emu_warp &w = emu_my_warp();
+    const int lane = emu_self.tid.x & 31;
+    w.ptr[lane] = static_cast<const uint16_t *>(p);
+    w.bar.arrive_and_wait();
+    for (int i = 0; i < 4; i++) {
+        uint16_t lo, hi;
+        if (!trans) {
+            const uint16_t *row = w.ptr[8 * i + lane / 4];
+            lo = row[2 * (lane % 4)];
+            hi = row[2 * (lane % 4) + 1];
+        } else {
+            lo = w.ptr[8 * i + 2 * (lane % 4)][lane / 4];
+            hi = w.ptr[8 * i + 2 * (lane % 4) + 1][lane / 4];
+        }
+        r[i] = (uint32_t)lo | (uint32_t)hi << 16;
+    }
+    w.bar.arrive_and_wait();
+}
+inline void ldsm_x4(uint32_t *r, const void *p) { emu_ldsm(r, p, false); }
+inline void ldsm_x4_trans(uint32_t *r, const void *p) { emu_ldsm(r, p, true); }
 
 /* runs one fiber until it yields or ends (kept out of line: the caller's locals stay clear of the
  * context switch) */
