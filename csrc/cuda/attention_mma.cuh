@@ -2,7 +2,8 @@
  *
  * The kernels only (attention_mma.cu launches them). They depend on nothing but mma.cuh's helpers,
  * the act types and backend.h, so that tests/cuda_emu can compile this file for the CPU and run it
- * under an emulation of the warp and its mma: their indexing and masking are tested without a GPU.
+ * under an emulation of the warp, its ldmatrix and its mma: their indexing and masking are tested
+ * without a GPU.
  *
  * Same contract as attention_gemm.cu and csrc/cpu/attention.c:
  *   s_tj = (q_t . k_j + slope_h kpos_j) scale, visible when j <= Tk - T + t and
@@ -42,8 +43,8 @@ constexpr int AM_BN = 64;                /* keys per tile (and per dK/dV block) 
 constexpr int AM_THREADS = 128;
 constexpr int AM_KS = AM_HD / 16;        /* k steps of a product over the head dim */
 constexpr int AM_NT = AM_BN / 8;         /* n tiles of 8 keys (or 8 dims) */
-/* shared tile row stride in 2-byte elements: +8 makes the 32-bit fragment loads of 8 rows x 4
- * columns hit 32 different banks (row stride 36 words) */
+/* shared tile row stride in 2-byte elements: rows of 144 bytes keep the 16-byte rows that an
+ * ldmatrix phase reads from 8 tile rows on 32 different banks (and the stores 16-byte aligned) */
 constexpr int AM_LD = 64 + 8;
 /* one tile shape serves every product: k over 64 keys or queries, n over 8 tiles of keys or dims */
 static_assert(AM_HD == 64 && AM_BN == 64 && AM_BM == 64, "the fragment loops assume 64 x 64 tiles");
@@ -121,7 +122,7 @@ __device__ __forceinline__ am_row am_row_of(const am_p &p, int item, int r)
 
 /* ---- tiles in shared memory (2-byte elements, row stride AM_LD) ---- */
 
-/* rows[n][0..64) = src row (row0 + n) (stride `stride` elements) for n < 64, zero where !(n < valid) */
+/* rows[n][0..64) = row n of src (rows `stride` elements apart) for n < 64; zeros where n >= valid */
 __device__ __forceinline__ void am_load_rows(uint16_t *rows, const uint16_t *src, size_t stride, int valid)
 {
     for (int c = threadIdx.x; c < 64 * (AM_HD / 8); c += AM_THREADS) {
