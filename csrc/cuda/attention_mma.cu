@@ -4,7 +4,7 @@
  * Forward: one launch, grid (row blocks of 64 item rows, items). Backward (training shape):
  *   am_dot_kernel         D [B, H, T] f32                        scratch
  *   am_dq_kernel          dq (=) in the act type
- *   am_dkv_kernel         dK, dV partials [splits][B KV T 64] f32 scratch (am_heads_per_split)
+ *   am_dkv_kernel         dK, dV partials [splits][B KV T 64] f32 scratch (splits: am_plan)
  *   am_split_sum_kernel   dk, dv (=), summed over splits in order
  * Scratch: one SCR_ATTN buffer, (B H T + 2 splits B KV T 64) floats.
  */
@@ -26,11 +26,11 @@ ft_status cuda_attention_fwd_mma(cuda_backend *be, void *out, float *lse, const 
                                  const ft_attn_args *a, ft_error *err)
 {
     if (a->B <= 0 || a->T <= 0) return FT_OK;
-    const am_p p = am_params(a);
-    const dim3 grid((unsigned)((p.rows_item + AM_BM - 1) / AM_BM), (unsigned)(a->B * a->KV));
+    am_p p = am_params(a);
+    const am_grids grids = am_plan(&p, a->B * a->KV, be->sms);
     cudaStream_t s = be->stream;
     PROF_T0(be);
-    ACT_DISPATCH(&be->base, T, am_fwd_kernel<T><<<grid, AM_THREADS, 0, s>>>((T *)out, lse, (const T *)q,
+    ACT_DISPATCH(&be->base, T, am_fwd_kernel<T><<<grids.rows, AM_THREADS, 0, s>>>((T *)out, lse, (const T *)q,
                                                                              (const T *)k, (const T *)v, p));
     LAUNCH_CHECK("attention (mma)");
     PROF_MARK(be, PR_ATT_F);
@@ -46,23 +46,21 @@ ft_status cuda_attention_bwd_mma(cuda_backend *be, void *dq, void *dk, void *dv,
     if (a->B <= 0 || a->T <= 0) return FT_OK;
     am_p p = am_params(a);
     const int items = a->B * a->KV;
-    p.hps = am_heads_per_split(p, items, be->sms);
-    const int splits = (p.gs + p.hps - 1) / p.hps;
+    const am_grids grids = am_plan(&p, items, be->sms);
+    const int splits = grids.splits;
     const size_t nq = (size_t)items * p.rows_item, nkv = (size_t)items * a->T * AM_HD;
     void *scr;
     FT_TRY(cuda_scratch(be, SCR_ATTN, (nq + 2 * (size_t)splits * nkv) * sizeof(float), &scr, err));
     float *D = (float *)scr, *dk_part = D + nq, *dv_part = dk_part + (size_t)splits * nkv;
-    const dim3 rows_grid((unsigned)((p.rows_item + AM_BM - 1) / AM_BM), (unsigned)items);
-    const dim3 keys_grid((unsigned)((a->T + AM_BN - 1) / AM_BN), (unsigned)items, (unsigned)splits);
     cudaStream_t s = be->stream;
     PROF_T0(be);
     ACT_DISPATCH(&be->base, T, {
         am_dot_kernel<T><<<grid_for(nq * 32, 256), 256, 0, s>>>(D, (const T *)dout, (const T *)out, p, items);
-        am_dq_kernel<T><<<rows_grid, AM_THREADS, 0, s>>>((T *)dq, (const T *)dout, lse, D, (const T *)q,
+        am_dq_kernel<T><<<grids.rows, AM_THREADS, 0, s>>>((T *)dq, (const T *)dout, lse, D, (const T *)q,
                                                          (const T *)k, (const T *)v, p);
         PROF_MARK(be, PR_ATT_DQ);
-        am_dkv_kernel<T><<<keys_grid, AM_THREADS, 0, s>>>(dk_part, dv_part, (const T *)dout, lse, D, (const T *)q,
-                                                          (const T *)k, (const T *)v, p, items);
+        am_dkv_kernel<T><<<grids.keys, AM_THREADS, 0, s>>>(dk_part, dv_part, (const T *)dout, lse, D, (const T *)q,
+                                                          (const T *)k, (const T *)v, p);
         PROF_MARK(be, PR_ATT_DK);
         am_split_sum_kernel<T><<<grid_for(nkv / 2, 256), 256, 0, s>>>((T *)dk, dk_part, splits, nkv);
         am_split_sum_kernel<T><<<grid_for(nkv / 2, 256), 256, 0, s>>>((T *)dv, dv_part, splits, nkv);

@@ -75,21 +75,32 @@ static inline am_p am_params(const ft_attn_args *a)
     p.kmask = a->kmask;
     p.kpos = a->kpos;
     p.slopes = a->slopes;
-    p.hps = p.gs;
+    p.hps = p.gs; /* am_plan sets it for a backward */
     return p;
 }
 
-/* query heads per dK/dV split: a kv head of Falcon-7B has 71 query heads and a 7B step at mb 1 only
- * 4 blocks of 64 keys, so the heads are split until ~4 blocks per multiprocessor run, each split
- * writing f32 partials (splits x B x KV x T x 64 floats, twice) */
-static inline int am_heads_per_split(const am_p &p, int items, int sms)
+/* The grids of a call with `items` = B KV items: rows (forward, dq, dot: blocks of 64 item rows x
+ * items) and keys (dK/dV: blocks of 64 keys x items x head splits). A kv head of Falcon-7B has 71
+ * query heads and a 7B step at mb 1 only 4 blocks of 64 keys, so the heads are split until ~4 blocks
+ * per multiprocessor run, each split writing f32 partials (splits x items x T x 64 floats, twice).
+ * Sets p->hps. */
+struct am_grids {
+    dim3 rows, keys;
+    int splits;
+};
+static inline am_grids am_plan(am_p *p, int items, int sms)
 {
-    const long key_blocks = (long)items * ((p.T + AM_BN - 1) / AM_BN);
-    const long want = 4L * (sms > 0 ? sms : 1);
-    long splits = (want + key_blocks - 1) / key_blocks;
-    if (splits > p.gs) splits = p.gs;
+    const int key_blocks = (p->T + AM_BN - 1) / AM_BN;
+    const long want = 4L * (sms > 0 ? sms : 1), have = (long)items * key_blocks;
+    long splits = (want + have - 1) / have;
+    if (splits > p->gs) splits = p->gs;
     if (splits < 1) splits = 1;
-    return (int)((p.gs + splits - 1) / splits);
+    p->hps = (int)((p->gs + splits - 1) / splits);
+    am_grids g;
+    g.splits = (p->gs + p->hps - 1) / p->hps;
+    g.rows = dim3((unsigned)((p->rows_item + AM_BM - 1) / AM_BM), (unsigned)items);
+    g.keys = dim3((unsigned)key_blocks, (unsigned)items, (unsigned)g.splits);
+    return g;
 }
 
 /* One query row of a block, seen by the lanes that hold it. */
@@ -102,6 +113,10 @@ struct am_row {
     size_t qrow;  /* row in q / dq / lse: i gs T + r */
     size_t orow;  /* element offset in out / dout [B, T, H hd] */
 };
+
+/* the first of the two rows (r, r + 8) of a 64-row block that this lane holds in m16n8 tiles: warp w
+ * owns rows 16 w .. 16 w + 15, lane l rows l / 4 and l / 4 + 8 of them */
+__device__ __forceinline__ int am_lane_row() { return (threadIdx.x >> 5) * 16 + ((threadIdx.x & 31) >> 2); }
 
 __device__ __forceinline__ am_row am_row_of(const am_p &p, int item, int r)
 {
@@ -133,13 +148,20 @@ __device__ __forceinline__ void am_load_rows(uint16_t *rows, const uint16_t *src
     }
 }
 
-/* acc[nt] += A B over 8 n tiles: A (16 x 64) given as fragments a[ks], B[k][n] = tile[n][k] (a tile
+__device__ __forceinline__ void am_zero(float (&x)[AM_NT][4])
+{
+#pragma unroll
+    for (int nt = 0; nt < AM_NT; nt++) x[nt][0] = x[nt][1] = x[nt][2] = x[nt][3] = 0.0f;
+}
+
+/* acc[nt] = A B over 8 n tiles: A (16 x 64) given as fragments a[ks], B[k][n] = tile[n][k] (a tile
  * whose rows are the n index: K rows for S = Q K^T) */
 template <typename T>
 __device__ __forceinline__ void am_mma_rows(float (&acc)[AM_NT][4], const uint32_t (&a)[AM_KS][4],
                                             const uint16_t *tile)
 {
     const int lane = threadIdx.x & 31;
+    am_zero(acc);
     const uint16_t *at = tile + ((lane & 7) + (lane >> 4) * 8) * AM_LD + ((lane >> 3) & 1) * 8;
 #pragma unroll
     for (int ks = 0; ks < AM_KS; ks++)
@@ -191,10 +213,35 @@ __device__ __forceinline__ void am_frag_global(uint32_t (&a)[AM_KS][4], const ui
     }
 }
 
-__device__ __forceinline__ void am_zero(float (&x)[AM_NT][4])
+/* max / sum over the 4 lanes that hold one row of an m16n8 accumulator */
+__device__ __forceinline__ float am_quad_max(float x)
 {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float am_quad_sum(float x)
+{
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+/* the lane's pairs of an m16n8 accumulator set (rows lo, hi; 64 columns) times f_lo / f_hi into the
+ * rows dst_lo / dst_hi (NULL: not a real row): act pairs, or f32 pairs when T is float */
+template <typename T>
+__device__ __forceinline__ void am_store(T *dst_lo, T *dst_hi, const float (&x)[AM_NT][4], float f_lo, float f_hi)
+{
+    const int t2 = (threadIdx.x & 3) * 2;
 #pragma unroll
-    for (int nt = 0; nt < AM_NT; nt++) x[nt][0] = x[nt][1] = x[nt][2] = x[nt][3] = 0.0f;
+    for (int nt = 0; nt < AM_NT; nt++) {
+        T *lo = dst_lo ? dst_lo + nt * 8 + t2 : nullptr, *hi = dst_hi ? dst_hi + nt * 8 + t2 : nullptr;
+        if constexpr (sizeof(T) == 4) {
+            if (lo) *reinterpret_cast<float2 *>(lo) = make_float2(f_lo * x[nt][0], f_lo * x[nt][1]);
+            if (hi) *reinterpret_cast<float2 *>(hi) = make_float2(f_hi * x[nt][2], f_hi * x[nt][3]);
+        } else {
+            if (lo) *reinterpret_cast<uint32_t *>(lo) = pack2<T>(f_lo * x[nt][0], f_lo * x[nt][1]);
+            if (hi) *reinterpret_cast<uint32_t *>(hi) = pack2<T>(f_hi * x[nt][2], f_hi * x[nt][3]);
+        }
+    }
 }
 
 /* keys a block of rows r0 .. r0+63 of one item must visit: the causal bound of its last row, or all
@@ -217,12 +264,22 @@ __device__ __forceinline__ void am_load_keyinfo(int32_t *seg, float *pos, const 
     }
 }
 
-/* the masked, scaled score of key (tile column) jj for a row, or -inf */
-__device__ __forceinline__ float am_score(float s, const am_row &row, int j, int jj, const int32_t *seg,
-                                          const float *pos, float scale)
+/* the score of key j (segment kseg, alibi position kpos) for a query that sees keys below n and is
+ * of segment qseg: (q.k + slope kpos) scale, or -inf where the key is not visible */
+__device__ __forceinline__ float am_mask_score(float s, int j, int n, int32_t kseg, int32_t qseg, float slope,
+                                               float kpos, float scale)
 {
-    if (!(j < row.n) || !ft_key_visible(seg[jj], row.seg)) return -INFINITY;
-    return (s + row.slope * pos[jj]) * scale;
+    if (!(j < n) || !ft_key_visible(kseg, qseg)) return -INFINITY;
+    return (s + slope * kpos) * scale;
+}
+
+/* backward, one score: s (masked, scaled) becomes P = exp(s - lse), 0 where either is -inf; dp
+ * becomes G = P (dp - D) */
+__device__ __forceinline__ void am_prob_grad(float &s, float &dp, float L, float D)
+{
+    const float pr = s == -INFINITY || L == -INFINITY ? 0.0f : __expf(s - L);
+    s = pr;
+    dp = pr * (dp - D);
 }
 
 /* a score tile held as m16n8 accumulators (this lane: rows lo, hi; tile columns nt*8 + 2t + 0/1),
@@ -236,7 +293,8 @@ __device__ __forceinline__ void am_scores(float (&s)[AM_NT][4], const am_row &lo
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             const int jj = nt * 8 + t2 + (e & 1);
-            s[nt][e] = am_score(s[nt][e], e < 2 ? lo : hi, j0 + jj, jj, seg, pos, scale);
+            const am_row &row = e < 2 ? lo : hi;
+            s[nt][e] = am_mask_score(s[nt][e], j0 + jj, row.n, seg[jj], row.seg, row.slope, pos[jj], scale);
         }
 }
 
@@ -253,8 +311,7 @@ am_fwd_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__restrict_
     __shared__ int32_t kseg[AM_BN];
     __shared__ float kpos[AM_BN];
     const int item = blockIdx.y, b = item / p.KV, r0 = blockIdx.x * AM_BM;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t2 = (lane & 3) * 2;
-    const am_row lo = am_row_of(p, item, r0 + warp * 16 + g), hi = am_row_of(p, item, r0 + warp * 16 + g + 8);
+    const am_row lo = am_row_of(p, item, r0 + am_lane_row()), hi = am_row_of(p, item, r0 + am_lane_row() + 8);
     const uint16_t *q16 = reinterpret_cast<const uint16_t *>(q);
     uint32_t qa[AM_KS][4];
     am_frag_global(qa, q16 + lo.qrow * AM_HD, q16 + hi.qrow * AM_HD, lo.ok, hi.ok);
@@ -272,7 +329,6 @@ am_fwd_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__restrict_
         am_load_keyinfo(kseg, kpos, p, b, j0);
         __syncthreads();
         float s[AM_NT][4];
-        am_zero(s);
         am_mma_rows<T>(s, qa, Ks);
         am_scores(s, lo, hi, j0, kseg, kpos, p.scale);
         float mx_lo = -INFINITY, mx_hi = -INFINITY;
@@ -281,12 +337,7 @@ am_fwd_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__restrict_
             mx_lo = fmaxf(mx_lo, fmaxf(s[nt][0], s[nt][1]));
             mx_hi = fmaxf(mx_hi, fmaxf(s[nt][2], s[nt][3]));
         }
-        /* the row's max over its 4 lanes */
-        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
-        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
-        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
-        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
-        const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+        const float mn_lo = fmaxf(m_lo, am_quad_max(mx_lo)), mn_hi = fmaxf(m_hi, am_quad_max(mx_hi));
         /* reference point: 0 while a row has seen no visible key (exp(-inf - 0) = 0, never NaN) */
         const float ref_lo = mn_lo == -INFINITY ? 0.0f : mn_lo, ref_hi = mn_hi == -INFINITY ? 0.0f : mn_hi;
         const float al_lo = __expf(m_lo - ref_lo), al_hi = __expf(m_hi - ref_hi);
@@ -309,19 +360,11 @@ am_fwd_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__restrict_
         }
         am_mma_acc<T>(o, s, Vs);
     }
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
-    const float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f, inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
-    uint16_t *o16 = reinterpret_cast<uint16_t *>(out);
-#pragma unroll
-    for (int nt = 0; nt < AM_NT; nt++) {
-        const int d = nt * 8 + t2;
-        if (lo.ok) *reinterpret_cast<uint32_t *>(o16 + lo.orow + d) = pack2<T>(o[nt][0] * inv_lo, o[nt][1] * inv_lo);
-        if (hi.ok) *reinterpret_cast<uint32_t *>(o16 + hi.orow + d) = pack2<T>(o[nt][2] * inv_hi, o[nt][3] * inv_hi);
-    }
-    if ((lane & 3) == 0) {
+    l_lo = am_quad_sum(l_lo);
+    l_hi = am_quad_sum(l_hi);
+    am_store<T>(lo.ok ? out + lo.orow : nullptr, hi.ok ? out + hi.orow : nullptr, o, l_lo > 0.0f ? 1.0f / l_lo : 0.0f,
+                l_hi > 0.0f ? 1.0f / l_hi : 0.0f);
+    if ((threadIdx.x & 3) == 0) {
         if (lo.ok) lse[lo.qrow] = m_lo == -INFINITY ? -INFINITY : m_lo + logf(l_lo);
         if (hi.ok) lse[hi.qrow] = m_hi == -INFINITY ? -INFINITY : m_hi + logf(l_hi);
     }
@@ -356,12 +399,7 @@ __device__ __forceinline__ void am_probs_grad(float (&s)[AM_NT][4], float (&dp)[
 #pragma unroll
     for (int nt = 0; nt < AM_NT; nt++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const float L = e < 2 ? lse_lo : lse_hi;
-            const float pr = s[nt][e] == -INFINITY || L == -INFINITY ? 0.0f : __expf(s[nt][e] - L);
-            s[nt][e] = pr;
-            dp[nt][e] = pr * (dp[nt][e] - (e < 2 ? D_lo : D_hi));
-        }
+        for (int e = 0; e < 4; e++) am_prob_grad(s[nt][e], dp[nt][e], e < 2 ? lse_lo : lse_hi, e < 2 ? D_lo : D_hi);
 }
 
 template <typename T>
@@ -375,8 +413,7 @@ am_dq_kernel(T *__restrict__ dq, const T *__restrict__ dout, const float *__rest
     __shared__ int32_t kseg[AM_BN];
     __shared__ float kpos[AM_BN];
     const int item = blockIdx.y, b = item / p.KV, r0 = blockIdx.x * AM_BM;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t2 = (lane & 3) * 2;
-    const am_row lo = am_row_of(p, item, r0 + warp * 16 + g), hi = am_row_of(p, item, r0 + warp * 16 + g + 8);
+    const am_row lo = am_row_of(p, item, r0 + am_lane_row()), hi = am_row_of(p, item, r0 + am_lane_row() + 8);
     uint32_t qa[AM_KS][4], da[AM_KS][4];
     const uint16_t *q16 = reinterpret_cast<const uint16_t *>(q), *d16 = reinterpret_cast<const uint16_t *>(dout);
     am_frag_global(qa, q16 + lo.qrow * AM_HD, q16 + hi.qrow * AM_HD, lo.ok, hi.ok);
@@ -396,23 +433,13 @@ am_dq_kernel(T *__restrict__ dq, const T *__restrict__ dout, const float *__rest
         am_load_keyinfo(kseg, kpos, p, b, j0);
         __syncthreads();
         float s[AM_NT][4], dp[AM_NT][4];
-        am_zero(s);
-        am_zero(dp);
         am_mma_rows<T>(s, qa, Ks);
         am_mma_rows<T>(dp, da, Vs);
         am_scores(s, lo, hi, j0, kseg, kpos, p.scale);
         am_probs_grad(s, dp, lse_lo, lse_hi, D_lo, D_hi);
         am_mma_acc<T>(acc, dp, Ks);
     }
-    uint16_t *o16 = reinterpret_cast<uint16_t *>(dq);
-#pragma unroll
-    for (int nt = 0; nt < AM_NT; nt++) {
-        const int d = nt * 8 + t2;
-        if (lo.ok)
-            *reinterpret_cast<uint32_t *>(o16 + lo.qrow * AM_HD + d) = pack2<T>(p.scale * acc[nt][0], p.scale * acc[nt][1]);
-        if (hi.ok)
-            *reinterpret_cast<uint32_t *>(o16 + hi.qrow * AM_HD + d) = pack2<T>(p.scale * acc[nt][2], p.scale * acc[nt][3]);
-    }
+    am_store<T>(lo.ok ? dq + lo.qrow * AM_HD : nullptr, hi.ok ? dq + hi.qrow * AM_HD : nullptr, acc, p.scale, p.scale);
 }
 
 /* dK, dV partials of keys j0 .. j0+63 of one item over the query heads of split z:
@@ -421,16 +448,16 @@ template <typename T>
 __global__ void __launch_bounds__(AM_THREADS)
 am_dkv_kernel(float *__restrict__ dk_part, float *__restrict__ dv_part, const T *__restrict__ dout,
               const float *__restrict__ lse, const float *__restrict__ D, const T *__restrict__ q,
-              const T *__restrict__ k, const T *__restrict__ v, am_p p, int items)
+              const T *__restrict__ k, const T *__restrict__ v, am_p p)
 {
     __shared__ __align__(16) uint16_t Qs[AM_BM * AM_LD]; /* [query][dim]: S^T = K Q^T, dK += G^T Q */
     __shared__ __align__(16) uint16_t Os[AM_BM * AM_LD]; /* dout [query][dim]: dP^T = V dO^T, dV += P^T dO */
     __shared__ float qlse[AM_BM], qD[AM_BM];
     __shared__ int32_t qseg[AM_BM];
     const int item = blockIdx.y, b = item / p.KV, g_kv = item % p.KV, j0 = blockIdx.x * AM_BN, z = blockIdx.z;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t2 = (lane & 3) * 2;
+    const int t2 = (threadIdx.x & 3) * 2;
     /* this lane's two keys (the "rows" of the transposed products) */
-    const int j_lo = j0 + warp * 16 + g, j_hi = j_lo + 8;
+    const int j_lo = j0 + am_lane_row(), j_hi = j_lo + 8;
     const int ok_lo = j_lo < p.T, ok_hi = j_hi < p.T;
     const size_t kat = (size_t)b * p.kstride;
     const int32_t seg_lo = ok_lo ? p.kmask[kat + j_lo] : 0, seg_hi = ok_hi ? p.kmask[kat + j_hi] : 0;
@@ -465,9 +492,7 @@ am_dkv_kernel(float *__restrict__ dk_part, float *__restrict__ dv_part, const T 
             }
             __syncthreads();
             float s[AM_NT][4], dp[AM_NT][4];
-            am_zero(s);
-            am_zero(dp);
-            am_mma_rows<T>(s, ka, Qs);
+                    am_mma_rows<T>(s, ka, Qs);
             am_mma_rows<T>(dp, va, Os);
 #pragma unroll
             for (int nt = 0; nt < AM_NT; nt++)
@@ -477,32 +502,18 @@ am_dkv_kernel(float *__restrict__ dk_part, float *__restrict__ dv_part, const T 
                     const int j = e < 2 ? j_lo : j_hi;
                     const int32_t ks = e < 2 ? seg_lo : seg_hi;
                     const float kp = e < 2 ? pos_lo : pos_hi;
-                    const float L = qlse[tt];
-                    float pr = 0.0f;
-                    if (t < p.T && j <= t && L != -INFINITY && ft_key_visible(ks, qseg[tt]))
-                        pr = __expf((s[nt][e] + slope * kp) * p.scale - L);
-                    s[nt][e] = pr;
-                    dp[nt][e] = pr * (dp[nt][e] - qD[tt]);
+                    /* query t sees keys below t + 1 (Tk == T); past T: none */
+                    s[nt][e] = am_mask_score(s[nt][e], j, t < p.T ? t + 1 : 0, ks, qseg[tt], slope, kp, p.scale);
+                    am_prob_grad(s[nt][e], dp[nt][e], qlse[tt], qD[tt]);
                 }
             am_mma_acc<T>(dv, s, Os);
             am_mma_acc<T>(dk, dp, Qs);
         }
     }
-    const size_t base = (size_t)z * items * p.T * AM_HD + ((size_t)item * p.T) * AM_HD;
-#pragma unroll
-    for (int nt = 0; nt < AM_NT; nt++) {
-        const int d = nt * 8 + t2;
-        if (ok_lo) {
-            *reinterpret_cast<float2 *>(dk_part + base + (size_t)j_lo * AM_HD + d) =
-                make_float2(p.scale * dk[nt][0], p.scale * dk[nt][1]);
-            *reinterpret_cast<float2 *>(dv_part + base + (size_t)j_lo * AM_HD + d) = make_float2(dv[nt][0], dv[nt][1]);
-        }
-        if (ok_hi) {
-            *reinterpret_cast<float2 *>(dk_part + base + (size_t)j_hi * AM_HD + d) =
-                make_float2(p.scale * dk[nt][2], p.scale * dk[nt][3]);
-            *reinterpret_cast<float2 *>(dv_part + base + (size_t)j_hi * AM_HD + d) = make_float2(dv[nt][2], dv[nt][3]);
-        }
-    }
+    const size_t base = ((size_t)z * gridDim.y + item) * p.T * AM_HD; /* split z, item's key 0 */
+    const size_t at_lo = base + (size_t)j_lo * AM_HD, at_hi = base + (size_t)j_hi * AM_HD;
+    am_store<float>(ok_lo ? dk_part + at_lo : nullptr, ok_hi ? dk_part + at_hi : nullptr, dk, p.scale, p.scale);
+    am_store<float>(ok_lo ? dv_part + at_lo : nullptr, ok_hi ? dv_part + at_hi : nullptr, dv, 1.0f, 1.0f);
 }
 
 /* dst[e] = sum over splits z = 0, 1, .. of part[z][e], in that order, rounded once to T */

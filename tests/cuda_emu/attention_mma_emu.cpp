@@ -3,7 +3,7 @@
  * Every case draws fresh random q, k, v, dout (rounded to the act type, so the reference sees the
  * kernels' inputs), segment ids with padding and packed examples, alibi or not, and checks out, lse,
  * then dq, dk, dv from am_dot / am_dq / am_dkv / am_split_sum with the launch geometry
- * attention_mma.cu uses (am_params, am_heads_per_split). Exit status 0 when every case passes.
+ * attention_mma.cu uses (am_params, am_plan). Exit status 0 when every case passes.
  * Built and run by tests/test_cuda_emu.py.
  */
 #include "emu.h"
@@ -158,11 +158,11 @@ template <typename T> static int run_case(const spec &c, uint64_t seed, const ch
     a.slopes = c.alibi ? slopes.data() : nullptr;
     am_p p = am_params(&a);
     const int items = c.B * c.KV;
+    const am_grids grids = am_plan(&p, items, c.sms);
     std::vector<uint16_t> q16 = to_act<T>(q), k16 = to_act<T>(k), v16 = to_act<T>(v), do16 = to_act<T>(dout);
     std::vector<uint16_t> out16(nq * hd, 0x7e00u); /* NaN-ish poison: every element must be written */
     std::vector<float> lse(nq, 12345.0f);
-    const dim3 grid((p.rows_item + AM_BM - 1) / AM_BM, items);
-    emu_launch(grid, dim3(AM_THREADS), am_fwd_kernel<T>, (T *)out16.data(), lse.data(), (const T *)q16.data(),
+    emu_launch(grids.rows, dim3(AM_THREADS), am_fwd_kernel<T>, (T *)out16.data(), lse.data(), (const T *)q16.data(),
                (const T *)k16.data(), (const T *)v16.data(), p);
     std::vector<float> out(nq * hd);
     for (size_t i = 0; i < out.size(); i++) out[i] = from_act<T>(out16[i]);
@@ -192,17 +192,16 @@ template <typename T> static int run_case(const spec &c, uint64_t seed, const ch
         emu_launch(dim3((unsigned)((nq * 32 + 255) / 256)), dim3(256), am_dot_kernel<T>, D.data(),
                    (const T *)do16.data(), (const T *)out16.data(), p, items);
         std::vector<uint16_t> dq16(nq * hd, 0x7e00u);
-        emu_launch(grid, dim3(AM_THREADS), am_dq_kernel<T>, (T *)dq16.data(), (const T *)do16.data(),
+        emu_launch(grids.rows, dim3(AM_THREADS), am_dq_kernel<T>, (T *)dq16.data(), (const T *)do16.data(),
                    (const float *)lse.data(), (const float *)D.data(), (const T *)q16.data(), (const T *)k16.data(),
                    (const T *)v16.data(), p);
-        hps = am_heads_per_split(p, items, c.sms);
-        p.hps = hps;
-        const int splits = (gs + hps - 1) / hps;
+        hps = p.hps;
+        const int splits = grids.splits;
         const size_t nkv = (size_t)items * c.T * hd;
         std::vector<float> dkp(splits * nkv, NAN), dvp(splits * nkv, NAN);
-        emu_launch(dim3((c.T + AM_BN - 1) / AM_BN, items, splits), dim3(AM_THREADS), am_dkv_kernel<T>, dkp.data(),
+        emu_launch(grids.keys, dim3(AM_THREADS), am_dkv_kernel<T>, dkp.data(),
                    dvp.data(), (const T *)do16.data(), (const float *)lse.data(), (const float *)D.data(),
-                   (const T *)q16.data(), (const T *)k16.data(), (const T *)v16.data(), p, items);
+                   (const T *)q16.data(), (const T *)k16.data(), (const T *)v16.data(), p);
         std::vector<uint16_t> dk16(nkv, 0x7e00u), dv16(nkv, 0x7e00u);
         const dim3 sg((unsigned)((nkv / 2 + 255) / 256));
         emu_launch(sg, dim3(256), am_split_sum_kernel<T>, (T *)dk16.data(), (const float *)dkp.data(), splits, nkv);
