@@ -70,7 +70,6 @@ struct emu_thread {
     ucontext_t ctx;  /* the first entry (makecontext) */
     jmp_buf jb;      /* where it yielded */
     bool started;
-    std::unique_ptr<char[]> stack;
     bool done;
 };
 inline emu_thread *emu_cur;     /* the fiber running now */
@@ -105,7 +104,7 @@ inline emu_warp &emu_my_warp() { return emu_self.block->warps[emu_self.tid.x / 3
 inline std::function<void()> emu_body; /* the kernel call every fiber of a launch makes */
 
 /* a fiber's entry: runs the launched kernel once, marks itself finished and jumps back to the
- * scheduler (never returns: its stack stays allocated until the block ends) */
+ * scheduler (never returns: its stack is simply reused by the next block) */
 inline void emu_fiber_main()
 {
     emu_body();
@@ -236,13 +235,18 @@ inline void ldsm_x4_trans(uint32_t *r, const void *p) { emu_ldsm(r, p, true); }
     }
 }
 
-/* a fiber that starts in emu_fiber_main on its own stack (out of line, as emu_resume) */
-[[gnu::noinline]] inline void emu_fiber_init(emu_thread *e, size_t stack_bytes)
+/* one stack per thread index, kept from block to block and launch to launch */
+constexpr size_t emu_stack_bytes = 256 * 1024;
+inline std::vector<std::unique_ptr<char[]>> emu_stacks;
+
+/* a fiber that starts in emu_fiber_main on the stack of its thread index (out of line, as emu_resume) */
+[[gnu::noinline]] inline void emu_fiber_init(emu_thread *e, unsigned t)
 {
-    e->stack.reset(new char[stack_bytes]);
+    if (emu_stacks.size() <= t) emu_stacks.resize(t + 1);
+    if (!emu_stacks[t]) emu_stacks[t].reset(new char[emu_stack_bytes]);
     getcontext(&e->ctx);
-    e->ctx.uc_stack.ss_sp = e->stack.get();
-    e->ctx.uc_stack.ss_size = stack_bytes;
+    e->ctx.uc_stack.ss_sp = emu_stacks[t].get();
+    e->ctx.uc_stack.ss_size = emu_stack_bytes;
     e->ctx.uc_link = nullptr; /* emu_fiber_main never returns */
     e->started = false;
     makecontext(&e->ctx, emu_fiber_main, 0);
@@ -252,7 +256,6 @@ inline void ldsm_x4_trans(uint32_t *r, const void *p) { emu_ldsm(r, p, true); }
  * barrier, a random half of them in a random order at every sweep */
 inline void emu_run_block(uint3 bid)
 {
-    constexpr size_t stack_bytes = 256 * 1024;
     const unsigned n = emu_block_dim.x;
     emu_block blk((int)n);
     std::vector<emu_thread> th(n);
@@ -263,7 +266,7 @@ inline void emu_run_block(uint3 bid)
         e.bid = bid;
         e.block = &blk;
         e.done = false;
-        emu_fiber_init(&e, stack_bytes);
+        emu_fiber_init(&e, t);
         order[t] = t;
     }
     for (unsigned left = n; left;) {
