@@ -13,7 +13,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
-#include <string>
 
 struct spec {
     int B, H, KV, T, past, extra_cap; /* Tk = past + T, cap = Tk + extra_cap */

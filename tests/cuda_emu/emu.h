@@ -24,15 +24,16 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <setjmp.h>
+#include <ucontext.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <random>
-#include <algorithm>
-#include <functional>
-#include <setjmp.h>
-#include <ucontext.h>
 #include <vector>
 
 #undef __shared__
