@@ -67,38 +67,42 @@ static ft_status loss_step(ft_model *m, const int32_t *ids, const int32_t *label
     }
     CALL(run_layers(m, &s, backward, err));
 
-    /* head + loss in row chunks: logits -> dlogits in place -> dhf (into da1) */
+    /* head + loss in row chunks: logits -> dlogits in place -> dhf (into da1). The row losses stay
+     * on the device until the whole step is enqueued: a download here would stall the host while
+     * the forward runs and leave the GPU idle while the backward's first launches are made. */
     const float gmul = backward ? grad_scale / (float)n_valid : 0.0f;
-    double sum = 0.0;
-    float *row_loss = malloc((size_t)ws->chunk * sizeof(float));
-    if (!row_loss) return ft_fail(err, FT_ENOMEM, "out of host memory");
-    for (int r0 = 0; r0 < N && !st; r0 += ws->chunk) {
+    for (int r0 = 0; r0 < N; r0 += ws->chunk) {
         const int n = N - r0 < ws->chunk ? N - r0 : ws->chunk;
         const char *h = (const char *)ws->hf + act_bytes(m, (size_t)r0 * D);
         char *dh = (char *)ws->da1 + act_bytes(m, (size_t)r0 * D);
-        st = op->lm_logits(m->be, ws->logits, h, m->lm_head, n, V, D, err);
-        if (!st) st = op->cross_entropy(m->be, ws->logits, ws->row_loss, ws->tgt + r0, n, V, gmul, err);
-        if (!st && backward) st = op->lm_bwd(m->be, dh, ws->logits, m->lm_head, n, V, D, err);
-        if (!st) st = op->download(m->be, row_loss, ws->row_loss, (size_t)n * sizeof(float), err);
-        for (int i = 0; i < n && !st; i++) sum += row_loss[i];
+        CALL(op->lm_logits(m->be, ws->logits, h, m->lm_head, n, V, D, err));
+        CALL(op->cross_entropy(m->be, ws->logits, ws->row_loss + r0, ws->tgt + r0, n, V, gmul, err));
+        if (backward) CALL(op->lm_bwd(m->be, dh, ws->logits, m->lm_head, n, V, D, err));
     }
+
+    if (backward) {
+        /* dres = ln_f'(dhf) */
+        CALL(op->zero(m->be, ws->dres, act_bytes(m, (size_t)N * D), err));
+        CALL(op->layernorm_bwd(m->be, ws->dres, ws->da1, ws->xs[L], ws->meanf, ws->rstdf, m->lnf_w, N, D, err));
+        const int n_ckpt = L - ws->n_saved;
+        for (int l = L - 1; l >= m->lora_min_layer; l--) {
+            layer_acts *A = &ws->acts[l];
+            if (l < n_ckpt) /* recompute this layer's activations (same dropout seeds) */
+                CALL(layer_forward(m, &s, l, A, ws->xs[l], ws->ytmp, NULL, NULL, err));
+            CALL(layer_backward(m, &s, l, A, ws->xs[l], l > m->lora_min_layer, err));
+        }
+    }
+
+    /* the download waits for the step's last kernel, so a failed kernel is reported here */
+    float *row_loss = malloc((size_t)N * sizeof(float));
+    if (!row_loss) return ft_fail(err, FT_ENOMEM, "out of host memory");
+    st = op->download(m->be, row_loss, ws->row_loss, (size_t)N * sizeof(float), err);
+    double sum = 0.0;
+    for (int i = 0; i < N && !st; i++) sum += row_loss[i];
     free(row_loss);
     if (st) return st;
     *loss = sum / (double)n_valid;
-    if (!backward) return FT_OK;
-
-    /* dres = ln_f'(dhf) */
-    CALL(op->zero(m->be, ws->dres, act_bytes(m, (size_t)N * D), err));
-    CALL(op->layernorm_bwd(m->be, ws->dres, ws->da1, ws->xs[L], ws->meanf, ws->rstdf, m->lnf_w, N, D, err));
-
-    const int n_ckpt = L - ws->n_saved;
-    for (int l = L - 1; l >= m->lora_min_layer; l--) {
-        layer_acts *A = &ws->acts[l];
-        if (l < n_ckpt) /* recompute this layer's activations (same dropout seeds) */
-            CALL(layer_forward(m, &s, l, A, ws->xs[l], ws->ytmp, NULL, NULL, err));
-        CALL(layer_backward(m, &s, l, A, ws->xs[l], l > m->lora_min_layer, err));
-    }
-    return op->sync(m->be, err);
+    return FT_OK;
 }
 
 ft_status ft_forward_backward(ft_model *m, const int32_t *ids, const int32_t *labels, const int32_t *mask, int B,
