@@ -1,5 +1,6 @@
-"""CUDA attention implementations: FT_CUDA_ATTN=gemm (cuBLAS tensor cores, default), flash and mma
-(tensor-core flash kernels, head dim 64; op-level tests in test_ops.py).
+"""CUDA attention implementations: FT_CUDA_ATTN=mma (tensor-core flash kernels, head dim 64, the
+default where they can run; op-level tests in test_ops.py), gemm (cuBLAS tensor cores, the fallback)
+and flash (scalar).
 
 The backend reads FT_CUDA_ATTN and FT_CUDA_ATTN_CHUNK_MB when it is created (ft.load_model), so each
 model below is loaded with the environment set for it. A tiny FT_CUDA_ATTN_CHUNK_MB forces the gemm

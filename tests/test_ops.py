@@ -290,6 +290,8 @@ QKV_SHAPES = [  # B, T, H, KV, hd, layout, rope, cap, past
     (2, 3, 3, 3, 128, "interleaved", 0, 3, 0),
     (3, 7, 8, 2, 16, "grouped", 1, 12, 4),     # a KV cache: k/v rows past .. past+T of cap
     (2, 1, 4, 1, 64, "multi_query", 1, 9, 6),  # one decode step
+    (3, 5, 2, 1, 8, "multi_query", 1, 5, 0),   # hd % 16 != 0: the CUDA kernel's one-element items
+    (3, 200, 3, 1, 64, "grouped", 1, 200, 0),  # 600 rows: one block of every slot per 8 rows
 ]
 
 
@@ -710,9 +712,10 @@ def test_cuda_attention_mma_matches_cpu(cpu, gpu_mma, case):
 
 
 @pytest.mark.cuda
-def test_cuda_attention_mma_is_the_kernel_that_ran():
-    """FT_CUDA_ATTN=mma on an hd 64 call runs ATTN_MMA (the profiler's choice table says so), not a
-    silent fallback."""
+@pytest.mark.parametrize("attn_env", [None, "mma"], ids=["default", "mma"])
+def test_cuda_attention_mma_is_the_kernel_that_ran(attn_env):
+    """An hd 64 call runs ATTN_MMA by default and with FT_CUDA_ATTN=mma (the profiler's choice table
+    says so), not a silent fallback."""
     case = next(c for c in ATTN_CASES if c.op == "attention_bwd")
     script = (
         "import numpy as np, pickle, sys\n"
@@ -723,7 +726,8 @@ def test_cuda_attention_mma_is_the_kernel_that_ran():
         "r.run(op, **values)\n"
         "del r\n"
     )
-    env = {**os.environ, "FT_CUDA_ATTN": "mma", "FT_CUDA_PROFILE": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "FT_CUDA_ATTN"}
+    env.update({"FT_CUDA_PROFILE": "1"} if attn_env is None else {"FT_CUDA_ATTN": attn_env, "FT_CUDA_PROFILE": "1"})
     res = subprocess.run([sys.executable, "-c", script], input=pickle.dumps((case.op, _copy(case.values))),
                          capture_output=True, env=env, timeout=300)
     err = res.stderr.decode()

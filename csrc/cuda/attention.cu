@@ -21,72 +21,83 @@
 /* ------------------------------------------------------------------------ */
 /* qkv split + rotary                                                        */
 
-/* Block (row, c): token row `row`, head slots [c*spb, c*spb + spb) of the H query heads, KV
- * key heads (rotated) and KV value heads (copied); cos/sin of the row's position in shared
- * memory. Training has thousands of rows: one chunk per row (spb = all slots) computes the
- * table once per row. Decode has B rows: chunks of 4 slots spread a row over ~20 blocks, where
- * one block looping over every slot of the row took ~10 us. */
-template <typename T>
-__global__ void qkv_split_kernel(T *q, T *k, T *v, const T *qkv, const int32_t *cols, const int32_t *pos, int T_,
-                                 int H, int KV, int hd, int width, int cap, int past_arg, const int32_t *past_dev,
-                                 int rope, float theta, int spb, int backward)
+/* Block (row group, slot chunk): up to QKV_ROWS token rows and head slots [c*spb, c*spb + spb) of
+ * the H query heads, KV key heads (rotated) and KV value heads (copied). The inverse frequencies
+ * (double pow rounded to f32, as csrc/cpu and the reference compute them) are made once per block
+ * and the rows' cos/sin once per (row, pair) in shared memory: FP64 is 1/32 rate on a T4, so the
+ * double trigonometry of one table per row cost more there than the copy. Work items are V
+ * consecutive elements (V = 8: one 16-byte access, V = 1 otherwise): the 2-byte-per-thread form
+ * moved ~1.2 TB/s on an H200. Training has thousands of rows: spb = every slot. Decode has B
+ * rows: chunks of 4 slots spread a row over ~20 blocks. */
+constexpr int QKV_ROWS = 8;
+constexpr int QKV_THREADS = 256;
+
+template <typename T, int V> struct qkv_vec;
+template <typename T> struct qkv_vec<T, 8> {
+    static __device__ __forceinline__ void load(const T *p, float f[8]) { unpack8<T>(*(const uint4 *)p, f); }
+    static __device__ __forceinline__ void store(T *p, const float f[8]) { *(uint4 *)p = pack8<T>(f); }
+};
+template <typename T> struct qkv_vec<T, 1> {
+    static __device__ __forceinline__ void load(const T *p, float f[1]) { f[0] = ld<T>(*p); }
+    static __device__ __forceinline__ void store(T *p, const float f[1]) { *p = cv<T>(f[0]); }
+};
+
+template <typename T, int V>
+__global__ void __launch_bounds__(QKV_THREADS)
+    qkv_split_kernel(T *q, T *k, T *v, const T *qkv, const int32_t *cols, const int32_t *pos, int rows, int T_, int H,
+                     int KV, int hd, int width, int cap, int past_arg, const int32_t *past_dev, int rope, float theta,
+                     int spb, int backward)
 {
+    using vec = qkv_vec<T, V>;
     const int past = past_dev ? *past_dev : past_arg;
-    extern __shared__ float tab[]; /* cs[hd/2], sn[hd/2] */
-    const int bt = blockIdx.x, b = bt / T_, t = bt % T_;
+    extern __shared__ float tab[]; /* inv[hd/2], cs[QKV_ROWS][hd/2], sn[QKV_ROWS][hd/2] */
     const int half = hd / 2;
+    const int row0 = blockIdx.x * QKV_ROWS, nr = min(QKV_ROWS, rows - row0);
     const int s0 = blockIdx.y * spb, s1 = min(H + 2 * KV, s0 + spb);
-    float *cs = tab, *sn = tab + half;
+    float *inv = tab, *cs = tab + half, *sn = cs + QKV_ROWS * half;
     if (rope && s0 < H + KV) {
-        for (int i = threadIdx.x; i < half; i += blockDim.x) {
-            const float inv = (float)(1.0 / pow((double)theta, (2.0 * i) / hd));
-            const double ang = (double)((float)pos[bt] * inv);
-            cs[i] = (float)cos(ang);
-            sn[i] = (float)sin(ang);
+        for (int i = threadIdx.x; i < half; i += blockDim.x)
+            inv[i] = (float)(1.0 / pow((double)theta, (2.0 * i) / hd));
+        __syncthreads();
+        for (int e = threadIdx.x; e < nr * half; e += blockDim.x) {
+            const int r = e / half, i = e % half;
+            sincosf((float)pos[row0 + r] * inv[i], &sn[r * half + i], &cs[r * half + i]);
         }
         __syncthreads();
     }
-    T *row = (T *)qkv + (size_t)bt * width; /* written only when backward */
-    /* rotated pairs of the q and k slots in [s0, s1) */
-    const int r1 = min(s1, H + KV);
-    const int nrot = (r1 > s0 ? r1 - s0 : 0) * half;
-    for (int e = threadIdx.x; e < nrot; e += blockDim.x) {
-        const int slot = s0 + e / half, i = e % half;
-        T *src_dst; /* the q/k buffer row */
-        if (slot < H) src_dst = q + (((size_t)b * H + slot) * T_ + t) * hd;
-        else src_dst = k + (((size_t)b * KV + (slot - H)) * cap + past + t) * hd;
-        T *r = row + cols[slot];
-        if (!backward) {
-            const float x1 = ld<T>(r[i]), x2 = ld<T>(r[i + half]);
-            if (rope) {
-                const float c = cs[i], s = sn[i];
-                src_dst[i] = cv<T>(x1 * c - x2 * s);
-                src_dst[i + half] = cv<T>(x2 * c + x1 * s);
-            } else {
-                src_dst[i] = r[i];
-                src_dst[i + half] = r[i + half];
-            }
-        } else {
-            const float x1 = ld<T>(src_dst[i]), x2 = ld<T>(src_dst[i + half]);
-            if (rope) {
-                const float c = cs[i], s = -sn[i];
-                r[i] = cv<T>(x1 * c - x2 * s);
-                r[i + half] = cv<T>(x2 * c + x1 * s);
-            } else {
-                r[i] = src_dst[i];
-                r[i + half] = src_dst[i + half];
-            }
+    /* rotated pairs of the q and k slots in [s0, s1): item = (row, slot, V elements of the first half) */
+    const int r1 = min(s1, H + KV), nrs = r1 > s0 ? r1 - s0 : 0, hv = half / V;
+    for (int e = threadIdx.x; e < nr * nrs * hv; e += blockDim.x) {
+        const int i = (e % hv) * V, slot = s0 + (e / hv) % nrs, r = e / (hv * nrs);
+        const int bt = row0 + r, b = bt / T_, t = bt % T_;
+        T *qk = slot < H ? q + (((size_t)b * H + slot) * T_ + t) * hd
+                         : k + (((size_t)b * KV + (slot - H)) * cap + past + t) * hd; /* the q/k buffer row */
+        T *fused = (T *)qkv + (size_t)bt * width + cols[slot];
+        const T *src = backward ? qk : fused;
+        T *dst = backward ? fused : qk;
+        float x1[V], x2[V], y1[V], y2[V];
+        vec::load(src + i, x1);
+        vec::load(src + i + half, x2);
+#pragma unroll
+        for (int c = 0; c < V; c++) { /* backward rotates by the opposite angle */
+            const float cc = rope ? cs[r * half + i + c] : 1.0f;
+            const float sg = rope ? (backward ? -sn[r * half + i + c] : sn[r * half + i + c]) : 0.0f;
+            y1[c] = rope ? x1[c] * cc - x2[c] * sg : x1[c];
+            y2[c] = rope ? x2[c] * cc + x1[c] * sg : x2[c];
         }
+        vec::store(dst + i, y1);
+        vec::store(dst + i + half, y2);
     }
-    /* value slots in [s0, s1): plain copies */
-    const int v0 = max(s0, H + KV);
-    const int ncopy = (s1 > v0 ? s1 - v0 : 0) * hd;
-    for (int e = threadIdx.x; e < ncopy; e += blockDim.x) {
-        const int gq = v0 - H - KV + e / hd, d = e % hd;
+    /* value slots in [s0, s1): plain copies, item = (row, slot, V elements) */
+    const int v0 = max(s0, H + KV), nvs = s1 > v0 ? s1 - v0 : 0, dv = hd / V;
+    for (int e = threadIdx.x; e < nr * nvs * dv; e += blockDim.x) {
+        const int d = (e % dv) * V, gq = v0 - H - KV + (e / dv) % nvs, r = e / (dv * nvs);
+        const int bt = row0 + r, b = bt / T_, t = bt % T_;
         T *vv = v + (((size_t)b * KV + gq) * cap + past + t) * hd + d;
-        T *r = row + cols[H + KV + gq] + d;
-        if (!backward) *vv = *r;
-        else *r = *vv;
+        T *fused = (T *)qkv + (size_t)bt * width + cols[H + KV + gq] + d;
+        float x[V];
+        vec::load(backward ? vv : fused, x);
+        vec::store(backward ? fused : vv, x);
     }
 }
 
@@ -95,15 +106,24 @@ static ft_status qkv_split_launch(ft_backend *base, void *q, void *k, void *v, c
 {
     const int rows = a->B * a->T;
     if (rows <= 0) return FT_OK;
-    const size_t sh = (size_t)a->hd * sizeof(float);
+    const size_t sh = (size_t)(1 + 2 * QKV_ROWS) * (a->hd / 2) * sizeof(float);
     const int slots = a->H + 2 * a->KV;
     const int spb = rows >= 512 ? slots : 4;
-    const dim3 grid(rows, (slots + spb - 1) / spb);
+    const dim3 grid((unsigned)((rows + QKV_ROWS - 1) / QKV_ROWS), (unsigned)((slots + spb - 1) / spb));
+    /* 16-byte items: every column offset is a head start (a multiple of hd), so hd % 16 == 0, an
+     * 8-element row width and 16-byte buffers keep every item aligned */
+    const bool v8 = a->hd % 16 == 0 && a->qkv_width % 8 == 0 && aligned16(q) && aligned16(k) && aligned16(v) &&
+                    aligned16(qkv);
     PROF_T0(CB(base));
-    ACT_DISPATCH(base, T,
-                 qkv_split_kernel<T><<<grid, 128, sh, CB(base)->stream>>>(
-                     (T *)q, (T *)k, (T *)v, (const T *)qkv, a->cols, a->pos, a->T, a->H, a->KV, a->hd, a->qkv_width,
-                     a->cap, a->past, a->past_dev, a->rope, a->theta, spb, backward));
+#define QKV_SPLIT(VV)                                                                                            \
+    qkv_split_kernel<T, VV><<<grid, QKV_THREADS, sh, CB(base)->stream>>>(                                        \
+        (T *)q, (T *)k, (T *)v, (const T *)qkv, a->cols, a->pos, rows, a->T, a->H, a->KV, a->hd, a->qkv_width, \
+        a->cap, a->past, a->past_dev, a->rope, a->theta, spb, backward)
+    ACT_DISPATCH(base, T, {
+        if (v8) QKV_SPLIT(8);
+        else QKV_SPLIT(1);
+    });
+#undef QKV_SPLIT
     LAUNCH_CHECK(backward ? "qkv split backward" : "qkv split");
     PROF_MARK(CB(base), PR_QKV);
     return FT_OK;

@@ -86,10 +86,10 @@ static int env_on(const char *name, int dflt)
 
 ft_status cuda_read_env(cuda_backend *be, ft_error *err)
 {
-    /* attention: FT_CUDA_ATTN=gemm (default, cuBLAS tensor cores), flash (scalar) or mma (tensor-core
-     * flash kernels, where attn_mma_check allows) */
+    /* attention: FT_CUDA_ATTN=mma (default: tensor-core flash kernels where attn_mma_check allows,
+     * else gemm), gemm (cuBLAS tensor cores over score chunks) or flash (scalar) */
     const char *ae = getenv("FT_CUDA_ATTN");
-    be->attn_pref = ATTN_GEMM;
+    be->attn_pref = ATTN_MMA;
     if (ae && ae[0]) {
         if (!strcmp(ae, "flash")) be->attn_pref = ATTN_FLASH;
         else if (!strcmp(ae, "mma")) be->attn_pref = ATTN_MMA;

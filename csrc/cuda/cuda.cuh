@@ -99,7 +99,7 @@ struct cuda_backend {
      * on an sm_90 card */
     int gemv_ptx, qgemm_ptx, attn_mma_ptx;
     /* settings, read once by cuda_read_env (choice.cu) when the backend is created */
-    attn_kind attn_pref; /* FT_CUDA_ATTN: ATTN_GEMM (default), ATTN_FLASH or ATTN_MMA where it can run */
+    attn_kind attn_pref; /* FT_CUDA_ATTN: ATTN_MMA (default, where it can run), ATTN_GEMM or ATTN_FLASH */
     size_t attn_chunk_bytes; /* f32 score scratch per attention chunk (FT_CUDA_ATTN_CHUNK_MB) */
     int gemv_on;       /* FT_CUDA_GEMV != 0: fused dequant-GEMV for N <= 8 rows */
     int attn_decode_on; /* FT_CUDA_ATTN_DECODE != 0: one-launch attention for T == 1 */

@@ -319,9 +319,25 @@ extern "C" ft_status cuda_gelu_bwd(ft_backend *base, void *dx, const void *dy, c
     return FT_OK;
 }
 
-template <typename T> __global__ void add_kernel(T *y, const T *a, const T *b, const T *c, size_t n)
+/* y = a + b (+ c); VEC: 8 elements per 16-byte access, as the GELU kernels (the one-element form
+ * moved ~2 TB/s on an H200) */
+template <typename T, bool VEC> __global__ void add_kernel(T *y, const T *a, const T *b, const T *c, size_t n)
 {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const size_t t0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    size_t done = 0;
+    if (VEC) {
+        done = n / 8 * 8;
+        for (size_t i = t0; i < n / 8; i += stride) {
+            float fa[8], fb[8], fc[8];
+            unpack8<T>(((const uint4 *)a)[i], fa); /* plain loads: y may be a */
+            unpack8<T>(((const uint4 *)b)[i], fb);
+            if (c) unpack8<T>(((const uint4 *)c)[i], fc);
+#pragma unroll
+            for (int e = 0; e < 8; e++) fa[e] = c ? fa[e] + fb[e] + fc[e] : fa[e] + fb[e];
+            ((uint4 *)y)[i] = pack8<T>(fa);
+        }
+    }
+    for (size_t i = done + t0; i < n; i += stride) {
         float s = ld<T>(a[i]) + ld<T>(b[i]);
         if (c) s += ld<T>(c[i]);
         y[i] = cv<T>(s);
@@ -333,9 +349,14 @@ extern "C" ft_status cuda_add(ft_backend *base, void *y, const void *a, const vo
 {
     if (!n) return FT_OK;
     PROF_T0(CB(base));
-    ACT_DISPATCH(base, T,
-                 add_kernel<T><<<grid_for(n, 256), 256, 0, CB(base)->stream>>>((T *)y, (const T *)a, (const T *)b,
-                                                                               (const T *)c, n));
+    const bool vec = aligned16(y) && aligned16(a) && aligned16(b) && (!c || aligned16(c));
+    const unsigned grid = grid_for(vec ? (n + 7) / 8 : n, 256);
+#define ADD(V) add_kernel<T, V><<<grid, 256, 0, CB(base)->stream>>>((T *)y, (const T *)a, (const T *)b, (const T *)c, n)
+    ACT_DISPATCH(base, T, {
+        if (vec) ADD(true);
+        else ADD(false);
+    });
+#undef ADD
     LAUNCH_CHECK("residual add");
     PROF_MARK(CB(base), PR_ELEM);
     return FT_OK;
