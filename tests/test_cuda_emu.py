@@ -31,12 +31,15 @@ def _cuda_include() -> Path | None:
     return None
 
 
-def test_attention_mma_kernels_match_float64_reference(tmp_path):
+@pytest.mark.parametrize("stages", [1, 2], ids=["one_stage_sm75", "two_stages_sm80"])
+def test_attention_mma_kernels_match_float64_reference(tmp_path, stages):
+    """Both tile pipelines: one synchronous stage (what sm_75 runs) and two with the cp.async copies
+    of the next tile in flight (sm_80+; the emulated copies land only at their wait)."""
     inc, cxx = _cuda_include(), shutil.which("g++")
     if inc is None or cxx is None:
         pytest.skip("needs g++ and the CUDA toolkit's headers (cuda_fp16.h)")
     exe = tmp_path / "attention_mma_emu"
-    cmd = [cxx, "-std=c++20", "-O2", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-Werror",
+    cmd = [cxx, "-std=c++20", "-O2", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-Werror", f"-DAM_STAGES={stages}",
            f"-I{REPO / 'csrc'}", f"-I{inc}", str(EMU / "attention_mma_emu.cpp"), "-o", str(exe)]
     build = subprocess.run(cmd, capture_output=True, text=True)
     assert build.returncode == 0, build.stdout + build.stderr

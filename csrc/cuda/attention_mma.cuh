@@ -15,7 +15,8 @@
  *
  * Forward (am_fwd_kernel), a block per (64 item rows, item): each of 4 warps owns 16 rows and keeps
  * their Q fragments, running max m, per-lane partial sum l and O[16, 64] in registers; key tiles of 64
- * go through shared memory row-major (B fragments by ldmatrix, .trans where the tile's rows are the
+ * go through shared memory row-major, the next tile's copies in flight while one is multiplied on
+ * sm_80+ (am_pipeline) (B fragments by ldmatrix, .trans where the tile's rows are the
  * product's k), S = Q K^T and O += P V are mma tiles; P goes from the S accumulators straight into
  * the A fragments of the second product (the accumulator layout of m16n8 is the A layout of m16k16
  * over two n tiles).
@@ -48,6 +49,17 @@ constexpr int AM_NT = AM_BN / 8;         /* n tiles of 8 keys (or 8 dims) */
 constexpr int AM_LD = 64 + 8;
 /* one tile shape serves every product: k over 64 keys or queries, n over 8 tiles of keys or dims */
 static_assert(AM_HD == 64 && AM_BN == 64 && AM_BM == 64, "the fragment loops assume 64 x 64 tiles");
+/* tiles in shared memory: on sm_80+ two stages, the next tile's cp.async copies in flight while the
+ * current one is multiplied; below sm_80 (no cp.async; a T4 has 64 KB of shared memory per SM) one
+ * stage, loaded synchronously. tests/cuda_emu builds both (-DAM_STAGES=1, 2). */
+#ifndef AM_STAGES
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define AM_STAGES 1
+#else
+#define AM_STAGES 2
+#endif
+#endif
+static_assert(AM_STAGES == 1 || AM_STAGES == 2, "one or two tile stages");
 
 struct am_p {
     int H, KV, gs, T, Tk, cap;
@@ -137,14 +149,37 @@ __device__ __forceinline__ am_row am_row_of(const am_p &p, int item, int r)
 
 /* ---- tiles in shared memory (2-byte elements, row stride AM_LD) ---- */
 
-/* rows[n][0..64) = row n of src (rows `stride` elements apart) for n < 64; zeros where n >= valid */
+/* starts rows[n][0..64) = row n of src (rows `stride` elements apart) for n < 64, zeros where
+ * n >= valid (src itself must be a row: the zero-fill copies name it) */
 __device__ __forceinline__ void am_load_rows(uint16_t *rows, const uint16_t *src, size_t stride, int valid)
 {
     for (int c = threadIdx.x; c < 64 * (AM_HD / 8); c += AM_THREADS) {
         const int n = c / (AM_HD / 8), d8 = (c % (AM_HD / 8)) * 8;
-        uint4 w = make_uint4(0u, 0u, 0u, 0u);
-        if (n < valid) w = *reinterpret_cast<const uint4 *>(src + (size_t)n * stride + d8);
-        *reinterpret_cast<uint4 *>(rows + n * AM_LD + d8) = w;
+        const bool ok = n < valid;
+        cp_async16(rows + n * AM_LD + d8, ok ? src + (size_t)n * stride + d8 : src, ok);
+    }
+}
+
+/* Tiles 0 .. tiles-1 through AM_STAGES shared-memory stages: issue(u, st) starts tile u's copies
+ * into stage st (cp.async, plus plain stores of small per-row values), use(u, st) consumes it. With
+ * two stages tile u + 1 is in flight while tile u is used; the barrier after use frees its stage
+ * for the tile issued in the next round. */
+template <typename Issue, typename Use>
+__device__ __forceinline__ void am_pipeline(int tiles, Issue &&issue, Use &&use)
+{
+#pragma unroll
+    for (int u = 0; u < AM_STAGES - 1; u++) {
+        if (u < tiles) issue(u, u);
+        cp_async_commit();
+    }
+    for (int u = 0; u < tiles; u++) {
+        const int next = u + AM_STAGES - 1;
+        if (next < tiles) issue(next, next % AM_STAGES);
+        cp_async_commit();
+        cp_async_wait<AM_STAGES - 1>(); /* tile u has landed (this thread's copies) */
+        __syncthreads();                /* ... and every thread's */
+        use(u, u % AM_STAGES);
+        __syncthreads();
     }
 }
 
@@ -264,6 +299,15 @@ __device__ __forceinline__ void am_load_keyinfo(int32_t *seg, float *pos, const 
     }
 }
 
+/* starts key tile j0 of an item (K, V rows; their segment ids and alibi positions) into one stage */
+__device__ __forceinline__ void am_issue_keys(uint16_t *Ks, uint16_t *Vs, int32_t *seg, float *pos,
+                                              const uint16_t *kb, const uint16_t *vb, const am_p &p, int b, int j0)
+{
+    am_load_rows(Ks, kb + (size_t)j0 * AM_HD, AM_HD, p.Tk - j0);
+    am_load_rows(Vs, vb + (size_t)j0 * AM_HD, AM_HD, p.Tk - j0);
+    am_load_keyinfo(seg, pos, p, b, j0);
+}
+
 /* the score of key j (segment kseg, alibi position kpos) for a query that sees keys below n and is
  * of segment qseg: (q.k + slope kpos) scale, or -inf where the key is not visible */
 __device__ __forceinline__ float am_mask_score(float s, int j, int n, int32_t kseg, int32_t qseg, float slope,
@@ -306,10 +350,10 @@ __global__ void __launch_bounds__(AM_THREADS)
 am_fwd_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__restrict__ q, const T *__restrict__ k,
               const T *__restrict__ v, am_p p)
 {
-    __shared__ __align__(16) uint16_t Ks[AM_BN * AM_LD]; /* [key][dim] */
-    __shared__ __align__(16) uint16_t Vs[AM_BN * AM_LD]; /* [key][dim] */
-    __shared__ int32_t kseg[AM_BN];
-    __shared__ float kpos[AM_BN];
+    __shared__ __align__(16) uint16_t Ks[AM_STAGES][AM_BN * AM_LD]; /* [key][dim] */
+    __shared__ __align__(16) uint16_t Vs[AM_STAGES][AM_BN * AM_LD]; /* [key][dim] */
+    __shared__ int32_t kseg[AM_STAGES][AM_BN];
+    __shared__ float kpos[AM_STAGES][AM_BN];
     const int item = blockIdx.y, b = item / p.KV, r0 = blockIdx.x * AM_BM;
     const am_row lo = am_row_of(p, item, r0 + am_lane_row()), hi = am_row_of(p, item, r0 + am_lane_row() + 8);
     const uint16_t *q16 = reinterpret_cast<const uint16_t *>(q);
@@ -321,16 +365,13 @@ am_fwd_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__restrict_
     float o[AM_NT][4];
     am_zero(o);
     float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f; /* l: this lane's columns only */
-    const int kend = am_key_end(p, r0);
-    for (int j0 = 0; j0 < kend; j0 += AM_BN) {
-        __syncthreads(); /* the previous tile is consumed */
-        am_load_rows(Ks, kb + (size_t)j0 * AM_HD, AM_HD, p.Tk - j0);
-        am_load_rows(Vs, vb + (size_t)j0 * AM_HD, AM_HD, p.Tk - j0);
-        am_load_keyinfo(kseg, kpos, p, b, j0);
-        __syncthreads();
+    const int tiles = (am_key_end(p, r0) + AM_BN - 1) / AM_BN;
+    auto issue = [&](int u, int st) { am_issue_keys(Ks[st], Vs[st], kseg[st], kpos[st], kb, vb, p, b, u * AM_BN); };
+    auto use = [&](int u, int st) {
+        const int j0 = u * AM_BN;
         float s[AM_NT][4];
-        am_mma_rows<T>(s, qa, Ks);
-        am_scores(s, lo, hi, j0, kseg, kpos, p.scale);
+        am_mma_rows<T>(s, qa, Ks[st]);
+        am_scores(s, lo, hi, j0, kseg[st], kpos[st], p.scale);
         float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
         for (int nt = 0; nt < AM_NT; nt++) {
@@ -358,8 +399,9 @@ am_fwd_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__restrict_
             o[nt][2] *= al_hi;
             o[nt][3] *= al_hi;
         }
-        am_mma_acc<T>(o, s, Vs);
-    }
+        am_mma_acc<T>(o, s, Vs[st]);
+    };
+    am_pipeline(tiles, issue, use);
     l_lo = am_quad_sum(l_lo);
     l_hi = am_quad_sum(l_hi);
     am_store<T>(lo.ok ? out + lo.orow : nullptr, hi.ok ? out + hi.orow : nullptr, o, l_lo > 0.0f ? 1.0f / l_lo : 0.0f,
@@ -408,10 +450,10 @@ am_dq_kernel(T *__restrict__ dq, const T *__restrict__ dout, const float *__rest
              const float *__restrict__ D, const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,
              am_p p)
 {
-    __shared__ __align__(16) uint16_t Ks[AM_BN * AM_LD]; /* [key][dim]: S = Q K^T, dQ += G K */
-    __shared__ __align__(16) uint16_t Vs[AM_BN * AM_LD]; /* [key][dim]: dP = dO V^T */
-    __shared__ int32_t kseg[AM_BN];
-    __shared__ float kpos[AM_BN];
+    __shared__ __align__(16) uint16_t Ks[AM_STAGES][AM_BN * AM_LD]; /* [key][dim]: S = Q K^T, dQ += G K */
+    __shared__ __align__(16) uint16_t Vs[AM_STAGES][AM_BN * AM_LD]; /* [key][dim]: dP = dO V^T */
+    __shared__ int32_t kseg[AM_STAGES][AM_BN];
+    __shared__ float kpos[AM_STAGES][AM_BN];
     const int item = blockIdx.y, b = item / p.KV, r0 = blockIdx.x * AM_BM;
     const am_row lo = am_row_of(p, item, r0 + am_lane_row()), hi = am_row_of(p, item, r0 + am_lane_row() + 8);
     uint32_t qa[AM_KS][4], da[AM_KS][4];
@@ -425,20 +467,17 @@ am_dq_kernel(T *__restrict__ dq, const T *__restrict__ dout, const float *__rest
 
     float acc[AM_NT][4];
     am_zero(acc);
-    const int kend = am_key_end(p, r0);
-    for (int j0 = 0; j0 < kend; j0 += AM_BN) {
-        __syncthreads();
-        am_load_rows(Ks, kb + (size_t)j0 * AM_HD, AM_HD, p.Tk - j0);
-        am_load_rows(Vs, vb + (size_t)j0 * AM_HD, AM_HD, p.Tk - j0);
-        am_load_keyinfo(kseg, kpos, p, b, j0);
-        __syncthreads();
+    const int tiles = (am_key_end(p, r0) + AM_BN - 1) / AM_BN;
+    auto issue = [&](int u, int st) { am_issue_keys(Ks[st], Vs[st], kseg[st], kpos[st], kb, vb, p, b, u * AM_BN); };
+    auto use = [&](int u, int st) {
         float s[AM_NT][4], dp[AM_NT][4];
-        am_mma_rows<T>(s, qa, Ks);
-        am_mma_rows<T>(dp, da, Vs);
-        am_scores(s, lo, hi, j0, kseg, kpos, p.scale);
+        am_mma_rows<T>(s, qa, Ks[st]);
+        am_mma_rows<T>(dp, da, Vs[st]);
+        am_scores(s, lo, hi, u * AM_BN, kseg[st], kpos[st], p.scale);
         am_probs_grad(s, dp, lse_lo, lse_hi, D_lo, D_hi);
-        am_mma_acc<T>(acc, dp, Ks);
-    }
+        am_mma_acc<T>(acc, dp, Ks[st]);
+    };
+    am_pipeline(tiles, issue, use);
     am_store<T>(lo.ok ? dq + lo.qrow * AM_HD : nullptr, hi.ok ? dq + hi.qrow * AM_HD : nullptr, acc, p.scale, p.scale);
 }
 
@@ -450,10 +489,10 @@ am_dkv_kernel(float *__restrict__ dk_part, float *__restrict__ dv_part, const T 
               const float *__restrict__ lse, const float *__restrict__ D, const T *__restrict__ q,
               const T *__restrict__ k, const T *__restrict__ v, am_p p)
 {
-    __shared__ __align__(16) uint16_t Qs[AM_BM * AM_LD]; /* [query][dim]: S^T = K Q^T, dK += G^T Q */
-    __shared__ __align__(16) uint16_t Os[AM_BM * AM_LD]; /* dout [query][dim]: dP^T = V dO^T, dV += P^T dO */
-    __shared__ float qlse[AM_BM], qD[AM_BM];
-    __shared__ int32_t qseg[AM_BM];
+    __shared__ __align__(16) uint16_t Qs[AM_STAGES][AM_BM * AM_LD]; /* [query][dim]: S^T = K Q^T, dK += G^T Q */
+    __shared__ __align__(16) uint16_t Os[AM_STAGES][AM_BM * AM_LD]; /* dout [query][dim]: dP^T = V dO^T, dV += P^T dO */
+    __shared__ float qlse[AM_STAGES][AM_BM], qD[AM_STAGES][AM_BM];
+    __shared__ int32_t qseg[AM_STAGES][AM_BM];
     const int item = blockIdx.y, b = item / p.KV, g_kv = item % p.KV, j0 = blockIdx.x * AM_BN, z = blockIdx.z;
     const int t2 = (threadIdx.x & 3) * 2;
     /* this lane's two keys (the "rows" of the transposed products) */
@@ -473,43 +512,44 @@ am_dkv_kernel(float *__restrict__ dk_part, float *__restrict__ dv_part, const T 
     float dk[AM_NT][4], dv[AM_NT][4];
     am_zero(dk);
     am_zero(dv);
-    const int hh1 = min(p.gs, (z + 1) * p.hps);
-    for (int hh = z * p.hps; hh < hh1; hh++) {
-        const int h = g_kv * p.gs + hh;
-        const float slope = p.slopes ? p.slopes[h] : 0.0f;
+    /* tiles: (query head hh of the split, 64 queries from t0), queries before j0 seeing none of
+     * these keys */
+    const int hh0 = z * p.hps, hh1 = min(p.gs, (z + 1) * p.hps);
+    const int qtiles = (p.T - j0 + AM_BM - 1) / AM_BM;
+    auto issue = [&](int u, int st) {
+        const int hh = hh0 + u / qtiles, h = g_kv * p.gs + hh, t0 = j0 + (u % qtiles) * AM_BM, nq = p.T - t0;
         const size_t qrow0 = (size_t)item * p.rows_item + (size_t)hh * p.T; /* row of t = 0 */
-        for (int t0 = j0; t0 < p.T; t0 += AM_BM) { /* queries before j0 see none of these keys */
-            const int nq = p.T - t0;
-            __syncthreads();
-            am_load_rows(Qs, q16 + (qrow0 + t0) * AM_HD, AM_HD, nq);
-            const size_t orow0 = (((size_t)b * p.T + t0) * p.H + h) * AM_HD;
-            am_load_rows(Os, d16 + orow0, (size_t)p.H * AM_HD, nq);
-            for (int tt = threadIdx.x; tt < AM_BM; tt += AM_THREADS) {
-                const int ok = tt < nq;
-                qlse[tt] = ok ? lse[qrow0 + t0 + tt] : -INFINITY;
-                qD[tt] = ok ? D[qrow0 + t0 + tt] : 0.0f;
-                qseg[tt] = ok ? p.kmask[kat + t0 + tt] : 0;
-            }
-            __syncthreads();
-            float s[AM_NT][4], dp[AM_NT][4];
-                    am_mma_rows<T>(s, ka, Qs);
-            am_mma_rows<T>(dp, va, Os);
-#pragma unroll
-            for (int nt = 0; nt < AM_NT; nt++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int tt = nt * 8 + t2 + (e & 1), t = t0 + tt;
-                    const int j = e < 2 ? j_lo : j_hi;
-                    const int32_t ks = e < 2 ? seg_lo : seg_hi;
-                    const float kp = e < 2 ? pos_lo : pos_hi;
-                    /* query t sees keys below t + 1 (Tk == T); past T: none */
-                    s[nt][e] = am_mask_score(s[nt][e], j, t < p.T ? t + 1 : 0, ks, qseg[tt], slope, kp, p.scale);
-                    am_prob_grad(s[nt][e], dp[nt][e], qlse[tt], qD[tt]);
-                }
-            am_mma_acc<T>(dv, s, Os);
-            am_mma_acc<T>(dk, dp, Qs);
+        am_load_rows(Qs[st], q16 + (qrow0 + t0) * AM_HD, AM_HD, nq);
+        am_load_rows(Os[st], d16 + (((size_t)b * p.T + t0) * p.H + h) * AM_HD, (size_t)p.H * AM_HD, nq);
+        for (int tt = threadIdx.x; tt < AM_BM; tt += AM_THREADS) {
+            const int ok = tt < nq;
+            qlse[st][tt] = ok ? lse[qrow0 + t0 + tt] : -INFINITY;
+            qD[st][tt] = ok ? D[qrow0 + t0 + tt] : 0.0f;
+            qseg[st][tt] = ok ? p.kmask[kat + t0 + tt] : 0;
         }
-    }
+    };
+    auto use = [&](int u, int st) {
+        const int hh = hh0 + u / qtiles, t0 = j0 + (u % qtiles) * AM_BM;
+        const float slope = p.slopes ? p.slopes[g_kv * p.gs + hh] : 0.0f;
+        float s[AM_NT][4], dp[AM_NT][4];
+        am_mma_rows<T>(s, ka, Qs[st]);
+        am_mma_rows<T>(dp, va, Os[st]);
+#pragma unroll
+        for (int nt = 0; nt < AM_NT; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int tt = nt * 8 + t2 + (e & 1), t = t0 + tt;
+                const int j = e < 2 ? j_lo : j_hi;
+                const int32_t ks = e < 2 ? seg_lo : seg_hi;
+                const float kp = e < 2 ? pos_lo : pos_hi;
+                /* query t sees keys below t + 1 (Tk == T); past T: none */
+                s[nt][e] = am_mask_score(s[nt][e], j, t < p.T ? t + 1 : 0, ks, qseg[st][tt], slope, kp, p.scale);
+                am_prob_grad(s[nt][e], dp[nt][e], qlse[st][tt], qD[st][tt]);
+            }
+        am_mma_acc<T>(dv, s, Os[st]);
+        am_mma_acc<T>(dk, dp, Qs[st]);
+    };
+    am_pipeline(hh1 > hh0 ? (hh1 - hh0) * qtiles : 0, issue, use);
     const size_t base = ((size_t)z * gridDim.y + item) * p.T * AM_HD; /* split z, item's key 0 */
     const size_t at_lo = base + (size_t)j_lo * AM_HD, at_hi = base + (size_t)j_hi * AM_HD;
     am_store<float>(ok_lo ? dk_part + at_lo : nullptr, ok_hi ? dk_part + at_hi : nullptr, dk, p.scale, p.scale);

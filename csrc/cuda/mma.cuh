@@ -6,6 +6,7 @@
  * sm_80+: one mma.sync m16n8k16 (bf16 or f16). sm_75 (Turing has no bf16 and no k16 shape): f16 as two
  * m16n8k8, whose fragments are the two k halves of the above; bf16 traps there (choice.cu never
  * launches a bf16 tensor-core kernel from code compiled below sm_80).
+ * cp_async16 / cp_async_commit / cp_async_wait: asynchronous 16-byte copies to shared memory (sm_80+).
  */
 #ifndef FT_CUDA_MMA_CUH
 #define FT_CUDA_MMA_CUH
@@ -94,6 +95,32 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t *r, const void *p)
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_addr(p)));
+}
+
+/* cp_async16: 16 bytes global -> shared (zeros when !ok; src must be a valid address either way),
+ * asynchronous on sm_80+ (cp.async.cg, L2 only) and a plain copy below. cp_async_commit closes the
+ * thread's group of copies; cp_async_wait<N> returns once all but its newest N groups have landed
+ * (the shared memory is then this thread's to read; other threads need a __syncthreads after it). */
+__device__ __forceinline__ void cp_async16(void *smem, const void *src, bool ok)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(src),
+                 "r"(ok ? 16 : 0));
+#else
+    *reinterpret_cast<uint4 *>(smem) = ok ? *reinterpret_cast<const uint4 *>(src) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N> __device__ __forceinline__ void cp_async_wait()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
 }
 
 #endif /* FT_CUDA_MMA_CUH */

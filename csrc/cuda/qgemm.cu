@@ -111,8 +111,7 @@ template <typename T, int BITS, int DIR, bool ROWG, int BM> struct qg {
             const T *src = ok ? A + (size_t)m * p.K + k : A;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
             (void)ar;
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(as + r * AS + c8 * 8)),
-                         "l"(src), "r"(ok ? 16 : 0));
+            cp_async16(as + r * AS + c8 * 8, src, ok);
 #else
             (void)as;
             ar.v[u] = ok ? __ldg((const uint4 *)src) : make_uint4(0u, 0u, 0u, 0u);
@@ -135,19 +134,9 @@ template <typename T, int BITS, int DIR, bool ROWG, int BM> struct qg {
 #endif
     }
     /* close the cp.async group of this step's loads (possibly empty) */
-    static __device__ __forceinline__ void commit_a()
-    {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-        asm volatile("cp.async.commit_group;\n" ::);
-#endif
-    }
+    static __device__ __forceinline__ void commit_a() { cp_async_commit(); }
     /* every group but the newest has landed */
-    static __device__ __forceinline__ void wait_a()
-    {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-        asm volatile("cp.async.wait_group 1;\n" ::);
-#endif
-    }
+    static __device__ __forceinline__ void wait_a() { cp_async_wait<1>(); }
 
     /* ---- B: the packed words (and, unless ROWG, their groups' scales and zeros) of step k0 ---- */
     static __device__ __forceinline__ void load_b(const qg_args &p, int n0, int k0, bpre *b)

@@ -1,7 +1,7 @@
 /* emu.h -- run CUDA kernels on the CPU: one fiber per CUDA thread, blocks one after another.
  *
  * For kernels written against a small surface (threadIdx/blockIdx/blockDim, __syncthreads,
- * __shfl_xor_sync, static __shared__ arrays, mma.cuh's pack2/unpack2/mma16816/ldsm_x4), so that their
+ * __shfl_xor_sync, static __shared__ arrays, mma.cuh's pack2/unpack2/mma16816/ldsm_x4/cp_async16), so that their
  * indexing, masking and fragment bookkeeping can be tested on a machine without a GPU. A warp is 32
  * threads meeting at a barrier for every collective; mma16816 gathers the warp's fragments and
  * computes the m16n8k16 product from the PTX fragment layout that mma.cuh documents, in fp32.
@@ -65,9 +65,18 @@ struct emu_block {
     std::vector<emu_warp> warps;
 };
 
+/* a cp.async copy, made when a wait retires its group */
+struct emu_copy {
+    void *dst;
+    const void *src;
+    bool ok;
+};
+
 struct emu_thread {
     uint3 tid, bid;
     emu_block *block;
+    std::vector<emu_copy> open;                /* cp.async copies since the last commit */
+    std::vector<std::vector<emu_copy>> groups; /* committed, not yet waited for, oldest first */
     ucontext_t ctx;  /* the first entry (makecontext) */
     jmp_buf jb;      /* where it yielded */
     bool started;
@@ -222,6 +231,35 @@ inline void emu_ldsm(uint32_t *r, const void *p, bool trans)
 inline void ldsm_x4(uint32_t *r, const void *p) { emu_ldsm(r, p, false); }
 inline void ldsm_x4_trans(uint32_t *r, const void *p) { emu_ldsm(r, p, true); }
 
+/* cp.async (mma.cuh's cp_async16 / commit / wait): a copy lands at once or only when a wait retires
+ * its group, at random, as the hardware may do either. Read before its wait (or, by another thread,
+ * before the barrier after that wait), the shared memory holds the old tile; overwritten while
+ * another warp still reads the stage (no barrier after the use), it holds the new one: either way
+ * the result is wrong in some sweep. */
+inline void emu_copy_now(const emu_copy &c)
+{
+    if (c.ok) std::memcpy(c.dst, c.src, 16);
+    else std::memset(c.dst, 0, 16);
+}
+inline void cp_async16(void *dst, const void *src, bool ok)
+{
+    if (emu_order_rng() & 1) emu_copy_now({dst, src, ok});
+    else emu_self.open.push_back({dst, src, ok});
+}
+inline void cp_async_commit()
+{
+    emu_self.groups.push_back(std::move(emu_self.open));
+    emu_self.open.clear();
+}
+template <int N> inline void cp_async_wait()
+{
+    auto &g = emu_self.groups;
+    while (g.size() > (size_t)N) {
+        for (const emu_copy &c : g.front()) emu_copy_now(c);
+        g.erase(g.begin());
+    }
+}
+
 /* runs one fiber until it yields or ends (kept out of line: the caller's locals stay clear of the
  * context switch) */
 [[gnu::noinline]] inline void emu_resume(emu_thread *e)
@@ -267,6 +305,8 @@ inline void emu_run_block(uint3 bid)
         e.bid = bid;
         e.block = &blk;
         e.done = false;
+        e.open.clear();
+        e.groups.clear();
         emu_fiber_init(&e, t);
         order[t] = t;
     }
