@@ -392,6 +392,7 @@ ATTN_SHAPES = [  # B, H, KV, T, Tk, cap, hd, alibi, pad: left-padding rows (1 ma
     (1, 71, 1, 130, 130, 130, 64, False, 0),
     (2, 8, 2, 100, 100, 100, 64, False, 30),
     (1, 4, 2, 20, 90, 96, 64, True, 0),
+    (1, 71, 1, 45, 45, 45, 64, False, 2),  # an odd number of query rows (B H T): the tutorial's shape
 ]
 
 
