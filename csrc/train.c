@@ -68,8 +68,9 @@ static ft_status loss_step(ft_model *m, const int32_t *ids, const int32_t *label
     CALL(run_layers(m, &s, backward, err));
 
     /* head + loss in row chunks: logits -> dlogits in place -> dhf (into da1). The row losses stay
-     * on the device until the whole step is enqueued: a download here would stall the host while
-     * the forward runs and leave the GPU idle while the backward's first launches are made. */
+     * on the device and come back in one download once the whole step is enqueued, instead of a
+     * download (a host wait) per chunk; on an H200 that wait was not what spaced the step's
+     * kernels (docs/PERF.md), but the host no longer waits mid-step at all. */
     const float gmul = backward ? grad_scale / (float)n_valid : 0.0f;
     for (int r0 = 0; r0 < N; r0 += ws->chunk) {
         const int n = N - r0 < ws->chunk ? N - r0 : ws->chunk;
