@@ -49,12 +49,10 @@ ft_status cuda_attention_bwd_mma(cuda_backend *be, void *dq, void *dk, void *dv,
     const am_grids grids = am_plan(&p, items, be->sms);
     const int splits = grids.splits;
     const size_t nq = (size_t)items * p.rows_item, nkv = (size_t)items * a->T * AM_HD;
-    /* the partials start 16-byte aligned (am_dkv_kernel stores float2 pairs): D [nq] padded to 4
-     * floats, nkv being a multiple of 64 */
-    const size_t nq_pad = (nq + 3) / 4 * 4;
+    const am_scratch at = am_bwd_scratch(nq, splits, nkv);
     void *scr;
-    FT_TRY(cuda_scratch(be, SCR_ATTN, (nq_pad + 2 * (size_t)splits * nkv) * sizeof(float), &scr, err));
-    float *D = (float *)scr, *dk_part = D + nq_pad, *dv_part = dk_part + (size_t)splits * nkv;
+    FT_TRY(cuda_scratch(be, SCR_ATTN, at.floats * sizeof(float), &scr, err));
+    float *D = (float *)scr, *dk_part = D + at.dk, *dv_part = D + at.dv;
     cudaStream_t s = be->stream;
     PROF_T0(be);
     ACT_DISPATCH(&be->base, T, {

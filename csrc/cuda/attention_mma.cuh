@@ -115,6 +115,22 @@ static inline am_grids am_plan(am_p *p, int items, int sms)
     return g;
 }
 
+/* The backward's f32 scratch, in floats: D [nq] (am_dot_kernel), then the dK and dV partials
+ * [splits][nkv] each (am_dkv_kernel, summed by am_split_sum_kernel). am_dkv_kernel stores float2
+ * pairs, so the partials start 16-byte aligned: D is padded to 4 floats (nkv is a multiple of 64).
+ * An odd B H T (the tutorial's 7B batch: 1 x 71 x 45) once put them 4 bytes off. */
+struct am_scratch {
+    size_t dk, dv, floats; /* offsets of the partials; the total (D at 0) */
+};
+static inline am_scratch am_bwd_scratch(size_t nq, int splits, size_t nkv)
+{
+    am_scratch s;
+    s.dk = (nq + 3) / 4 * 4;
+    s.dv = s.dk + (size_t)splits * nkv;
+    s.floats = s.dv + (size_t)splits * nkv;
+    return s;
+}
+
 /* One query row of a block, seen by the lanes that hold it. */
 struct am_row {
     int ok;       /* a real row of the item */

@@ -187,24 +187,32 @@ template <typename T> static int run_case(const spec &c, uint64_t seed, const ch
     double e_dq = 0, e_dk = 0, e_dv = 0;
     int hps = 0;
     if (training) {
-        std::vector<float> D(nq, 777.0f);
-        emu_launch(dim3((unsigned)((nq * 32 + 255) / 256)), dim3(256), am_dot_kernel<T>, D.data(),
+        const int splits = grids.splits;
+        const size_t nkv = (size_t)items * c.T * hd;
+        /* one scratch laid out as the launcher lays it (am_bwd_scratch): D, then the partials */
+        const am_scratch at = am_bwd_scratch(nq, splits, nkv);
+        std::vector<float> scr(at.floats + 4, NAN);
+        float *base = scr.data() + (16 - (uintptr_t)scr.data() % 16) % 16 / sizeof(float); /* as cudaMalloc: aligned */
+        float *D = base, *dkp = base + at.dk, *dvp = base + at.dv;
+        for (size_t i = 0; i < nq; i++) D[i] = 777.0f;
+        if ((uintptr_t)dkp % 16 || (uintptr_t)dvp % 16) { /* am_dkv_kernel's float2 stores would fault */
+            std::printf("FAIL scratch: partials not 16-byte aligned (nq %zu)\n", nq);
+            bad = 1;
+        }
+        emu_launch(dim3((unsigned)((nq * 32 + 255) / 256)), dim3(256), am_dot_kernel<T>, D,
                    (const T *)do16.data(), (const T *)out16.data(), p, items);
         std::vector<uint16_t> dq16(nq * hd, 0x7e00u);
         emu_launch(grids.rows, dim3(AM_THREADS), am_dq_kernel<T>, (T *)dq16.data(), (const T *)do16.data(),
-                   (const float *)lse.data(), (const float *)D.data(), (const T *)q16.data(), (const T *)k16.data(),
+                   (const float *)lse.data(), (const float *)D, (const T *)q16.data(), (const T *)k16.data(),
                    (const T *)v16.data(), p);
         hps = p.hps;
-        const int splits = grids.splits;
-        const size_t nkv = (size_t)items * c.T * hd;
-        std::vector<float> dkp(splits * nkv, NAN), dvp(splits * nkv, NAN);
-        emu_launch(grids.keys, dim3(AM_THREADS), am_dkv_kernel<T>, dkp.data(),
-                   dvp.data(), (const T *)do16.data(), (const float *)lse.data(), (const float *)D.data(),
+        emu_launch(grids.keys, dim3(AM_THREADS), am_dkv_kernel<T>, dkp,
+                   dvp, (const T *)do16.data(), (const float *)lse.data(), (const float *)D,
                    (const T *)q16.data(), (const T *)k16.data(), (const T *)v16.data(), p);
         std::vector<uint16_t> dk16(nkv, 0x7e00u), dv16(nkv, 0x7e00u);
         const dim3 sg((unsigned)((nkv / 2 + 255) / 256));
-        emu_launch(sg, dim3(256), am_split_sum_kernel<T>, (T *)dk16.data(), (const float *)dkp.data(), splits, nkv);
-        emu_launch(sg, dim3(256), am_split_sum_kernel<T>, (T *)dv16.data(), (const float *)dvp.data(), splits, nkv);
+        emu_launch(sg, dim3(256), am_split_sum_kernel<T>, (T *)dk16.data(), (const float *)dkp, splits, nkv);
+        emu_launch(sg, dim3(256), am_split_sum_kernel<T>, (T *)dv16.data(), (const float *)dvp, splits, nkv);
         auto unact = [&](const std::vector<uint16_t> &x) {
             std::vector<float> f(x.size());
             for (size_t i = 0; i < x.size(); i++) f[i] = from_act<T>(x[i]);
