@@ -728,7 +728,9 @@ def test_cuda_attention_mma_is_the_kernel_that_ran(attn_env):
         "del r\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "FT_CUDA_ATTN"}
-    env.update({"FT_CUDA_PROFILE": "1"} if attn_env is None else {"FT_CUDA_ATTN": attn_env, "FT_CUDA_PROFILE": "1"})
+    env["FT_CUDA_PROFILE"] = "1"
+    if attn_env is not None:
+        env["FT_CUDA_ATTN"] = attn_env
     res = subprocess.run([sys.executable, "-c", script], input=pickle.dumps((case.op, _copy(case.values))),
                          capture_output=True, env=env, timeout=300)
     err = res.stderr.decode()

@@ -6,7 +6,7 @@
  *   am_dq_kernel          dq (=) in the act type
  *   am_dkv_kernel         dK, dV partials [splits][B KV T 64] f32 scratch (splits: am_plan)
  *   am_split_sum_kernel   dk, dv (=), summed over splits in order
- * Scratch: one SCR_ATTN buffer, (B H T + 2 splits B KV T 64) floats.
+ * Scratch: one SCR_ATTN buffer laid out by am_bwd_scratch (D, then the 16-byte aligned partials).
  */
 #include "attention_mma.cuh"
 

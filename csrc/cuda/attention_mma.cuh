@@ -295,13 +295,13 @@ __device__ __forceinline__ void am_store(T *dst_lo, T *dst_hi, const float (&x)[
     }
 }
 
-/* keys a block of rows r0 .. r0+63 of one item must visit: the causal bound of its last row, or all
- * Tk keys when the block spans two heads (its rows' t are then not increasing) */
-__device__ __forceinline__ int am_key_end(const am_p &p, int r0)
+/* key tiles a block of rows r0 .. r0+63 of one item must visit: up to the causal bound of its last
+ * row, or all Tk keys when the block spans two heads (its rows' t are then not increasing) */
+__device__ __forceinline__ int am_key_tiles(const am_p &p, int r0)
 {
     const int last = min(r0 + AM_BM, p.rows_item) - 1;
-    if (last / p.T != r0 / p.T) return p.Tk;
-    return p.Tk - p.T + last % p.T + 1;
+    const int end = last / p.T != r0 / p.T ? p.Tk : p.Tk - p.T + last % p.T + 1;
+    return (end + AM_BN - 1) / AM_BN;
 }
 
 /* the key tile's segment ids and alibi positions (0 past Tk) */
@@ -381,7 +381,7 @@ am_fwd_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__restrict_
     float o[AM_NT][4];
     am_zero(o);
     float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f; /* l: this lane's columns only */
-    const int tiles = (am_key_end(p, r0) + AM_BN - 1) / AM_BN;
+    const int tiles = am_key_tiles(p, r0);
     auto issue = [&](int u, int st) { am_issue_keys(Ks[st], Vs[st], kseg[st], kpos[st], kb, vb, p, b, u * AM_BN); };
     auto use = [&](int u, int st) {
         const int j0 = u * AM_BN;
@@ -483,7 +483,7 @@ am_dq_kernel(T *__restrict__ dq, const T *__restrict__ dout, const float *__rest
 
     float acc[AM_NT][4];
     am_zero(acc);
-    const int tiles = (am_key_end(p, r0) + AM_BN - 1) / AM_BN;
+    const int tiles = am_key_tiles(p, r0);
     auto issue = [&](int u, int st) { am_issue_keys(Ks[st], Vs[st], kseg[st], kpos[st], kb, vb, p, b, u * AM_BN); };
     auto use = [&](int u, int st) {
         float s[AM_NT][4], dp[AM_NT][4];
@@ -532,8 +532,10 @@ am_dkv_kernel(float *__restrict__ dk_part, float *__restrict__ dv_part, const T 
      * these keys */
     const int hh0 = z * p.hps, hh1 = min(p.gs, (z + 1) * p.hps);
     const int qtiles = (p.T - j0 + AM_BM - 1) / AM_BM;
+    auto head_of = [&](int u) { return hh0 + u / qtiles; };
+    auto t0_of = [&](int u) { return j0 + (u % qtiles) * AM_BM; };
     auto issue = [&](int u, int st) {
-        const int hh = hh0 + u / qtiles, h = g_kv * p.gs + hh, t0 = j0 + (u % qtiles) * AM_BM, nq = p.T - t0;
+        const int hh = head_of(u), h = g_kv * p.gs + hh, t0 = t0_of(u), nq = p.T - t0;
         const size_t qrow0 = (size_t)item * p.rows_item + (size_t)hh * p.T; /* row of t = 0 */
         am_load_rows(Qs[st], q16 + (qrow0 + t0) * AM_HD, AM_HD, nq);
         am_load_rows(Os[st], d16 + (((size_t)b * p.T + t0) * p.H + h) * AM_HD, (size_t)p.H * AM_HD, nq);
@@ -545,8 +547,8 @@ am_dkv_kernel(float *__restrict__ dk_part, float *__restrict__ dv_part, const T 
         }
     };
     auto use = [&](int u, int st) {
-        const int hh = hh0 + u / qtiles, t0 = j0 + (u % qtiles) * AM_BM;
-        const float slope = p.slopes ? p.slopes[g_kv * p.gs + hh] : 0.0f;
+        const int t0 = t0_of(u);
+        const float slope = p.slopes ? p.slopes[g_kv * p.gs + head_of(u)] : 0.0f;
         float s[AM_NT][4], dp[AM_NT][4];
         am_mma_rows<T>(s, ka, Qs[st]);
         am_mma_rows<T>(dp, va, Os[st]);

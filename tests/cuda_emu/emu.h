@@ -65,7 +65,7 @@ struct emu_block {
     std::vector<emu_warp> warps;
 };
 
-/* a cp.async copy, made when a wait retires its group */
+/* a cp.async copy not yet made (cp_async16 below) */
 struct emu_copy {
     void *dst;
     const void *src;
@@ -305,8 +305,6 @@ inline void emu_run_block(uint3 bid)
         e.bid = bid;
         e.block = &blk;
         e.done = false;
-        e.open.clear();
-        e.groups.clear();
         emu_fiber_init(&e, t);
         order[t] = t;
     }
