@@ -5,7 +5,9 @@ by kernel name, beside the wall time of the same steps unprofiled.
     python bench/train_profile.py [--ckpt DIR] [--mb 1 16] [--steps 3] [--out DIR]
 
 GPU busy time well under wall time means the step is bound by the host (launches, Python,
-synchronisation), not by the kernels; the top kernels say where GPU time goes.
+synchronisation), not by the kernels; the top kernels say where GPU time goes. The idle time
+between consecutive GPU events is counted too: by size (launch spacing is a few microseconds
+after every kernel; a host wait is one long gap) and by the pair of kernels around it.
 """
 from __future__ import annotations
 
@@ -29,6 +31,28 @@ def step(model, opt, ids, scale: float) -> None:
     opt.step(grad_scale=scale)
     model.zero_grad()
     model.engine.grad_norm()  # waits for the step's last kernels
+
+
+def gap_report(spans: list[tuple[float, float, str]], steps: int) -> list[str]:
+    """Idle time between consecutive GPU events (start, end in us), per step: by gap size, and the
+    kernel pairs around the largest share of it."""
+    spans.sort()
+    gaps = np.array([max(0.0, b[0] - a[1]) for a, b in zip(spans, spans[1:])])
+    if not len(gaps):
+        return []
+    edges = (0, 2, 5, 20, 100, 1000, float("inf"))
+    out = [f"idle between GPU events per step: {gaps.sum() / steps / 1e3:.2f} ms over {len(gaps) / steps:.0f} gaps "
+           "(the largest ones include the host's work between steps)"]
+    for lo, hi in zip(edges, edges[1:]):
+        sel = gaps[(gaps >= lo) & (gaps < hi)]
+        out.append(f"  gaps {lo:>5} - {hi:<6} us: {len(sel) / steps:7.1f} a step, {sel.sum() / steps / 1e3:7.3f} ms")
+    by_pair: dict[str, list[float]] = collections.defaultdict(list)
+    for g, a, b in zip(gaps, spans, spans[1:]):
+        by_pair[f"{a[2][:40]} -> {b[2][:40]}"].append(g)
+    out.append("  largest idle by kernel pair (ms/step, count/step, mean us):")
+    for pair, v in sorted(by_pair.items(), key=lambda kv: -sum(kv[1]))[:12]:
+        out.append(f"  {sum(v) / steps / 1e3:8.3f} {len(v) / steps:7.1f} {np.mean(v):8.2f}  {pair}")
+    return out
 
 
 def main() -> None:
@@ -65,11 +89,13 @@ def main() -> None:
             for _ in range(args.steps):
                 step(model, opt, ids, scale)
         by_name: dict[str, list[float]] = collections.defaultdict(list)
+        spans: list[tuple[float, float, str]] = []
         for ev in prof.events():
             if ev.device_type != torch.autograd.DeviceType.CUDA:
                 continue
             dur = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
             by_name[ev.name[:100]].append(dur)
+            spans.append((ev.time_range.start, ev.time_range.end, ev.name[:60]))
         busy = sum(sum(v) for v in by_name.values()) / args.steps / 1e3
         n_k = sum(len(v) for v in by_name.values()) / args.steps
         lines += ["", f"== mb {mb}: wall per step (unprofiled) {wall * 1e3:.2f} ms ({mb * 256 / wall:,.0f} tok/s); "
@@ -77,6 +103,7 @@ def main() -> None:
                   f"{'ms/step':>9} {'calls/step':>10} {'us/call':>9}  name"]
         for name, v in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:args.top]:
             lines.append(f"{sum(v) / args.steps / 1e3:9.3f} {len(v) / args.steps:10.1f} {np.mean(v):9.2f}  {name}")
+        lines += gap_report(spans, args.steps)
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

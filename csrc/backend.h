@@ -21,7 +21,7 @@ extern "C" {
 typedef struct ft_backend ft_backend;
 typedef struct ft_qlinear ft_qlinear; /* backend-owned quantized weight */
 
-enum { FT_REPLAY_SLOTS = 2 }; /* independent recorded steps a backend keeps (replay) */
+enum { FT_REPLAY_SLOTS = 5 }; /* independent recorded steps a backend keeps (replay) */
 
 /* A quantized linear, validated by gptq.c before a backend sees it. */
 typedef struct ft_qlinear_desc {
@@ -118,7 +118,8 @@ typedef struct ft_backend_ops {
     ft_status (*qlinear_bwd)(ft_backend *be, void *dx, const void *dy, const ft_qlinear *q, int N,
                              int accumulate, ft_error *err);
     /* xa[N,r] = dropout(x) A^T (f32, saved);  y[N,out] += scale * xa B^T.
-     * Dropout keeps element i of x when ft_dropout_keep(seed, i, p), scaled 1/(1-p). */
+     * Dropout keeps element i of x when ft_dropout_keep(seed ^ base, i, p), scaled 1/(1-p), base
+     * being the backend's dropout base (set_dropout_base; 0 until set). */
     ft_status (*lora_fwd)(ft_backend *be, void *y, float *xa, const void *x, const float *A,
                           const float *B, int N, int in, int out, int r, float scale, float p,
                           uint64_t seed, ft_error *err);
@@ -127,6 +128,10 @@ typedef struct ft_backend_ops {
     ft_status (*lora_bwd)(ft_backend *be, void *dx, float *dA, float *dB, const void *dy,
                           const void *x, const float *xa, const float *A, const float *B, int N,
                           int in, int out, int r, float scale, float p, uint64_t seed, ft_error *err);
+    /* The dropout base every later lora_fwd / lora_bwd XORs into its seed, kept in backend
+     * memory: a training step sets it once and its ops pass seeds that do not change from step
+     * to step, so a recording of them (replay) draws new masks each time it is replayed. */
+    ft_status (*set_dropout_base)(ft_backend *be, uint64_t base, ft_error *err);
 
     /* ---- attention ---- */
     /* qkv[B*T, width] -> q[B,H,T,hd], k/v[B,KV,cap,hd] at time past.., rotary applied to q, k */

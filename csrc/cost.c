@@ -248,6 +248,12 @@ static ft_status c_lora_bwd(ft_backend *be, void *dx, float *dA, float *dB, cons
                  FWD(lora_bwd, dx, dA, dB, dy, x, xa, A, B, N, in, out, r, scale, p, seed, err), c);
 }
 
+/* state, no cost */
+static ft_status c_set_dropout_base(ft_backend *be, uint64_t base, ft_error *err)
+{
+    return FWD(set_dropout_base, base, err);
+}
+
 /* ---- attention ---- */
 
 /* qkv[N, (H+2KV) hd] read; q, k, v written; rotary: 3 FLOPs an element of q and k; pos, cols read */
@@ -404,6 +410,7 @@ static const ft_backend_ops cost_ops = {
     .qlinear_bwd = c_qlinear_bwd,
     .lora_fwd = c_lora_fwd,
     .lora_bwd = c_lora_bwd,
+    .set_dropout_base = c_set_dropout_base,
     .qkv_split_fwd = c_qkv_split_fwd,
     .qkv_split_bwd = c_qkv_split_bwd,
     .attention_fwd = c_attention_fwd,

@@ -133,7 +133,7 @@ ft_status ft_forward_cached(ft_model *m, const int32_t *ids, const int32_t *mask
 }
 
 enum { HEAD_LOGITS = 0, HEAD_ARGMAX = 1, HEAD_NONE = 2 }; /* the first two are replay slots */
-_Static_assert((int)HEAD_ARGMAX < (int)FT_REPLAY_SLOTS, "a replay slot per recorded head kind");
+_Static_assert((int)HEAD_ARGMAX < (int)REPLAY_SLOT_DECODE_END, "a replay slot per recorded head kind");
 
 /* The device work of one decode step (the step's ids, positions, key column and {past, Tk} are
  * already uploaded): embedding, layers, then per `head`: ln_f + lm head into ws->logits

@@ -67,18 +67,19 @@ void token_positions(const int32_t *mask, int B, int T, int Tk, int32_t *pos, in
     }
 }
 
-ft_status prepare_step(ft_model *m, step_ctx *s, const int32_t *ids, const int32_t *mask, int B, int T,
-                       ft_error *err)
+ft_status prepare_step(ft_model *m, step_ctx *s, const int32_t *ids, const int32_t *tgt, const int32_t *mask, int B,
+                       int T, ft_error *err)
 {
     workspace *ws = &m->ws;
-    const size_t N = (size_t)B * T;
-    int32_t *host = malloc(3 * N * sizeof(int32_t));
+    const size_t N = (size_t)B * T, stride = ws->int_stride;
+    /* ids, tgt, pos, kmask, kpos at the workspace's stride: one upload (each pageable copy costs the
+     * host tens of microseconds while the GPU waits for the step) */
+    int32_t *host = calloc(4 * stride + N, sizeof(int32_t));
     if (!host) return ft_fail(err, FT_ENOMEM, "out of host memory");
-    token_positions(mask, B, T, T, host, host + N, host + 2 * N, NULL);
-    ft_status st = m->be->ops->upload(m->be, ws->ids, ids, N * sizeof(int32_t), err);
-    if (!st) st = m->be->ops->upload(m->be, ws->pos, host, N * sizeof(int32_t), err);
-    if (!st) st = m->be->ops->upload(m->be, ws->kmask, host + N, N * sizeof(int32_t), err);
-    if (!st) st = m->be->ops->upload(m->be, ws->kpos, host + 2 * N, N * sizeof(int32_t), err);
+    memcpy(host, ids, N * sizeof(int32_t));
+    if (tgt) memcpy(host + stride, tgt, N * sizeof(int32_t));
+    token_positions(mask, B, T, T, host + 2 * stride, host + 3 * stride, host + 4 * stride, NULL);
+    ft_status st = m->be->ops->upload(m->be, ws->ids, host, (4 * stride + N) * sizeof(int32_t), err);
     free(host);
     memset(s, 0, sizeof *s);
     s->B = B; s->T = T; s->N = (int)N; s->Tk = T; s->cap = T; s->past = 0; s->kstride = T;
@@ -120,7 +121,7 @@ ft_status ft_forward(ft_model *m, const int32_t *ids, const int32_t *mask, int B
     CALL(check_ids(m, ids, mask, B, T, T, 1, err));
     CALL(workspace_ensure(m, B * T, 0, err));
     step_ctx s;
-    CALL(prepare_step(m, &s, ids, mask, B, T, err));
+    CALL(prepare_step(m, &s, ids, NULL, mask, B, T, err));
     s.train = 0;
     CALL(run_layers(m, &s, 0, err));
     return head_logits(m, m->ws.hf, s.N, logits, err);

@@ -21,11 +21,13 @@
 #include "model_internal.h"
 #include "rng.h"
 
-/* Each (step, layer, module) draws its own dropout mask; backward and a checkpointed layer's
- * recomputation regenerate the same one from this seed. */
-static uint64_t dropout_seed(const step_ctx *s, int l, int mod)
+/* Each (step, layer, module) draws its own dropout mask: the LoRA ops XOR this fixed seed of the
+ * (layer, module) with the step's dropout base, which the step gives the backend once
+ * (set_dropout_base, train.c). Backward and a checkpointed layer's recomputation regenerate the
+ * same mask, and the ops' arguments stay the same from step to step (a recorded step replays). */
+static uint64_t dropout_seed(int l, int mod)
 {
-    return ft_mix64(s->seed + (uint64_t)l * FT_NMOD + (uint64_t)mod);
+    return ft_mix64((uint64_t)l * FT_NMOD + (uint64_t)mod);
 }
 
 /* y = W x (+ LoRA), the LoRA A output saved in xa */
@@ -40,7 +42,7 @@ static ft_status linear_fwd(ft_model *m, const step_ctx *s, int l, int mod, void
     CALL(lora_locate(m, FT_LORA_WEIGHT, l, mod, &A, &Bm, &na, &nb, err));
     const float p = s->train ? m->lora_dropout : 0.0f;
     return m->be->ops->lora_fwd(m->be, y, xa, x, A, Bm, s->N, mod_in(c, mod), mod_out(c, mod, m->qkv_width),
-                                m->lora_r, m->lora_scale, p, dropout_seed(s, l, mod), err);
+                                m->lora_r, m->lora_scale, p, dropout_seed(l, mod), err);
 }
 
 /* dx (= or +=) W^T dy, plus the LoRA gradients. dx == NULL: input gradient not needed. */
@@ -57,7 +59,7 @@ static ft_status linear_bwd(ft_model *m, const step_ctx *s, int l, int mod, void
     const float p = s->train ? m->lora_dropout : 0.0f;
     return m->be->ops->lora_bwd(m->be, dx, dA, dB, dy, x, xa, A, Bm, s->N, mod_in(c, mod),
                                 mod_out(c, mod, m->qkv_width), m->lora_r, m->lora_scale, p,
-                                dropout_seed(s, l, mod), err);
+                                dropout_seed(l, mod), err);
 }
 
 static void attn_args(const ft_model *m, const step_ctx *s, ft_attn_args *a)

@@ -58,7 +58,9 @@ typedef struct workspace {
     void *dres, *da1, *da2, *dctx, *dqkv, *dq, *dk, *dv, *dh;
     float *logits, *row_loss; /* [chunk,V], [N] */
     int chunk;
-    int32_t *ids, *tgt, *pos, *kmask, *kpos; /* [N] each (kmask/kpos: [B,T] without cache) */
+    int32_t *ids, *tgt, *pos, *kmask, *kpos; /* [N] each (kmask/kpos: [B,T] without cache), in this
+                                              * order int_stride apart */
+    size_t int_stride;
 } workspace;
 
 typedef struct kv_cache {
@@ -122,6 +124,11 @@ static inline size_t act_bytes(const ft_model *m, size_t n)
 
 static inline int has_lora(const ft_model *m, int mod) { return (m->lora_targets >> mod) & 1u; }
 
+/* Replay slots (backend.h): decode.c records its steps in the first two (one per head kind),
+ * train.c a training step's forward and backward halves and the evaluation forward. */
+enum { REPLAY_SLOT_DECODE_END = 2, REPLAY_SLOT_TRAIN_FWD = 2, REPLAY_SLOT_TRAIN_BWD = 3, REPLAY_SLOT_EVAL_FWD = 4 };
+_Static_assert((int)REPLAY_SLOT_EVAL_FWD < (int)FT_REPLAY_SLOTS, "a replay slot for each recorded kind of step");
+
 /* ---- lora.c ---- */
 /* A [r, in] and B [out, r] of one module in LoRA slot `slot` (backend memory). */
 ft_status lora_locate(const ft_model *m, ft_lora_slot slot, int layer, int mod, float **A, float **B, size_t *na,
@@ -140,8 +147,7 @@ typedef struct step_ctx {
     int kstride;         /* row stride of kmask / kpos */
     const int32_t *kmask, *kpos, *pos; /* backend arrays */
     const int32_t *past_dev, *tk_dev;  /* decode steps: past and Tk in backend memory (graph replay) */
-    int train;           /* dropout active */
-    uint64_t seed;       /* this step's dropout seed */
+    int train;           /* dropout active (the step's masks: the backend's dropout base) */
 } step_ctx;
 
 /* y[N,D] = layer l (x[N,D]); k/v go to kbuf/vbuf (the cache) when given, else to A. */
@@ -162,9 +168,10 @@ ft_status check_ids(const ft_model *m, const int32_t *ids, const int32_t *mask, 
  * and alibi key positions (each may be NULL), row_real[b] = real tokens of row b (may be NULL). */
 void token_positions(const int32_t *mask, int B, int T, int Tk, int32_t *pos, int32_t *kmask, int32_t *kpos,
                      int32_t *row_real);
-/* Uploads ids, positions and key masks of a step without cache and fills s. */
-ft_status prepare_step(ft_model *m, step_ctx *s, const int32_t *ids, const int32_t *mask, int B, int T,
-                       ft_error *err);
+/* Uploads ids, targets (tgt [N], or NULL: none), positions and key masks of a step without cache,
+ * in one copy, and fills s. */
+ft_status prepare_step(ft_model *m, step_ctx *s, const int32_t *ids, const int32_t *tgt, const int32_t *mask, int B,
+                       int T, ft_error *err);
 /* Embedding, layers (save: each its own activations, for backward), ln_f into ws.hf. */
 ft_status run_layers(ft_model *m, const step_ctx *s, int save, ft_error *err);
 /* Logits of the n rows of h (ln_f output, act [n, D]) to host logits [n, V], in chunks of ws.chunk. */

@@ -436,13 +436,15 @@ static ft_status run_qlinear_bwd(op_ctx *c)
 typedef struct lora_dims {
     int N, in, out, r;
     float scale, p;
-    uint64_t seed;
+    uint64_t seed, base;
 } lora_dims;
 
+/* 'base' (default 0) is given to set_dropout_base before the op runs */
 static lora_dims lora_args(op_ctx *c)
 {
     lora_dims d = {DIM("N"), DIM("in"), DIM("out"), DIM("r"), number(c, "scale", 1, 1.0f), number(c, "p", 0, 0.0f),
-                   (uint64_t)integer(c, "seed", 0, (int64_t)1 << 53, 0, 0)};
+                   (uint64_t)integer(c, "seed", 0, (int64_t)1 << 53, 0, 0),
+                   (uint64_t)integer(c, "base", 0, (int64_t)1 << 53, 0, 0)};
     if (!(d.p >= 0.0f && d.p < 1.0f)) FAIL(c, FT_EINVAL, "op %s: p must be in [0, 1)", c->op);
     return d;
 }
@@ -453,6 +455,7 @@ static ft_status run_lora_fwd(op_ctx *c)
     void *y = ACT("y", P(d.N, d.out)), *x = ACT("x", P(d.N, d.in));
     float *xa = F32("xa", P(d.N, d.r)), *A = F32("A", P(d.r, d.in)), *B = F32("B", P(d.out, d.r));
     if (!ready(c)) return c->st;
+    if (OPS->set_dropout_base(c->be, d.base, c->err)) return c->err->status;
     return OPS->lora_fwd(c->be, y, xa, x, A, B, d.N, d.in, d.out, d.r, d.scale, d.p, d.seed, c->err);
 }
 
@@ -464,6 +467,7 @@ static ft_status run_lora_bwd(op_ctx *c)
     float *dA = F32("dA", P(d.r, d.in)), *dB = F32("dB", P(d.out, d.r)), *xa = F32("xa", P(d.N, d.r));
     float *A = F32("A", P(d.r, d.in)), *B = F32("B", P(d.out, d.r));
     if (!ready(c)) return c->st;
+    if (OPS->set_dropout_base(c->be, d.base, c->err)) return c->err->status;
     return OPS->lora_bwd(c->be, dx, dA, dB, dy, x, xa, A, B, d.N, d.in, d.out, d.r, d.scale, d.p, d.seed, c->err);
 }
 
@@ -629,6 +633,7 @@ static ft_status run_gather_rows(op_ctx *c)
     X(layernorm_bwd, "run", run_layernorm_bwd) X(gelu_fwd, "run", run_gelu_fwd) X(gelu_bwd, "run", run_gelu_bwd) \
     X(add, "run", run_add) X(qlinear_fwd, "run", run_qlinear_fwd) X(qlinear_bwd, "run", run_qlinear_bwd)         \
     X(lora_fwd, "run", run_lora_fwd) X(lora_bwd, "run", run_lora_bwd)                                             \
+    X(set_dropout_base, "state", NULL)                                                                      \
     X(qkv_split_fwd, "run", run_qkv_split_fwd) X(qkv_split_bwd, "run", run_qkv_split_bwd)                         \
     X(attention_fwd, "run", run_attention_fwd) X(attention_bwd, "run", run_attention_bwd)                         \
     X(lm_logits, "run", run_lm_logits) X(cross_entropy, "run", run_cross_entropy)                                 \

@@ -24,12 +24,25 @@ FT_HD uint64_t ft_mix64(uint64_t x)
     return x ^ (x >> 31);
 }
 
+#define FT_GOLDEN_GAMMA 0x9E3779B97F4A7C15ull
+
+/* Bit 0 (bit 1): element 2j (2j + 1) survives dropout with drop probability p. The pair shares
+ * one output of the splitmix64 stream that starts at seed, ft_mix64(seed + j * gamma): its bits
+ * 40..63 and 16..39 are the two elements' 24-bit uniforms. One 64-bit mix per two elements (two
+ * per element before 2026-12: the hashing was most of a dropout kernel's time on a GPU). */
+FT_HD unsigned ft_dropout_keep_pair(uint64_t seed, uint64_t j, float p)
+{
+    if (p <= 0.0f) return 3u;
+    const uint64_t h = ft_mix64(seed + j * FT_GOLDEN_GAMMA);
+    const float threshold = p * 16777216.0f;
+    return (unsigned)((float)(uint32_t)(h >> 40) >= threshold) |
+           (unsigned)((float)(uint32_t)((h >> 16) & 0xFFFFFFu) >= threshold) << 1;
+}
+
 /* 1 when element i survives dropout with drop probability p. */
 FT_HD int ft_dropout_keep(uint64_t seed, uint64_t i, float p)
 {
-    if (p <= 0.0f) return 1;
-    uint32_t u = (uint32_t)(ft_mix64(seed ^ ft_mix64(i)) >> 40); /* 24 random bits */
-    return (float)u >= p * 16777216.0f;
+    return (int)(ft_dropout_keep_pair(seed, i >> 1, p) >> (i & 1)) & 1;
 }
 
 #endif /* FT_RNG_H */

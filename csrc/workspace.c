@@ -105,11 +105,15 @@ static void carve_workspace(ft_model *m, carver *cv, workspace *ws, int N, int t
     ws->chunk = chunk;
     ws->logits = carve(cv, (size_t)chunk * c->vocab_size * sizeof(float));
     ws->row_loss = carve(cv, (size_t)N * sizeof(float));
-    ws->ids = carve(cv, N * sizeof(int32_t));
-    ws->tgt = carve(cv, N * sizeof(int32_t));
-    ws->pos = carve(cv, N * sizeof(int32_t));
-    ws->kmask = carve(cv, N * sizeof(int32_t));
-    ws->kpos = carve(cv, N * sizeof(int32_t));
+    /* the step's integer inputs, one after the other at a fixed stride: prepare_step uploads them
+     * in one copy */
+    const size_t stride = ((size_t)N * sizeof(int32_t) + 255) & ~(size_t)255;
+    ws->int_stride = stride / sizeof(int32_t);
+    ws->ids = carve(cv, 5 * stride);
+    ws->tgt = ws->ids ? ws->ids + ws->int_stride : NULL;
+    ws->pos = ws->ids ? ws->ids + 2 * ws->int_stride : NULL;
+    ws->kmask = ws->ids ? ws->ids + 3 * ws->int_stride : NULL;
+    ws->kpos = ws->ids ? ws->ids + 4 * ws->int_stride : NULL;
 }
 
 static int n_checkpointed(const ft_model *m)

@@ -299,6 +299,52 @@ def test_decode_step_graphs_match_cpu(tmp_path, monkeypatch, preset, dtype):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("preset,dtype,ckpt", [("tiny", "bfloat16", 0.0), ("tiny-40b", "float16", 0.5),
+                                               ("tiny-rw", "bfloat16", 1.0)])
+def test_training_step_graphs_match_direct_and_cpu(tmp_path, monkeypatch, preset, dtype, ckpt):
+    """forward_backward records its forward and backward halves from the second step of a shape on
+    and replays them from the third: losses and LoRA gradients identical to a model with
+    FT_CUDA_GRAPHS=0 and within the contract of the CPU's, with dropout (each step's masks from
+    the dropout base: replayed steps draw new ones), gradient checkpointing, evaluation losses and
+    another shape in between."""
+    d = testing.make_checkpoint(tmp_path / "m", preset=preset, bits=4, group_size=32)
+    cpu, gpu = make_pair(d, dtype, dropout=0.2)
+    monkeypatch.setenv("FT_CUDA_GRAPHS", "0")  # read when the backend is created
+    _, direct = make_pair(d, dtype, dropout=0.2)
+    monkeypatch.delenv("FT_CUDA_GRAPHS")
+    models = {"cpu": cpu, "graph": gpu, "direct": direct}
+    for m in models.values():
+        m.train()
+        m.set_gradient_checkpointing(ckpt)
+    V = cpu.config.vocab_size
+    ids, mask, labels = batch(V, 3, 24, seed=5)
+    o_ids, o_mask, o_labels = batch(V, 2, 17, seed=6)
+    grads = []
+    for step in range(6):
+        out = {}
+        for name, m in models.items():
+            m.engine.set_rng(1234, step)
+            m.zero_grad()
+            loss = m.forward_backward(ids, labels, mask)
+            if step == 3:  # an evaluation loss and a step of another shape between replays
+                m.loss(ids, labels, mask)
+                m.engine.set_rng(99, 0)
+                m.forward_backward(o_ids, o_labels, o_mask)
+                m.engine.set_rng(1234, step)
+                m.zero_grad()
+                loss = m.forward_backward(ids, labels, mask)
+            out[name] = (loss, m.lora_grad_dict())
+        (lg, gg), (ld, gd), (lc, gc) = out["graph"], out["direct"], out["cpu"]
+        assert lg == ld, (step, lg, ld)
+        for k in gg:
+            np.testing.assert_array_equal(gg[k], gd[k], err_msg=f"step {step} {k}")
+            assert cosine(gg[k], gc[k]) > 0.99, (step, k, cosine(gg[k], gc[k]))
+        assert abs(lg - lc) < 1e-2 * max(1.0, abs(lc)), (step, lg, lc)
+        grads.append(gg)
+    # replayed steps 4 and 5 drew different dropout masks (their losses are on the same batch)
+    assert any(not np.array_equal(grads[4][k], grads[5][k]) for k in grads[4])
+
+
 def test_decode_step_graph_dropped_when_adapter_changes(tmp_path):
     """A new adapter (new buffers, another scale) between decode steps: the captured graph is
     dropped and later steps use the new adapter, as the CPU does."""

@@ -76,11 +76,14 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 
 def dropout_scale(seed: int, n: int, p: float) -> np.ndarray:
-    """The factor each element of a dropped-out array gets: 0 or 1/(1-p) (float32, as the ops)."""
+    """The factor each element of a dropped-out array gets: 0 or 1/(1-p) (float32, as the ops).
+    Elements 2j and 2j + 1 take bits 40..63 and 16..39 of mix64(seed + j * gamma)."""
     if p <= 0:
         return np.ones(n)
+    i = np.arange(n, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        u = (_mix64(np.uint64(seed) ^ _mix64(np.arange(n, dtype=np.uint64))) >> np.uint64(40)).astype(np.float32)
+        h = _mix64(np.uint64(seed) + (i >> np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15))
+    u = np.where(i & np.uint64(1), (h >> np.uint64(16)) & np.uint64(0xFFFFFF), h >> np.uint64(40)).astype(np.float32)
     keep = u >= np.float32(p) * np.float32(16777216.0)
     return np.where(keep, float(np.float32(1.0) / (np.float32(1.0) - np.float32(p))), 0.0)
 
@@ -226,14 +229,17 @@ def qlinear_cases(rng):
 
 def lora_cases(rng):
     # widths that are multiples of 8 take the CUDA kernels' 16-byte paths, 20 x 36 the one-element ones;
-    # 4500 rows the 4- and 8-row blocks (r 12: two rank passes, the second partial)
-    for N, fin, fout, r, p, seed in ((1, 24, 40, 1, 0.0, 0), (11, 72, 56, 8, 0.25, 12345), (4, 128, 384, 16, 0.5, 7),
-                                     (9, 20, 36, 6, 0.3, 5), (4500, 64, 96, 12, 0.1, 99)):
+    # 4500 rows the 4- and 8-row blocks (r 12: two rank passes, the second partial); a dropout base
+    # (set_dropout_base) is XORed into the seed
+    for N, fin, fout, r, p, seed, base in ((1, 24, 40, 1, 0.0, 0, 0), (11, 72, 56, 8, 0.25, 12345, 0),
+                                           (4, 128, 384, 16, 0.5, 7, 0x5DEECE66D), (9, 20, 36, 6, 0.3, 5, 3),
+                                           (4500, 64, 96, 12, 0.1, 99, (1 << 53) - 1)):
         scale = 2.0
         x, A, B = f32(rng, N, fin), f32(rng, r, fin, scale=0.2), f32(rng, fout, r, scale=0.2)
-        mask = dropout_scale(seed, N * fin, p).reshape(N, fin)
+        mask = dropout_scale(seed ^ base, N * fin, p).reshape(N, fin)
         xa = (d(x) * mask) @ d(A).T
-        common = {"N": N, "in": fin, "out": fout, "r": r, "scale": scale, "p": p, "seed": seed, "A": A, "B": B}
+        common = {"N": N, "in": fin, "out": fout, "r": r, "scale": scale, "p": p, "seed": seed, "base": base,
+                  "A": A, "B": B}
         name = f"N{N}_{fin}x{fout}_r{r}_p{p}"
 
         def fwd(v, mask=mask):
@@ -540,6 +546,7 @@ NOT_RUN = {
     "sync": "memory",            # every run
     "qlinear_create": "weights", "qlinear_destroy": "weights",  # every qlinear_fwd / qlinear_bwd run
     "replay": "graph",  # the graph=True runs of test_cuda_graph_matches_cpu
+    "set_dropout_base": "state",  # the 'base' of the lora cases (the runners set it first)
     "memory_stats": "accounting",   # OpRunner.memory_stats, test_cuda_runs_leave_no_memory
 }
 
@@ -631,6 +638,24 @@ def test_dropout_mask_reference_matches_the_engine(cpu):
     expect = x[0] * dropout_scale(seed, n, p)
     np.testing.assert_allclose(got["y"][0], expect, rtol=1e-6)
     assert 0 < (expect == 0).sum() < n
+    # the base set before the op is XORed into the seed: another mask, the same one as seed ^ base
+    based = cpu.run("lora_fwd", N=1, **{"in": n}, out=n, r=n, scale=1.0, p=p, seed=seed, base=12, x=x, A=eye,
+                    B=eye, xa=np.zeros((1, n), np.float32), y=np.zeros((1, n), np.float32))
+    np.testing.assert_allclose(based["y"][0], x[0] * dropout_scale(seed ^ 12, n, p), rtol=1e-6)
+    assert not np.array_equal(based["y"][0], got["y"][0])
+
+
+def test_dropout_masks_are_uniform_and_independent():
+    """The pair scheme of rng.h (one 64-bit mix per two elements): the kept fraction is 1 - p for
+    even and odd elements alike, neighbours and nearby seeds are uncorrelated."""
+    n, p = 1 << 18, 0.3
+    keep = dropout_scale(1234567, n, p) > 0
+    for part in (keep[0::2], keep[1::2]):
+        assert abs(part.mean() - (1 - p)) < 4 * np.sqrt(p * (1 - p) / len(part))
+    pairs = np.corrcoef(keep[0::2].astype(float), keep[1::2].astype(float))[0, 1]
+    assert abs(pairs) < 0.01
+    other = dropout_scale(1234567 ^ 1, n, p) > 0
+    assert abs(np.corrcoef(keep.astype(float), other.astype(float))[0, 1]) < 0.01
 
 
 # ---------------------------------------------------------------------------------------------

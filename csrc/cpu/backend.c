@@ -83,6 +83,13 @@ float *cpu_scratch(cpu_backend *be, size_t n, ft_error *err)
     return be->scratch;
 }
 
+ft_status cpu_set_dropout_base(ft_backend *be, uint64_t base, ft_error *err)
+{
+    (void)err;
+    ((cpu_backend *)be)->dropout_base = base;
+    return FT_OK;
+}
+
 void cpu_destroy(ft_backend *base)
 {
     cpu_backend *be = (cpu_backend *)base;

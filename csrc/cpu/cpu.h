@@ -8,6 +8,7 @@
 typedef struct cpu_backend {
     ft_backend base;
     float *scratch; /* dequantized weight tile, grown on demand */
+    uint64_t dropout_base; /* set_dropout_base */
     size_t scratch_len;
 } cpu_backend;
 
@@ -40,6 +41,7 @@ void cpu_free(ft_backend *be, void *ptr);
 ft_status cpu_copy(ft_backend *be, void *dst, const void *src, size_t bytes, ft_error *err);
 ft_status cpu_zero(ft_backend *be, void *dst, size_t bytes, ft_error *err);
 ft_status cpu_sync(ft_backend *be, ft_error *err);
+ft_status cpu_set_dropout_base(ft_backend *be, uint64_t base, ft_error *err);
 ft_status cpu_dense_create(ft_backend *be, const ft_host_tensor *src, void **dst, ft_error *err);
 
 /* Dot product with 8 independent partial sums: vectorises without -ffast-math, and the

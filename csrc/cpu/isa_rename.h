@@ -50,5 +50,6 @@
 #define ft_unpack FT_ISA_NAME(ft_unpack)
 #define ft_mix64 FT_ISA_NAME(ft_mix64)
 #define ft_dropout_keep FT_ISA_NAME(ft_dropout_keep)
+#define ft_dropout_keep_pair FT_ISA_NAME(ft_dropout_keep_pair)
 
 #endif /* FT_CPU_ISA_RENAME_H */

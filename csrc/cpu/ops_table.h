@@ -23,6 +23,7 @@ const ft_backend_ops CPU_OPS_NAME = {
     .qlinear_bwd = cpu_qlinear_bwd,
     .lora_fwd = cpu_lora_fwd,
     .lora_bwd = cpu_lora_bwd,
+    .set_dropout_base = cpu_set_dropout_base,
     .qkv_split_fwd = cpu_qkv_split_fwd,
     .qkv_split_bwd = cpu_qkv_split_bwd,
     .attention_fwd = cpu_attention_fwd,

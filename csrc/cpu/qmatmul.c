@@ -137,12 +137,17 @@ static void apply_dropout(float *xd, const float *x, size_t n, float p, uint64_t
     for (size_t i = 0; i < n; i++) xd[i] = ft_dropout_keep(seed, i, p) ? x[i] * keep_scale : 0.0f;
 }
 
+static uint64_t dropout_key(const ft_backend *be, uint64_t seed)
+{
+    return seed ^ ((const cpu_backend *)be)->dropout_base;
+}
+
 ft_status cpu_lora_fwd(ft_backend *be, void *y, float *xa, const void *x_, const float *A, const float *B,
                        int N, int in, int out, int r, float scale, float p, uint64_t seed, ft_error *err)
 {
-    (void)be;
     const float *x = x_;
     float *xd = NULL;
+    seed = dropout_key(be, seed);
     if (p > 0.0f) {
         xd = malloc((size_t)N * in * sizeof(float));
         if (!xd) return ft_fail(err, FT_ENOMEM, "out of host memory (LoRA dropout)");
@@ -159,7 +164,7 @@ ft_status cpu_lora_bwd(ft_backend *be, void *dx_, float *dA, float *dB, const vo
                        const float *xa, const float *A, const float *B, int N, int in, int out, int r,
                        float scale, float p, uint64_t seed, ft_error *err)
 {
-    (void)be;
+    seed = dropout_key(be, seed);
     const float *dy = dy_, *x = x_;
     float *dx = dx_;
     const size_t nx = (size_t)N * in;

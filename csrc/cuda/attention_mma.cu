@@ -56,7 +56,7 @@ ft_status cuda_attention_bwd_mma(cuda_backend *be, void *dq, void *dk, void *dv,
     cudaStream_t s = be->stream;
     PROF_T0(be);
     ACT_DISPATCH(&be->base, T, {
-        am_dot_kernel<T><<<grid_for(nq * 32, 256), 256, 0, s>>>(D, (const T *)dout, (const T *)out, p, items);
+        am_dot_kernel<T><<<grid_for(nq * AM_DOT_LANES, 256), 256, 0, s>>>(D, (const T *)dout, (const T *)out, p, items);
         am_dq_kernel<T><<<grids.rows, AM_THREADS, 0, s>>>((T *)dq, (const T *)dout, lse, D, (const T *)q,
                                                          (const T *)k, (const T *)v, p);
         PROF_MARK(be, PR_ATT_DQ);

@@ -372,6 +372,7 @@ static void op_destroy(ft_backend *base)
     cuda_replay_release(be);
     for (int i = 0; i < SCR_N; i++) cuda_free_ptr(be, be->scratch[i]);
     cuda_free_ptr(be, be->red);
+    cuda_free_ptr(be, be->dropout_base);
     cuda_free_ptr(be, be->attn_cnt);
     if (be->blas) cublasDestroy(be->blas);
     cuda_free_ptr(be, be->blas_ws);
@@ -430,6 +431,7 @@ static const ft_backend_ops cuda_ops = {
     ENTRY(cuda_qlinear_bwd),
     ENTRY(cuda_lora_fwd),
     ENTRY(cuda_lora_bwd),
+    ENTRY(cuda_set_dropout_base),
     ENTRY(cuda_qkv_split_fwd),
     ENTRY(cuda_qkv_split_bwd),
     ENTRY(cuda_attention_fwd),
@@ -520,6 +522,8 @@ extern "C" ft_status ft_cuda_backend_create(int device, int act_dtype, ft_backen
             st = ft_fail(err, FT_EDEVICE, "cublasSetWorkspace failed");
     }
     if (!st) st = cuda_malloc(be, RED_BLOCKS * sizeof(double), (void **)&be->red, err, "reduction buffer");
+    if (!st) st = cuda_malloc(be, sizeof(uint64_t), (void **)&be->dropout_base, err, "the dropout base");
+    if (!st) st = cuda_set_dropout_base(&be->base, 0, err);
     if (!st) {
         e = cudaMallocHost(&be->red_host, RED_BLOCKS * sizeof(double));
         if (e != cudaSuccess) {

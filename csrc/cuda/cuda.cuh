@@ -83,6 +83,7 @@ struct cuda_backend {
     size_t scratch_bytes[SCR_N];
     double *red; /* [RED_BLOCKS] partial sums for sumsq */
     double *red_host;
+    uint64_t *dropout_base; /* [1]: set_dropout_base's value, read by the LoRA dropout kernels */
     void *alloc_map; /* pointer -> bytes map (backend.cu) for the memory counters */
     size_t cur_bytes, peak_bytes; /* this backend's device allocations: now, and the high-water mark */
     int prof_on;                  /* FT_CUDA_PROFILE=1 */
@@ -282,6 +283,7 @@ ft_status cuda_lora_fwd(ft_backend *be, void *y, float *xa, const void *x, const
 ft_status cuda_lora_bwd(ft_backend *be, void *dx, float *dA, float *dB, const void *dy, const void *x,
                         const float *xa, const float *A, const float *B, int N, int in, int out, int r, float scale,
                         float p, uint64_t seed, ft_error *err);
+ft_status cuda_set_dropout_base(ft_backend *be, uint64_t base, ft_error *err);
 
 ft_status cuda_embed(ft_backend *be, void *out, const int32_t *ids, const void *table, int N, int D, ft_error *err);
 ft_status cuda_layernorm_fwd(ft_backend *be, void *y, float *mean, float *rstd, const void *x, const void *g,

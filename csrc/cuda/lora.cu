@@ -5,7 +5,9 @@
  * results, one block per rows, fixed-order block reduction), lora_up (one pass over the output) and
  * lora_outer (r x C gradients, split over rows with a fixed-order sum). Dropout masks come from
  * rng.h, element index i of the [N, in] input, in forward and backward alike (csrc/cpu's LoRA is
- * the reference). Split out of qmatmul.cu, which keeps the quantized linears.
+ * the reference); the kernels read the step's dropout base from backend memory (set_dropout_base)
+ * and XOR it into their seed, so a recorded step replays with new masks. Split out of qmatmul.cu,
+ * which keeps the quantized linears.
  */
 #include "../rng.h"
 #include "cuda.cuh"
@@ -13,7 +15,7 @@
 /* ---- LoRA ----
  *
  * Three kernels serve both directions; a rank-r matrix is either [r, X] ("r-major": A, dA) or
- * [X, r] (B, dB), and d() is dropout (keep(seed, n*X + k) ? v * 1/(1-p) : 0) where asked:
+ * [X, r] (B, dB), and d() is dropout (keep(seed ^ base, n*X + k) ? v * 1/(1-p) : 0) where asked:
  *   lora_down   u[n, j] = alpha sum_k d(v[n, k]) W(j, k)    forward xa = d(x) A^T; backward dxa = s dy B
  *   lora_up     y[n, c] += alpha sum_j u[n, j] W(c, j)       forward y += s xa B^T;
  *               (DROP: only kept elements, as the CPU)       backward dx += d'(dxa A)
@@ -29,11 +31,32 @@
 
 constexpr int LR_J = 8;           /* rank entries per pass (more passes when r > 8) */
 constexpr int LR_THREADS = 256;   /* lora_down: a block reduces over k */
-constexpr int LRV_THREADS = 128;  /* lora_up, lora_outer: a thread per V columns */
+constexpr int LRV_THREADS = 128;  /* lora_up: a thread per V columns */
+constexpr int LO_THREADS = 256;   /* lora_outer: LO_CT column slots x LO_RG row groups */
+constexpr int LO_CT = 8;
+constexpr int LO_RG = LO_THREADS / LO_CT;
 
-__device__ __forceinline__ float dropped(float v, uint64_t seed, size_t i, float p, float ks)
+/* bit c: element i + c survives dropout. V = 8: i is a multiple of 8 (rows and row starts are),
+ * so the 8 elements are 4 whole pairs of rng.h: 4 hashes, not 8. */
+template <int V> __device__ __forceinline__ unsigned keep_bits(uint64_t key, size_t i, float p)
 {
-    return ft_dropout_keep(seed, i, p) ? v * ks : 0.0f;
+    if constexpr (V == 1) {
+        return (unsigned)ft_dropout_keep(key, i, p);
+    } else {
+        static_assert(V % 2 == 0, "whole pairs");
+        unsigned bits = 0;
+#pragma unroll
+        for (int q = 0; q < V / 2; q++) bits |= ft_dropout_keep_pair(key, (i >> 1) + q, p) << (2 * q);
+        return bits;
+    }
+}
+
+/* v[c] = d(v[c]): kept elements times ks, the others 0 */
+template <int V> __device__ __forceinline__ void drop_vec(float v[V], uint64_t key, size_t i, float p, float ks)
+{
+    const unsigned bits = keep_bits<V>(key, i, p);
+#pragma unroll
+    for (int c = 0; c < V; c++) v[c] = (bits >> c) & 1u ? v[c] * ks : 0.0f;
 }
 
 /* V activations as one access: a 16-byte word (V = 8) or one element */
@@ -117,11 +140,13 @@ __device__ __forceinline__ void rows_rank_sum(float *u, float (*part)[ROWS * LR_
 template <typename T, bool DROP, int ROWS, int V>
 __global__ void __launch_bounds__(LR_THREADS) lora_down_kernel(float *__restrict__ u, const T *__restrict__ v,
                                                                const float *__restrict__ W, int N, int K, int r,
-                                                               float alpha, float p, uint64_t seed)
+                                                               float alpha, float p, uint64_t seed,
+                                                               const uint64_t *__restrict__ base)
 {
     __shared__ float part[LR_THREADS / 32][ROWS * LR_J];
     const int n0 = blockIdx.x * ROWS;
     const float ks = DROP ? 1.0f / (1.0f - p) : 1.0f;
+    const uint64_t key = DROP ? seed ^ *base : 0;
     for (int j0 = 0; j0 < r; j0 += LR_J) {
         float acc[ROWS][LR_J];
 #pragma unroll
@@ -142,12 +167,11 @@ __global__ void __launch_bounds__(LR_THREADS) lora_down_kernel(float *__restrict
                 const size_t i = (size_t)n * K + k0;
                 float xv[V];
                 act_unpack<T, V>(xw[rr], xv);
+                if (DROP) drop_vec<V>(xv, key, i, p, ks);
 #pragma unroll
-                for (int c = 0; c < V; c++) {
-                    if (DROP) xv[c] = dropped(xv[c], seed, i + c, p, ks);
+                for (int c = 0; c < V; c++)
 #pragma unroll
                     for (int jj = 0; jj < LR_J; jj++) acc[rr][jj] += xv[c] * w[c][jj];
-                }
             }
         }
         rows_rank_sum<ROWS>(u, part, acc, n0, j0, N, r, alpha);
@@ -159,10 +183,12 @@ __global__ void __launch_bounds__(LR_THREADS) lora_down_kernel(float *__restrict
 template <typename T, bool DROP, int ROWS, int V>
 __global__ void __launch_bounds__(LRV_THREADS) lora_up_kernel(T *__restrict__ y, const float *__restrict__ u,
                                                               const float *__restrict__ W, int N, int C, int r,
-                                                              float alpha, float p, uint64_t seed)
+                                                              float alpha, float p, uint64_t seed,
+                                                              const uint64_t *__restrict__ base)
 {
     const int c0 = (blockIdx.x * LRV_THREADS + threadIdx.x) * V, n0 = blockIdx.y * ROWS;
     if (c0 >= C) return;
+    const uint64_t key = DROP ? seed ^ *base : 0;
     typename act_vec<T, V>::type yw[ROWS]; /* in flight while the rank products run */
 #pragma unroll
     for (int rr = 0; rr < ROWS; rr++)
@@ -195,57 +221,78 @@ __global__ void __launch_bounds__(LRV_THREADS) lora_up_kernel(T *__restrict__ y,
         const size_t i = (size_t)n * C + c0;
         float yv[V];
         act_unpack<T, V>(yw[rr], yv);
+        const unsigned bits = DROP ? keep_bits<V>(key, i, p) : ~0u;
 #pragma unroll
         for (int c = 0; c < V; c++)
-            if (!DROP || ft_dropout_keep(seed, i + c, p)) yv[c] += alpha * t[rr][c];
+            if ((bits >> c) & 1u) yv[c] += alpha * t[rr][c];
         *(typename act_vec<T, V>::type *)(y + i) = act_pack<T, V>(yv);
     }
 }
 
-/* block (column chunk, split s): G(j, c0..c0+V) summed over the split's rows in order; one split:
- * G += alpha * sum, several: part[s][j][c] = sum (lora_outer_sum adds them in split order).
- * G r-major [r, C] (RMAJ) or [C, r]. */
+/* block (column tile of LO_CT * V columns, split s): G(j, c) summed over the split's rows. Thread
+ * t owns the V columns of tile slot t % LO_CT and every LO_RG-th row of the split from t / LO_CT on:
+ * its row loads are in flight together, and the loop holds no reduction. The four row groups of a
+ * warp that share columns are then summed by shuffles (xor 8, 16), the warps in order through
+ * shared memory: a fixed order, deterministic. One split: G += alpha * sum; several:
+ * part[s][j][c] = sum (lora_outer_sum adds them in split order). G r-major [r, C] (RMAJ) or [C, r].
+ * (The kernel it replaced gave each thread a split's rows one after the other, 8-39 of them at 7B
+ * shapes: 16-21 us a call at 256 rows for ~1 us of loads.) */
 template <typename T, bool RMAJ, bool DROP, int V>
-__global__ void __launch_bounds__(LRV_THREADS) lora_outer_kernel(float *__restrict__ G, float *__restrict__ part,
-                                                                 const float *__restrict__ u, const T *__restrict__ v,
-                                                                 int N, int C, int r, int rows, float alpha, float p,
-                                                                 uint64_t seed)
+__global__ void __launch_bounds__(LO_THREADS, 2) lora_outer_kernel(float *__restrict__ G, float *__restrict__ part,
+                                                                const float *__restrict__ u, const T *__restrict__ v,
+                                                                int N, int C, int r, int rows, float alpha, float p,
+                                                                uint64_t seed, const uint64_t *__restrict__ base)
 {
-    const int c0 = (blockIdx.x * LRV_THREADS + threadIdx.x) * V, s = blockIdx.y;
-    if (c0 >= C) return;
+    constexpr int TILE = LO_CT * V;
+    __shared__ float red[LO_THREADS / 32][LR_J * TILE];
+    const int slot = threadIdx.x % LO_CT, rg = threadIdx.x / LO_CT;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int c0 = blockIdx.x * TILE + slot * V, s = blockIdx.y;
     const int nb = s * rows, ne = min(N, nb + rows);
     const float ks = DROP ? 1.0f / (1.0f - p) : 1.0f;
+    const uint64_t key = DROP ? seed ^ *base : 0;
+    static_assert(32 % LO_CT == 0 && LO_THREADS % 32 == 0, "whole row groups per warp");
     for (int j0 = 0; j0 < r; j0 += LR_J) {
         float acc[V][LR_J];
 #pragma unroll
         for (int c = 0; c < V; c++)
 #pragma unroll
             for (int jj = 0; jj < LR_J; jj++) acc[c][jj] = 0.0f;
-#pragma unroll 4
-        for (int n = nb; n < ne; n++) {
-            const size_t i = (size_t)n * C + c0;
-            float xv[V];
-            act_unpack<T, V>(act_load<T, V>(v + i), xv);
-            if (DROP)
+        if (c0 < C) { /* C % V == 0: a thread's columns are all in or all out */
+#pragma unroll 2
+            for (int n = nb + rg; n < ne; n += LO_RG) {
+                const size_t i = (size_t)n * C + c0;
+                float xv[V];
+                act_unpack<T, V>(act_load<T, V>(v + i), xv);
+                if (DROP) drop_vec<V>(xv, key, i, p, ks);
 #pragma unroll
-                for (int c = 0; c < V; c++) xv[c] = dropped(xv[c], seed, i + c, p, ks);
+                for (int jj = 0; jj < LR_J; jj++) {
+                    const float uj = j0 + jj < r ? __ldg(u + (size_t)n * r + j0 + jj) : 0.0f;
+#pragma unroll
+                    for (int c = 0; c < V; c++) acc[c][jj] += uj * xv[c];
+                }
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < V; c++)
 #pragma unroll
             for (int jj = 0; jj < LR_J; jj++) {
-                const float uj = j0 + jj < r ? __ldg(u + (size_t)n * r + j0 + jj) : 0.0f;
+                float a = acc[c][jj];
 #pragma unroll
-                for (int c = 0; c < V; c++) acc[c][jj] += uj * xv[c];
+                for (int m = LO_CT; m < 32; m <<= 1) a += __shfl_xor_sync(0xffffffffu, a, m);
+                if (lane < LO_CT) red[warp][jj * TILE + lane * V + c] = a;
             }
-        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < LR_J * TILE; e += LO_THREADS) {
+            const int j = j0 + e / TILE, c = blockIdx.x * TILE + e % TILE;
+            if (j >= r || c >= C) continue;
+            float sum = 0.0f;
 #pragma unroll
-        for (int jj = 0; jj < LR_J; jj++) {
-            const int j = j0 + jj;
-            if (j >= r) break;
-#pragma unroll
-            for (int c = 0; c < V; c++) {
-                if (gridDim.y == 1) G[RMAJ ? (size_t)j * C + c0 + c : (size_t)(c0 + c) * r + j] += alpha * acc[c][jj];
-                else part[((size_t)s * r + j) * C + c0 + c] = acc[c][jj];
-            }
+            for (int w = 0; w < LO_THREADS / 32; w++) sum += red[w][e];
+            if (gridDim.y == 1) G[RMAJ ? (size_t)j * C + c : (size_t)c * r + j] += alpha * sum;
+            else part[((size_t)s * r + j) * C + c] = sum;
         }
+        __syncthreads();
     }
 }
 
@@ -292,7 +339,8 @@ static ft_status lora_down(cuda_backend *be, float *u, const void *v, const floa
     const bool four = N >= 4 * be->sms, drop = p > 0.0f, v8 = act_width(K, v) == 8;
     const unsigned blocks = (unsigned)(four ? (N + 3) / 4 : N);
 #define LORA_DOWN(DROP, ROWS, V) \
-    lora_down_kernel<T, DROP, ROWS, V><<<blocks, LR_THREADS, 0, be->stream>>>(u, (const T *)v, Wr, N, K, r, alpha, p, seed)
+    lora_down_kernel<T, DROP, ROWS, V><<<blocks, LR_THREADS, 0, be->stream>>>(u, (const T *)v, Wr, N, K, r, alpha, p, seed, \
+                                                                         be->dropout_base)
 #define LORA_DOWN_V(DROP, ROWS) \
     do {                        \
         if (v8) LORA_DOWN(DROP, ROWS, 8); \
@@ -324,7 +372,8 @@ static ft_status lora_up(cuda_backend *be, void *y, const float *u, const float 
     const bool four = (size_t)cblocks * (size_t)(N / 4) >= (size_t)8 * be->sms;
     const dim3 grid(cblocks, (unsigned)(four ? (N + 3) / 4 : N));
 #define LORA_UP(DROP, ROWS, VV) \
-    lora_up_kernel<T, DROP, ROWS, VV><<<grid, LRV_THREADS, 0, be->stream>>>((T *)y, u, Wr, N, C, r, alpha, p, seed)
+    lora_up_kernel<T, DROP, ROWS, VV><<<grid, LRV_THREADS, 0, be->stream>>>((T *)y, u, Wr, N, C, r, alpha, p, seed, \
+                                                                        be->dropout_base)
 #define LORA_UP_V(DROP, ROWS) \
     do {                      \
         if (V == 8) LORA_UP(DROP, ROWS, 8); \
@@ -348,12 +397,11 @@ static ft_status lora_outer(cuda_backend *be, float *G, const float *u, const vo
                             float p, uint64_t seed, ft_error *err)
 {
     const int V = act_width(C, v);
-    /* about 4 blocks per SM: split the rows when the columns alone give fewer, down to 32 rows per
-     * split (8 for eight-column threads: 8x fewer column threads to spread) */
-    const int cblocks = (C / V + LRV_THREADS - 1) / LRV_THREADS;
-    int splits = (4 * be->sms + cblocks - 1) / cblocks;
-    const int min_rows = V == 8 ? 8 : 32;
-    const int max_splits = (N + min_rows - 1) / min_rows;
+    /* about 2 blocks per SM: split the rows when the column tiles alone give fewer, keeping at least
+     * 4 rows per thread (LO_RG row groups) */
+    const int cblocks = (C + LO_CT * V - 1) / (LO_CT * V);
+    int splits = (2 * be->sms + cblocks - 1) / cblocks;
+    const int max_splits = (N + 4 * LO_RG - 1) / (4 * LO_RG);
     if (splits > max_splits) splits = max_splits;
     if (splits < 1) splits = 1;
     const int rows = (N + splits - 1) / splits;
@@ -362,8 +410,8 @@ static ft_status lora_outer(cuda_backend *be, float *G, const float *u, const vo
     if (splits > 1) FT_TRY(cuda_scratch(be, SCR_LORA1, (size_t)splits * r * C * sizeof(float), &part, err));
     const dim3 grid((unsigned)cblocks, (unsigned)splits);
 #define LORA_OUTER(DROP, VV)                                                                                   \
-    lora_outer_kernel<T, RMAJ, DROP, VV><<<grid, LRV_THREADS, 0, be->stream>>>(G, (float *)part, u, (const T *)v, N, C, \
-                                                                               r, rows, alpha, p, seed)
+    lora_outer_kernel<T, RMAJ, DROP, VV><<<grid, LO_THREADS, 0, be->stream>>>(G, (float *)part, u, (const T *)v, N, C,  \
+                                                                               r, rows, alpha, p, seed, be->dropout_base)
     ACT_DISPATCH(&be->base, T, {
         if (p > 0.0f && V == 8) LORA_OUTER(true, 8);
         else if (p > 0.0f) LORA_OUTER(true, 1);
@@ -377,6 +425,18 @@ static ft_status lora_outer(cuda_backend *be, float *G, const float *u, const vo
                                                                                  alpha);
         LAUNCH_CHECK("LoRA weight gradient (split sum)");
     }
+    return FT_OK;
+}
+
+__global__ void set_u64_kernel(uint64_t *dst, uint64_t value) { *dst = value; }
+
+/* A one-thread kernel rather than a copy from the host: the value travels as a launch argument,
+ * so the op can also be recorded in a graph (a captured copy would keep the host address). */
+extern "C" ft_status cuda_set_dropout_base(ft_backend *base, uint64_t value, ft_error *err)
+{
+    cuda_backend *be = CB(base);
+    set_u64_kernel<<<1, 1, 0, be->stream>>>(be->dropout_base, value);
+    LAUNCH_CHECK("setting the dropout base");
     return FT_OK;
 }
 

@@ -199,7 +199,7 @@ template <typename T> static int run_case(const spec &c, uint64_t seed, const ch
             std::printf("FAIL scratch: partials not 16-byte aligned (nq %zu)\n", nq);
             bad = 1;
         }
-        emu_launch(dim3((unsigned)((nq * 32 + 255) / 256)), dim3(256), am_dot_kernel<T>, D,
+        emu_launch(dim3((unsigned)((nq * AM_DOT_LANES + 255) / 256)), dim3(256), am_dot_kernel<T>, D,
                    (const T *)do16.data(), (const T *)out16.data(), p, items);
         std::vector<uint16_t> dq16(nq * hd, 0x7e00u);
         emu_launch(grids.rows, dim3(AM_THREADS), am_dq_kernel<T>, (T *)dq16.data(), (const T *)do16.data(),
