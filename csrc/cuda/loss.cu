@@ -15,7 +15,9 @@ extern "C" ft_status cuda_lm_logits(ft_backend *base, float *logits, const void 
     return FT_OK;
 }
 
-/* one block per row: loss = lse - z[y]; z <- gs * (softmax - onehot) when gs != 0 */
+/* one block per row: loss = lse - z[y]; z <- gs * (softmax - onehot) when gs != 0. Each thread
+ * keeps a running max and a sum of exponentials rescaled when the max grows, so the row is read
+ * twice (here and for the gradient) instead of three times. */
 __global__ void cross_entropy_kernel(float *logits, float *row_loss, const int32_t *target, int V, float gs)
 {
     __shared__ float sh[32];
@@ -28,13 +30,18 @@ __global__ void cross_entropy_kernel(float *logits, float *row_loss, const int32
             for (int c = threadIdx.x; c < V; c += blockDim.x) z[c] = 0.0f;
         return;
     }
-    float mx = -INFINITY;
-    for (int c = threadIdx.x; c < V; c += blockDim.x) mx = fmaxf(mx, z[c]);
-    mx = block_max(mx, sh);
-    float s = 0.0f;
-    for (int c = threadIdx.x; c < V; c += blockDim.x) s += expf(z[c] - mx);
-    s = block_sum(s, sh);
-    const float lse = mx + logf(s);
+    float mx = -INFINITY, s = 0.0f;
+    for (int c = threadIdx.x; c < V; c += blockDim.x) {
+        const float v = z[c];
+        if (v > mx) { /* the sum so far was relative to the old max (0 while mx is -inf) */
+            s *= expf(mx - v);
+            mx = v;
+        }
+        s += expf(v - mx);
+    }
+    const float row_max = block_max(mx, sh);
+    s = block_sum(mx == -INFINITY ? 0.0f : s * expf(mx - row_max), sh);
+    const float lse = row_max + logf(s);
     const float zy = z[y];
     __syncthreads(); /* everyone read z[y] before it is overwritten */
     if (threadIdx.x == 0) row_loss[row] = lse - zy;
