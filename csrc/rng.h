@@ -15,16 +15,16 @@
 #define FT_HD static inline
 #endif
 
+#define FT_GOLDEN_GAMMA 0x9E3779B97F4A7C15ull /* splitmix64's increment: 2^64 / golden ratio */
+
 /* splitmix64 finaliser: a bijective 64-bit mix. */
 FT_HD uint64_t ft_mix64(uint64_t x)
 {
-    x += 0x9E3779B97F4A7C15ull;
+    x += FT_GOLDEN_GAMMA;
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
     x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
     return x ^ (x >> 31);
 }
-
-#define FT_GOLDEN_GAMMA 0x9E3779B97F4A7C15ull
 
 /* Bit 0 (bit 1): element 2j (2j + 1) survives dropout with drop probability p. The pair shares
  * one output of the splitmix64 stream that starts at seed, ft_mix64(seed + j * gamma): its bits

@@ -139,9 +139,9 @@ __device__ __forceinline__ void rows_rank_sum(float *u, float (*part)[ROWS * LR_
  * block), LR_J accumulators per row, then the block's fixed-order reduction. W r-major [r, K]. */
 template <typename T, bool DROP, int ROWS, int V>
 __global__ void __launch_bounds__(LR_THREADS, 2) lora_down_kernel(float *__restrict__ u, const T *__restrict__ v,
-                                                               const float *__restrict__ W, int N, int K, int r,
-                                                               float alpha, float p, uint64_t seed,
-                                                               const uint64_t *__restrict__ base)
+                                                                  const float *__restrict__ W, int N, int K, int r,
+                                                                  float alpha, float p, uint64_t seed,
+                                                                  const uint64_t *__restrict__ base)
 {
     __shared__ float part[LR_THREADS / 32][ROWS * LR_J];
     const int n0 = blockIdx.x * ROWS;
@@ -182,9 +182,9 @@ __global__ void __launch_bounds__(LR_THREADS, 2) lora_down_kernel(float *__restr
  * W r-major [r, C] */
 template <typename T, bool DROP, int ROWS, int V>
 __global__ void __launch_bounds__(LRV_THREADS, 4) lora_up_kernel(T *__restrict__ y, const float *__restrict__ u,
-                                                              const float *__restrict__ W, int N, int C, int r,
-                                                              float alpha, float p, uint64_t seed,
-                                                              const uint64_t *__restrict__ base)
+                                                                 const float *__restrict__ W, int N, int C, int r,
+                                                                 float alpha, float p, uint64_t seed,
+                                                                 const uint64_t *__restrict__ base)
 {
     const int c0 = (blockIdx.x * LRV_THREADS + threadIdx.x) * V, n0 = blockIdx.y * ROWS;
     if (c0 >= C) return;
@@ -239,9 +239,9 @@ __global__ void __launch_bounds__(LRV_THREADS, 4) lora_up_kernel(T *__restrict__
  * shapes: 16-21 us a call at 256 rows for ~1 us of loads.) */
 template <typename T, bool RMAJ, bool DROP, int V>
 __global__ void __launch_bounds__(LO_THREADS, 2) lora_outer_kernel(float *__restrict__ G, float *__restrict__ part,
-                                                                const float *__restrict__ u, const T *__restrict__ v,
-                                                                int N, int C, int r, int rows, float alpha, float p,
-                                                                uint64_t seed, const uint64_t *__restrict__ base)
+                                                                   const float *__restrict__ u, const T *__restrict__ v,
+                                                                   int N, int C, int r, int rows, float alpha, float p,
+                                                                   uint64_t seed, const uint64_t *__restrict__ base)
 {
     constexpr int TILE = LO_CT * V;
     __shared__ float red[LO_THREADS / 32][LR_J * TILE];
