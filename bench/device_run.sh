@@ -12,7 +12,8 @@
 #   decode -> bench/decode_bench.py (ours + HF bf16 and HF bnb NF4 generate)   ($OUT/decode.log, $OUT/decode_*.json)
 #   profile -> bench/decode_profile.py (per-kernel time of a decode step)   ($OUT/decode_profile.txt)
 #   ops    -> the op-level CUDA tests and the data-parallel GPU tests (tests/test_ops.py, tests/test_dist.py)
-#   trainprofile -> bench/train_profile.py (CUPTI per-kernel time of a 7B step; PROFILE_MB="1 16")
+#   trainprofile -> bench/train_profile.py (CUPTI per-kernel time of a 7B step; PROFILE_MB="1 16",
+#             PROFILE_ARGS=--host adds the host's CUDA runtime calls)
 #   ckpt40bbg, bench40bours -> write the 40B checkpoint in the background (CPU), later ours only on it
 #   full   -> bench, decode, bench40b in that order, the 40B checkpoint written in the background
 #             meanwhile (~6-8 min on an H200 after the build; each stage has its own timeout)
@@ -72,7 +73,7 @@ for what in "$@"; do
     cudatests) FALCONTUNE_SHARED_DATA=$PWD/.devdata FT_7B_CKPT=/tmp/ft7b timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -m cuda -p no:cacheprovider tests/ ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/cudatests.log" | tail -40 ;;
     decode) decode ;;
     ops) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_ops.py tests/test_dist.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/ops.log" | tail -30 ;;
-    trainprofile) timeout ${PROFILE_TIMEOUT:-200} python3 bench/train_profile.py --mb ${PROFILE_MB:-1 16} --ckpt /tmp/ft7b --out "$OUT" --top 40 2>&1 | tee "$OUT/train_profile.txt" | grep -E "^==|^ +[0-9]|^idle|gaps" | head -${PROFILE_LINES:-60} ;;
+    trainprofile) timeout ${PROFILE_TIMEOUT:-200} python3 bench/train_profile.py --mb ${PROFILE_MB:-1 16} --ckpt /tmp/ft7b --out "$OUT" --top 40 ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/train_profile.txt" | grep -E "^==|^ +[0-9]|^idle|gaps|^host" | head -${PROFILE_LINES:-60} ;;
     bench40bours) wait_ckpt40b; BENCH40_ARGS="--no-hf ${BENCH40_ARGS:-}" bench40b ;;
     ckpt40bbg) ckpt40b > "$OUT/ckpt40b.log" 2>&1 & CK40=$! ;;
     profile) timeout ${DECODE_TIMEOUT:-200} python3 bench/decode_profile.py --out "$OUT" --ckpt /tmp/ft7b 2>&1 | grep -vi warn | tail -40 ;;

@@ -55,6 +55,18 @@ def gap_report(spans: list[tuple[float, float, str]], steps: int) -> list[str]:
     return out
 
 
+def host_report(calls: dict[str, list[float]], steps: int, top: int = 10) -> list[str]:
+    """The CUDA runtime calls the host made (name -> durations in us), by host time a step: a call
+    that blocks (a pageable copy, a graph launch, a synchronisation) shows up here, where the GPU
+    sees only the gap it leaves."""
+    if not calls:
+        return []
+    out = ["host time in CUDA runtime calls (ms/step, calls/step, max us):"]
+    for name, v in sorted(calls.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        out.append(f"  {sum(v) / steps / 1e3:8.3f} {len(v) / steps:8.1f} {max(v):9.1f}  {name}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", type=Path, default=Path("/tmp/ft7b"))
@@ -63,6 +75,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--top", type=int, default=22)
     ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16"))
+    ap.add_argument("--host", action="store_true", help="also trace the host's CUDA runtime calls")
     args = ap.parse_args()
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -85,13 +98,17 @@ def main() -> None:
         for _ in range(args.steps):
             step(model, opt, ids, scale)
         wall = (time.perf_counter() - t0) / args.steps
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.host else [])
+        with profile(activities=acts) as prof:
             for _ in range(args.steps):
                 step(model, opt, ids, scale)
         by_name: dict[str, list[float]] = collections.defaultdict(list)
         spans: list[tuple[float, float, str]] = []
+        host: dict[str, list[float]] = collections.defaultdict(list)
         for ev in prof.events():
             if ev.device_type != torch.autograd.DeviceType.CUDA:
+                if ev.name.startswith("cuda"):  # runtime API calls (--host)
+                    host[ev.name].append(ev.time_range.end - ev.time_range.start)
                 continue
             dur = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
             by_name[ev.name[:100]].append(dur)
@@ -104,6 +121,7 @@ def main() -> None:
         for name, v in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:args.top]:
             lines.append(f"{sum(v) / args.steps / 1e3:9.3f} {len(v) / args.steps:10.1f} {np.mean(v):9.2f}  {name}")
         lines += gap_report(spans, args.steps)
+        lines += host_report(host, args.steps)
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

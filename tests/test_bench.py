@@ -1,5 +1,6 @@
-"""The benchmark tools that run off the GPU: the wheel slimmer (bench/slim_wheel.py) and the
-arithmetic of the T4 projection (bench/t4_projection.py)."""
+"""The benchmark tools that run off the GPU: the wheel slimmer (bench/slim_wheel.py), the
+arithmetic of the T4 projection (bench/t4_projection.py) and the profile's reports
+(bench/train_profile.py)."""
 from __future__ import annotations
 
 import base64
@@ -18,6 +19,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import slim_wheel  # noqa: E402
 import t4_projection as t4  # noqa: E402
+import train_profile  # noqa: E402
 
 
 def _wheel(path: Path, files: dict[str, bytes]) -> Path:
@@ -113,3 +115,20 @@ def test_epoch_plan_follows_the_trainer() -> None:
     assert plan["eval_steps"] == max(5, 174 // 10) == 17
     assert plan["evals"] == 5  # at steps 17, 34, 51, 68 and once at the end (70)
     assert "n_records // (10 * s.mbatch_size)" in Path(trainer.__file__).read_text()  # the rule copied here
+
+
+def test_profile_reports_count_gaps_and_host_calls() -> None:
+    """Two steps of three kernels: gaps of 1 and 40 us inside each step, 900 us between them."""
+    spans = []
+    for t0 in (0.0, 1000.0):
+        spans += [(t0, t0 + 10, "gemm"), (t0 + 11, t0 + 20, "gelu"), (t0 + 60, t0 + 100, "gemm")]
+    lines = train_profile.gap_report(spans[::-1], steps=2)  # any order: sorted by start
+    assert lines[0].startswith("idle between GPU events per step: 0.49 ms over 2 gaps")  # 982 us, 5 gaps
+    by_size = {line.split("us:")[0].strip(): line for line in lines[1:7]}
+    assert "1.0 a step" in by_size["gaps     0 - 2"] and "0.5 a step" in by_size["gaps   100 - 1000"]
+    assert "1.0 a step" in by_size["gaps    20 - 100"]
+    assert any(line.strip().startswith("0.450") and "gemm -> gemm" in line for line in lines)
+    host = train_profile.host_report({"cudaMemcpyAsync": [10.0, 1500.0], "cudaLaunchKernel": [3.0] * 8}, steps=2)
+    assert host[1].split() == ["0.755", "1.0", "1500.0", "cudaMemcpyAsync"]
+    assert host[2].split() == ["0.012", "4.0", "3.0", "cudaLaunchKernel"]
+    assert train_profile.gap_report([], 1) == [] and train_profile.host_report({}, 1) == []
