@@ -633,7 +633,7 @@ static ft_status run_gather_rows(op_ctx *c)
     X(layernorm_bwd, "run", run_layernorm_bwd) X(gelu_fwd, "run", run_gelu_fwd) X(gelu_bwd, "run", run_gelu_bwd) \
     X(add, "run", run_add) X(qlinear_fwd, "run", run_qlinear_fwd) X(qlinear_bwd, "run", run_qlinear_bwd)         \
     X(lora_fwd, "run", run_lora_fwd) X(lora_bwd, "run", run_lora_bwd)                                             \
-    X(set_dropout_base, "state", NULL)                                                                      \
+    X(set_dropout_base, "state", NULL)                                                                            \
     X(qkv_split_fwd, "run", run_qkv_split_fwd) X(qkv_split_bwd, "run", run_qkv_split_bwd)                         \
     X(attention_fwd, "run", run_attention_fwd) X(attention_bwd, "run", run_attention_bwd)                         \
     X(lm_logits, "run", run_lm_logits) X(cross_entropy, "run", run_cross_entropy)                                 \
