@@ -75,6 +75,7 @@ ft_status ft_lora_set_dropout(ft_model *m, float dropout, ft_error *err)
     if (!(dropout >= 0.0f && dropout < 1.0f))
         return ft_fail(err, FT_EINVAL, "lora dropout must be in [0, 1), got %g", (double)dropout);
     m->lora_dropout = dropout;
+    m->bind_gen++; /* a recorded training step passes the old probability */
     return FT_OK;
 }
 

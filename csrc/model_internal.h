@@ -96,9 +96,10 @@ struct ft_model {
     float ckpt_ratio;
     workspace ws;
     kv_cache cache;
-    /* Bumped whenever a buffer or constant that a decode step hands to the backend changes (the
-     * workspace is carved, the adapter added or removed, the cache made or freed): the key under
-     * which the backend may replay a recorded decode step (backend.h, replay). */
+    /* Bumped whenever a buffer or constant that a recorded step hands to the backend changes (the
+     * workspace is carved, the adapter added or removed or its dropout set, the cache made or
+     * freed): part of the key under which the backend may replay a recorded decode or training
+     * step (backend.h, replay). */
     uint64_t bind_gen;
 };
 

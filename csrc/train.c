@@ -3,7 +3,6 @@
  */
 #include <math.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "model_internal.h"
 #include "rng.h"
@@ -34,16 +33,14 @@ typedef struct step_call {
     int backward;
 } step_call;
 
-/* What the recorded ops depend on besides backend memory: a new recording when it changes. */
+/* What the recorded ops depend on besides backend memory: a new recording when it changes. The
+ * buffers, the adapter (scale, dropout) and the checkpointed layers (a new workspace) are all in
+ * bind_gen; the shape and the mode are the call's. */
 static uint64_t step_key(const ft_model *m, const step_ctx *s, int backward)
 {
-    uint32_t p, scale;
-    memcpy(&p, &m->lora_dropout, sizeof p);
-    memcpy(&scale, &m->lora_scale, sizeof scale);
-    uint64_t k = ft_mix64(m->bind_gen);
-    k = ft_mix64(k ^ ((uint64_t)(uint32_t)s->B << 32 | (uint32_t)s->T));
-    k = ft_mix64(k ^ ((uint64_t)p << 32 | scale));
-    return ft_mix64(k ^ ((uint64_t)(uint32_t)m->ws.n_saved << 8 | (uint64_t)(s->train != 0) << 1 | (backward != 0)));
+    const uint64_t k = ft_mix64(m->bind_gen);
+    return ft_mix64(k ^ ((uint64_t)(uint32_t)s->B << 32 | (uint64_t)(uint32_t)s->T << 2 |
+                         (uint64_t)(s->train != 0) << 1 | (uint64_t)(backward != 0)));
 }
 
 static ft_status forward_body(void *ctx, ft_error *err)
