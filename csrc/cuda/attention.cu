@@ -32,23 +32,12 @@
 constexpr int QKV_ROWS = 8;
 constexpr int QKV_THREADS = 256;
 
-template <typename T, int V> struct qkv_vec;
-template <typename T> struct qkv_vec<T, 8> {
-    static __device__ __forceinline__ void load(const T *p, float f[8]) { unpack8<T>(*(const uint4 *)p, f); }
-    static __device__ __forceinline__ void store(T *p, const float f[8]) { *(uint4 *)p = pack8<T>(f); }
-};
-template <typename T> struct qkv_vec<T, 1> {
-    static __device__ __forceinline__ void load(const T *p, float f[1]) { f[0] = ld<T>(*p); }
-    static __device__ __forceinline__ void store(T *p, const float f[1]) { *p = cv<T>(f[0]); }
-};
-
 template <typename T, int V>
 __global__ void __launch_bounds__(QKV_THREADS)
     qkv_split_kernel(T *q, T *k, T *v, const T *qkv, const int32_t *cols, const int32_t *pos, int rows, int T_, int H,
                      int KV, int hd, int width, int cap, int past_arg, const int32_t *past_dev, int rope, float theta,
                      int spb, int backward)
 {
-    using vec = qkv_vec<T, V>;
     const int past = past_dev ? *past_dev : past_arg;
     extern __shared__ float tab[]; /* inv[hd/2], cs[QKV_ROWS][hd/2], sn[QKV_ROWS][hd/2] */
     const int half = hd / 2;
@@ -76,8 +65,8 @@ __global__ void __launch_bounds__(QKV_THREADS)
         const T *src = backward ? qk : fused;
         T *dst = backward ? fused : qk;
         float x1[V], x2[V], y1[V], y2[V];
-        vec::load(src + i, x1);
-        vec::load(src + i + half, x2);
+        act_unpack<T, V>(act_load<T, V>(src + i), x1);
+        act_unpack<T, V>(act_load<T, V>(src + i + half), x2);
 #pragma unroll
         for (int c = 0; c < V; c++) { /* backward rotates by the opposite angle */
             const float cc = rope ? cs[r * half + i + c] : 1.0f;
@@ -85,8 +74,8 @@ __global__ void __launch_bounds__(QKV_THREADS)
             y1[c] = rope ? x1[c] * cc - x2[c] * sg : x1[c];
             y2[c] = rope ? x2[c] * cc + x1[c] * sg : x2[c];
         }
-        vec::store(dst + i, y1);
-        vec::store(dst + i + half, y2);
+        act_store<T, V>(dst + i, y1);
+        act_store<T, V>(dst + i + half, y2);
     }
     /* value slots in [s0, s1): plain copies, item = (row, slot, V elements) */
     const int v0 = max(s0, H + KV), nvs = s1 > v0 ? s1 - v0 : 0, dv = hd / V;
@@ -96,8 +85,8 @@ __global__ void __launch_bounds__(QKV_THREADS)
         T *vv = v + (((size_t)b * KV + gq) * cap + past + t) * hd + d;
         T *fused = (T *)qkv + (size_t)bt * width + cols[H + KV + gq] + d;
         float x[V];
-        vec::load(backward ? vv : fused, x);
-        vec::store(backward ? fused : vv, x);
+        act_unpack<T, V>(act_load<T, V>(backward ? vv : fused), x);
+        act_store<T, V>(backward ? fused : vv, x);
     }
 }
 

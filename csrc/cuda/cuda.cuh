@@ -192,6 +192,34 @@ template <typename T> __device__ __forceinline__ uint4 pack8(const float f[8])
     for (int k = 0; k < 8; k++) e[k] = cv<T>(f[k]);
     return w;
 }
+/* V activations as one access: a 16-byte word (V = 8: 16-byte aligned) or one element (V = 1).
+ * act_load issues the access, act_unpack converts, so a kernel can keep several loads in flight
+ * before it uses them. */
+template <typename T, int V> struct act_vec {
+    using type = uint4;
+};
+template <typename T> struct act_vec<T, 1> {
+    using type = T;
+};
+template <typename T, int V>
+__device__ __forceinline__ void act_unpack(const typename act_vec<T, V>::type &w, float f[V])
+{
+    if constexpr (V == 8) unpack8<T>(w, f);
+    else f[0] = ld<T>(w);
+}
+template <typename T, int V> __device__ __forceinline__ typename act_vec<T, V>::type act_pack(const float f[V])
+{
+    if constexpr (V == 8) return pack8<T>(f);
+    else return cv<T>(f[0]);
+}
+template <typename T, int V> __device__ __forceinline__ typename act_vec<T, V>::type act_load(const T *p)
+{
+    return *(const typename act_vec<T, V>::type *)p;
+}
+template <typename T, int V> __device__ __forceinline__ void act_store(T *p, const float f[V])
+{
+    *(typename act_vec<T, V>::type *)p = act_pack<T, V>(f);
+}
 static inline bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
 template <typename T> struct cuda_type;

@@ -59,29 +59,6 @@ template <int V> __device__ __forceinline__ void drop_vec(float v[V], uint64_t k
     for (int c = 0; c < V; c++) v[c] = (bits >> c) & 1u ? v[c] * ks : 0.0f;
 }
 
-/* V activations as one access: a 16-byte word (V = 8) or one element */
-template <typename T, int V> struct act_vec {
-    using type = uint4;
-};
-template <typename T> struct act_vec<T, 1> {
-    using type = T;
-};
-template <typename T, int V>
-__device__ __forceinline__ void act_unpack(const typename act_vec<T, V>::type &w, float f[V])
-{
-    if constexpr (V == 8) unpack8<T>(w, f);
-    else f[0] = ld<T>(w);
-}
-template <typename T, int V> __device__ __forceinline__ typename act_vec<T, V>::type act_pack(const float f[V])
-{
-    if constexpr (V == 8) return pack8<T>(f);
-    else return cv<T>(f[0]);
-}
-template <typename T, int V> __device__ __forceinline__ typename act_vec<T, V>::type act_load(const T *p)
-{
-    return *(const typename act_vec<T, V>::type *)p;
-}
-
 /* w[c][jj] = W[j0 + jj, c0 + c] for V columns (0 past r); W r-major [r, X] */
 template <int V>
 __device__ __forceinline__ void rank_block(float w[V][LR_J], const float *W, int X, int r, int j0, int c0)
@@ -225,7 +202,7 @@ __global__ void __launch_bounds__(LRV_THREADS, 4) lora_up_kernel(T *__restrict__
 #pragma unroll
         for (int c = 0; c < V; c++)
             if ((bits >> c) & 1u) yv[c] += alpha * t[rr][c];
-        *(typename act_vec<T, V>::type *)(y + i) = act_pack<T, V>(yv);
+        act_store<T, V>(y + i, yv);
     }
 }
 
