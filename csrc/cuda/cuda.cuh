@@ -177,8 +177,11 @@ template <> __device__ __forceinline__ f16 cv<f16>(float v) { return __float2hal
 template <> __device__ __forceinline__ bf16 cv<bf16>(float v) { return __float2bfloat16_rn(v); }
 
 /* eight 2-byte activations in one 16-byte word: the elementwise kernels move memory in 16-byte
- * loads and stores (2-byte accesses reach about a quarter of the card's bandwidth) */
-template <typename T> __device__ __forceinline__ void unpack8(const uint4 &w, float f[8])
+ * loads and stores (2-byte accesses reach about a quarter of the card's bandwidth). The word comes
+ * by value: taken by reference, unpack8(((const uint4 *)a)[i], f) read global memory through the
+ * reference 2 bytes at a time (eight ld.global.u16 in the PTX of the residual add, the layernorm
+ * backward's dx and the qkv split) instead of one 16-byte load. */
+template <typename T> __device__ __forceinline__ void unpack8(const uint4 w, float f[8])
 {
     const T *e = (const T *)&w;
 #pragma unroll
