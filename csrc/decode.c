@@ -243,6 +243,67 @@ ft_status ft_decode_step(ft_model *m, const int32_t *ids, const int32_t *mask, i
     return st;
 }
 
+/* n greedy tokens per row, the host out of the loop: each step's argmax (on the device) is copied
+ * into the next step's ids, and into row i of a device buffer of the n x B results downloaded once
+ * at the end. Every key is a real token (decode_step's mask of ones), so the key masks and
+ * positions of all n steps are known up front: one upload per row, then per step only the query
+ * positions and {past, Tk} (small copies from pageable memory, which the driver may still make the
+ * host wait for). The result equals n decode_step(ids, NULL, out_ids) calls, each fed the previous
+ * one's ids, without the host reading each token before the next step can start. */
+ft_status ft_decode_greedy(ft_model *m, const int32_t *ids, int B, int n, int32_t *out_ids, ft_error *err)
+{
+    const ft_backend_ops *op = m->be->ops;
+    kv_cache *kc = &m->cache;
+    if (!kc->k) return ft_fail(err, FT_ESTATE, "no KV cache (cache_init was not called)");
+    if (B != kc->B) return ft_fail(err, FT_EINVAL, "batch %d does not match the cache's %d", B, kc->B);
+    if (n <= 0) return ft_fail(err, FT_EINVAL, "decode_greedy: the number of tokens must be positive, got %d", n);
+    if ((int64_t)kc->len + n > kc->cap)
+        return ft_fail(err, FT_EINVAL, "KV cache full: %d + %d tokens exceed its capacity %d", kc->len, n, kc->cap);
+    CALL(check_ids(m, ids, NULL, B, 1, 1, 0, err));
+    const int past = kc->len;
+    CALL(workspace_ensure(m, B, 0, err));
+    workspace *ws = &m->ws;
+
+    /* host: per row the n key positions (the key masks are ones), per step the n x B positions */
+    const size_t nb = (size_t)n * B;
+    int32_t *host = malloc((nb + 2 * (size_t)n + (size_t)B) * sizeof(int32_t));
+    if (!host) return ft_fail(err, FT_ENOMEM, "out of host memory");
+    int32_t *pos = host, *ones = host + nb, *kp = ones + n, *ident = kp + n; /* kp: one row's n positions */
+    for (int i = 0; i < n; i++) {
+        ones[i] = 1;
+        for (int b = 0; b < B; b++) pos[(size_t)i * B + b] = kc->seen[b] + i;
+    }
+    for (int b = 0; b < B; b++) ident[b] = b;
+    int32_t *tok = NULL; /* device [n, B] */
+    ft_status st = op->alloc(m->be, nb * sizeof(int32_t), (void **)&tok, err);
+    for (int b = 0; b < B && !st; b++) {
+        const size_t at = (size_t)b * kc->cap + past;
+        for (int i = 0; i < n; i++) kp[i] = kc->seen[b] + i;
+        st = op->upload(m->be, kc->kmask + at, ones, (size_t)n * sizeof(int32_t), err);
+        if (!st) st = op->upload(m->be, kc->kpos + at, kp, (size_t)n * sizeof(int32_t), err);
+    }
+    if (!st) st = op->upload(m->be, kc->gather_idx, ident, (size_t)B * sizeof(int32_t), err);
+    if (!st) st = op->upload(m->be, ws->ids, ids, (size_t)B * sizeof(int32_t), err);
+    for (int i = 0; i < n && !st; i++) {
+        const int32_t step[2] = {past + i, past + i + 1};
+        st = op->upload(m->be, ws->pos, pos + (size_t)i * B, (size_t)B * sizeof(int32_t), err);
+        if (!st) st = op->upload(m->be, kc->step_dev, step, sizeof step, err);
+        kc->len = past + i; /* what decode_body reads on the host (backends without step_dev, first recording) */
+        if (!st) st = decode_run(m, B, HEAD_ARGMAX, err);
+        if (!st) st = op->gather_rows(m->be, tok + (size_t)i * B, ws->tgt, kc->gather_idx, B, sizeof(int32_t), err);
+        if (!st && i + 1 < n) st = op->gather_rows(m->be, ws->ids, ws->tgt, kc->gather_idx, B, sizeof(int32_t), err);
+    }
+    if (!st) st = op->download(m->be, out_ids, tok, nb * sizeof(int32_t), err);
+    kc->len = past;
+    if (!st) { /* committed only when every step went through */
+        for (int b = 0; b < B; b++) kc->seen[b] += n;
+        kc->len = past + n;
+    }
+    if (tok) op->free(m->be, tok);
+    free(host);
+    return st;
+}
+
 ft_status ft_cache_reorder(ft_model *m, const int32_t *src, int B, ft_error *err)
 {
     kv_cache *kc = &m->cache;

@@ -240,6 +240,10 @@ ft_status ft_forward_cached(ft_model *m, const int32_t *ids, const int32_t *mask
  * logits, computed on the device: ties go to the lowest id) is non-NULL. */
 ft_status ft_decode_step(ft_model *m, const int32_t *ids, const int32_t *mask, int B, float *last_logits,
                          int32_t *out_ids, ft_error *err);
+/* n greedy tokens per row from ids int32 [B] (every new token a real one): out_ids int32 [n, B],
+ * row i the argmax after step i, fed to step i + 1 on the device. The same ids as n decode_step
+ * calls with argmax, without a host round trip per token. */
+ft_status ft_decode_greedy(ft_model *m, const int32_t *ids, int B, int n, int32_t *out_ids, ft_error *err);
 /* Row b of the cache becomes old row src[b] (beam search). */
 ft_status ft_cache_reorder(ft_model *m, const int32_t *src, int B, ft_error *err);
 

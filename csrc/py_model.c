@@ -478,6 +478,42 @@ static PyObject *m_forward_cached(ModelObject *self, PyObject *args, PyObject *k
     return logits_call(self, args, kwds, 1);
 }
 
+static PyObject *m_decode_greedy(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"ids", "n", NULL};
+    PyObject *ids_obj;
+    int n;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oi:decode_greedy", kwlist, &ids_obj, &n)) return NULL;
+    PyArrayObject *ids = NULL;
+    PyObject *ids32 = NULL, *out = NULL;
+    ids = ft_py_int32_array(ids_obj, 1, "ids", 0);
+    if (!ids) goto fail;
+    const npy_intp B = PyArray_DIM(ids, 0);
+    if (B <= 0 || B > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "ids: expected a non-empty [batch] array (one new token per row)");
+        goto fail;
+    }
+    if (n <= 0) {
+        PyErr_Format(PyExc_ValueError, "n: expected a positive number of tokens, got %d", n);
+        goto fail;
+    }
+    npy_intp shape[2] = {n, B};
+    ids32 = PyArray_SimpleNew(2, shape, NPY_INT32);
+    if (!ids32) goto fail;
+    ENGINE(ft_decode_greedy(self->model, PyArray_DATA(ids), (int)B, n, PyArray_DATA((PyArrayObject *)ids32), ERR),
+           goto fail);
+    out = PyArray_Cast((PyArrayObject *)ids32, NPY_INT64);
+    if (!out) goto fail;
+    Py_DECREF(ids32);
+    Py_DECREF(ids);
+    return out;
+fail:
+    Py_XDECREF(ids);
+    Py_XDECREF(ids32);
+    Py_XDECREF(out);
+    return NULL;
+}
+
 static PyObject *m_decode_step(ModelObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"ids", "mask", "argmax", NULL};
@@ -635,6 +671,9 @@ static PyObject *Model_get_act_dtype(ModelObject *self, void *closure)
     X(decode_step, "decode_step($self, /, ids, mask=None, argmax=False)\n--\n\n"                                  \
                    "One token per row through the cache: float32 logits [B, V], or with argmax=True the int64 "   \
                    "greedy ids [B] (found on the device).")                                                       \
+    X(decode_greedy, "decode_greedy($self, /, ids, n)\n--\n\n"                                                    \
+                     "n greedy tokens per row through the cache, starting from ids [B]: int64 [n, B], row i the " \
+                     "argmax after step i, fed back on the device (no host round trip per token).")             \
     X(memory_stats, "memory_stats($self, /, reset=False)\n--\n\n"                                                 \
                     "(bytes held now, high-water mark) of the backend; (0, 0) on the CPU.")                \
     X(op_costs, "op_costs($self, /, reset=False)\n--\n\n"                                                     \

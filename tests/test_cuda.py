@@ -254,6 +254,44 @@ def test_forward_loss_matches_cpu(tmp_path, dtype):
     assert all(not v.any() for v in gpu.lora_grad_dict().values())  # no gradient was taken
 
 
+@pytest.mark.parametrize("preset,dtype", [("tiny", "bfloat16"), ("tiny-rw", "float16")])
+def test_decode_greedy_matches_greedy_steps_on_gpu(tmp_path, preset, dtype):
+    """decode_greedy (argmax fed back on the device, the recorded step replayed, one download at
+    the end) gives bitwise the ids of decode_step(argmax=True) fed one by one on the same GPU
+    model, across several calls (the key columns of each chunk uploaded up front), and the logits
+    of a decode_step after it match the CPU's full forward; generate_ids takes this path."""
+    d = testing.make_checkpoint(tmp_path / "m", preset=preset, bits=4, group_size=32)
+    cpu, gpu = make_pair(d, dtype)
+    V = cpu.config.vocab_size
+    B, P, cap = 2, 9, 60
+    rng = np.random.default_rng(8)
+    ids = rng.integers(0, V, size=(B, P)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    e = gpu.engine
+    outs = []
+    for chained in (False, True):
+        e.cache_init(B, cap)
+        cur = e.forward_cached(ids, mask).argmax(-1)
+        got = [cur[None]]
+        for n in (5, 1, 17, 8):
+            if chained:
+                got.append(e.decode_greedy(cur, n))
+            else:
+                got.append(np.stack([cur := e.decode_step(cur, argmax=True) for _ in range(n)]))
+            cur = got[-1][-1]
+        seq = np.concatenate(got).T  # [B, 1 + 31]
+        last = e.decode_step(cur)
+        assert e.cache_len() == P + 32
+        e.cache_free()
+        outs.append(seq)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    full = cpu.forward(np.concatenate([ids, outs[1]], 1), np.concatenate([mask, np.ones_like(outs[1])], 1))
+    assert rel(last, full[:, -1]) < 2e-2
+    gen = gpu.generate_ids(ids, max_new_tokens=20, attention_mask=mask, eos_token_id=-1)
+    np.testing.assert_array_equal(gen[:, P:], outs[1][:, :20])
+
+
 @pytest.mark.parametrize("preset,dtype", [("tiny", "bfloat16"), ("tiny-40b", "float16"), ("tiny-rw", "bfloat16")])
 def test_decode_step_graphs_match_cpu(tmp_path, monkeypatch, preset, dtype):
     """decode_step replays a captured CUDA graph from its third step on (past and Tk read on the

@@ -198,6 +198,64 @@ def test_decode_step_matches_full_forward(model_dir):
     e.cache_free()
 
 
+def test_decode_greedy_equals_greedy_decode_steps(model_dir):
+    """decode_greedy (each step's device argmax fed to the next step on the device) gives the ids of
+    the same number of decode_step(argmax=True) calls fed one by one, and leaves the cache where
+    they leave it; a left-padded prompt row, two calls in a row, then stepping on after it."""
+    rng = np.random.default_rng(21)
+    m, _ = _lora_model(model_dir, rng, scale=0.3)
+    e = m.engine
+    B, P, n = 3, 6, 7
+    ids = rng.integers(0, m.config.vocab_size, size=(B, P))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    runs = []
+    for chained in (False, True):
+        e.cache_init(B, P + 2 * n + 1)
+        first = e.forward_cached(ids, mask).argmax(-1)
+        if chained:
+            a = e.decode_greedy(first, n)
+            b = e.decode_greedy(a[-1], n)
+            out = np.concatenate([a, b])
+        else:
+            out, cur = [], first
+            for _ in range(2 * n):
+                cur = e.decode_step(cur, argmax=True)
+                out.append(cur)
+            out = np.stack(out)
+        assert out.dtype == np.int64 and out.shape == (2 * n, B)
+        assert e.cache_len() == P + 2 * n
+        runs.append((out, e.decode_step(out[-1])))  # the cache keeps working after the chain
+        e.cache_free()
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=1e-6, atol=1e-6)
+    # and both follow the full forward's argmax (first: the prompt's; then every fed token's)
+    gen = np.concatenate([first[:, None], runs[1][0].T], 1)  # [B, 2n + 1]
+    full = m.forward(np.concatenate([ids, gen[:, :-1]], 1), np.concatenate([mask, np.ones((B, 2 * n), int)], 1))
+    np.testing.assert_array_equal(full[:, P - 1:].argmax(-1), gen)
+
+
+def test_decode_greedy_rejects_bad_input(model_dir):
+    m = ft.load_model(model_dir, device="cpu")
+    e = m.engine
+    with pytest.raises(Exception, match="cache"):
+        e.decode_greedy(np.array([1]), 2)
+    e.cache_init(2, 5)
+    e.forward_cached(np.array([[1, 2], [3, 4]]), None)
+    with pytest.raises(ValueError, match="batch"):
+        e.decode_greedy(np.array([1]), 2)
+    with pytest.raises(ValueError, match="vocabulary"):
+        e.decode_greedy(np.array([1, m.config.vocab_size]), 2)
+    with pytest.raises(ValueError, match="positive"):
+        e.decode_greedy(np.array([1, 2]), 0)
+    with pytest.raises(ValueError, match="full"):
+        e.decode_greedy(np.array([1, 2]), 4)
+    assert e.cache_len() == 2  # nothing committed by the refused calls
+    assert e.decode_greedy(np.array([1, 2]), 3).shape == (3, 2)
+    assert e.cache_len() == 5
+    e.cache_free()
+
+
 def test_decode_step_rejects_bad_input(model_dir):
     m = ft.load_model(model_dir, device="cpu")
     e = m.engine
