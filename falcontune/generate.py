@@ -19,6 +19,11 @@ from . import _C
 from .data import get_template, make_prompt, split_response
 
 
+# greedy tokens per device round (decode_greedy): one host wait per chunk instead of per token
+_GREEDY_CHUNK = 16
+_GREEDY_CHUNK_STREAM = 4
+
+
 class _Stepper:
     """Logits of the last position, with the KV cache or by recomputing."""
 
@@ -38,9 +43,10 @@ class _Stepper:
             return self.engine.decode_step(new)
         return self.engine.forward(ids, mask)[:, -1, :]
 
-    def next_greedy(self, new: np.ndarray) -> np.ndarray:
-        """The greedy ids after feeding `new` (cache only): argmax on the device."""
-        return self.engine.decode_step(new, argmax=True)
+    def greedy(self, new: np.ndarray, n: int) -> list[np.ndarray]:
+        """The next n greedy ids per row after feeding `new` (cache only): each step's argmax is
+        found on the device and fed to the next step there, so the host waits once per n tokens."""
+        return list(self.engine.decode_greedy(new, n))
 
     def reorder(self, rows: np.ndarray) -> None:
         if self.use_cache:
@@ -154,12 +160,16 @@ def generate_ids(model: Any, input_ids: Any, max_new_tokens: int = 32, do_sample
     stepper = _Stepper(model, use_cache, B, T + max_new_tokens)
     done = np.zeros(B, dtype=bool)
     device_argmax = use_cache and not do_sample and repetition_penalty == 1.0
-    greedy_next: Optional[np.ndarray] = None
+    # greedy ids computed ahead on the device, in order; a chunk past an EOS or a stop is dropped
+    # (greedy is deterministic: the ids kept are those of one step at a time). Streaming callers
+    # get their tokens in smaller bursts.
+    chunk = _GREEDY_CHUNK_STREAM if on_token is not None else _GREEDY_CHUNK
+    ahead: list[np.ndarray] = []
     try:
         logits = stepper.first(ids, mask)
-        for _ in range(max_new_tokens):
-            if greedy_next is not None:
-                nxt = greedy_next
+        for k in range(max_new_tokens):
+            if ahead:
+                nxt = ahead.pop(0)
             elif do_sample:
                 logits = np.array(logits, dtype=np.float32)
                 nxt = np.array([_C.sample_token(logits[b], ids[b], repetition_penalty, temperature, top_k, top_p,
@@ -178,8 +188,9 @@ def generate_ids(model: Any, input_ids: Any, max_new_tokens: int = 32, do_sample
             if done.all():
                 break
             if device_argmax:
-                greedy_next = stepper.next_greedy(nxt)
-            else:
+                if not ahead and k + 1 < max_new_tokens:
+                    ahead = stepper.greedy(nxt, min(chunk, max_new_tokens - k - 1))
+            elif k + 1 < max_new_tokens:
                 logits = stepper.next(ids, mask, nxt)
     finally:
         stepper.close()

@@ -101,6 +101,39 @@ def test_eos_stops_and_pads(model):
     assert out.shape[1] == ids.shape[1] + 1  # every row ended at once
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_greedy_chunks_on_the_device_match_stepping(model, monkeypatch, chunk):
+    """Greedy generation with the cache runs decode_greedy in chunks (ids fed back on the device,
+    ids computed past an EOS or a stop dropped): the same ids as recomputing every step without
+    the cache, for rows that end at different steps, a stop mid-chunk and a length not a
+    multiple of the chunk."""
+    import falcontune.generate as gen
+    monkeypatch.setattr(gen, "_GREEDY_CHUNK", chunk)
+    monkeypatch.setattr(gen, "_GREEDY_CHUNK_STREAM", chunk)
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, model.config.vocab_size, size=(3, 6))
+    mask = np.ones_like(ids)
+    mask[2, :2] = 0
+    ref = model.generate_ids(ids, max_new_tokens=11, attention_mask=mask, eos_token_id=-1, use_cache=False)
+    got = model.generate_ids(ids, max_new_tokens=11, attention_mask=mask, eos_token_id=-1)
+    np.testing.assert_array_equal(got, ref)
+    # an EOS that row 0 reaches at its 5th token: row 0 is padded from there, the others go on
+    eos = int(ref[0, 6 + 4])
+    ref = model.generate_ids(ids, max_new_tokens=11, attention_mask=mask, eos_token_id=eos, use_cache=False)
+    got = model.generate_ids(ids, max_new_tokens=11, attention_mask=mask, eos_token_id=eos)
+    np.testing.assert_array_equal(got, ref)
+    # a callback that stops after the 7th token
+    seen: list[np.ndarray] = []
+
+    def stop(tok: np.ndarray) -> bool:
+        seen.append(tok)
+        return len(seen) == 7
+    got = model.generate_ids(ids, max_new_tokens=11, attention_mask=mask, eos_token_id=-1, on_token=stop)
+    assert got.shape == (3, 13) and len(seen) == 7
+    np.testing.assert_array_equal(got, model.generate_ids(ids, max_new_tokens=7, attention_mask=mask,
+                                                          eos_token_id=-1, use_cache=False))
+
+
 def test_errors(model):
     with pytest.raises(ValueError, match="prompt"):
         model.generate()
