@@ -246,10 +246,12 @@ ft_status ft_decode_step(ft_model *m, const int32_t *ids, const int32_t *mask, i
 /* n greedy tokens per row, the host out of the loop: each step's argmax (on the device) is copied
  * into the next step's ids, and into row i of a device buffer of the n x B results downloaded once
  * at the end. Every key is a real token (decode_step's mask of ones), so the key masks and
- * positions of all n steps are known up front: one upload per row, then per step only the query
- * positions and {past, Tk} (small copies from pageable memory, which the driver may still make the
- * host wait for). The result equals n decode_step(ids, NULL, out_ids) calls, each fed the previous
- * one's ids, without the host reading each token before the next step can start. */
+ * positions of all n steps are known up front and uploaded before the first step; each step then
+ * copies its query positions and {past, Tk} from a device buffer (gather_rows) instead of uploading
+ * them: a copy from pageable host memory may make the host wait for the stream (CUDA's API
+ * synchronization rules), a device-to-device copy does not, so the whole chunk is enqueued without
+ * waiting. The result equals n decode_step(ids, NULL, out_ids) calls, each fed the previous one's
+ * ids. */
 ft_status ft_decode_greedy(ft_model *m, const int32_t *ids, int B, int n, int32_t *out_ids, ft_error *err)
 {
     const ft_backend_ops *op = m->be->ops;
@@ -264,30 +266,36 @@ ft_status ft_decode_greedy(ft_model *m, const int32_t *ids, int B, int n, int32_
     CALL(workspace_ensure(m, B, 0, err));
     workspace *ws = &m->ws;
 
-    /* host: per row the n key positions (the key masks are ones), per step the n x B positions */
-    const size_t nb = (size_t)n * B;
-    int32_t *host = malloc((nb + 2 * (size_t)n + (size_t)B) * sizeof(int32_t));
+    /* host, in the order of the device buffer after the results: the query positions [n, B] and
+     * {past, Tk} [n, 2] of every step; then one row's n key positions and the n key masks (ones),
+     * and the identity rows of gather_rows */
+    const size_t nb = (size_t)n * B, steps_len = nb + 2 * (size_t)n;
+    int32_t *host = malloc((steps_len + 2 * (size_t)n + (size_t)B) * sizeof(int32_t));
     if (!host) return ft_fail(err, FT_ENOMEM, "out of host memory");
-    int32_t *pos = host, *ones = host + nb, *kp = ones + n, *ident = kp + n; /* kp: one row's n positions */
+    int32_t *pos = host, *step = host + nb, *kp = host + steps_len, *ones = kp + n, *ident = ones + n;
     for (int i = 0; i < n; i++) {
-        ones[i] = 1;
         for (int b = 0; b < B; b++) pos[(size_t)i * B + b] = kc->seen[b] + i;
+        step[2 * i] = past + i;
+        step[2 * i + 1] = past + i + 1;
+        ones[i] = 1;
     }
     for (int b = 0; b < B; b++) ident[b] = b;
-    int32_t *tok = NULL; /* device [n, B] */
-    ft_status st = op->alloc(m->be, nb * sizeof(int32_t), (void **)&tok, err);
+    int32_t *dev = NULL; /* [n, B] results, then the steps' positions and {past, Tk} */
+    ft_status st = op->alloc(m->be, (nb + steps_len) * sizeof(int32_t), (void **)&dev, err);
+    int32_t *tok = dev, *dev_pos = dev + nb, *dev_step = dev_pos + nb;
     for (int b = 0; b < B && !st; b++) {
         const size_t at = (size_t)b * kc->cap + past;
         for (int i = 0; i < n; i++) kp[i] = kc->seen[b] + i;
         st = op->upload(m->be, kc->kmask + at, ones, (size_t)n * sizeof(int32_t), err);
         if (!st) st = op->upload(m->be, kc->kpos + at, kp, (size_t)n * sizeof(int32_t), err);
     }
+    if (!st) st = op->upload(m->be, dev_pos, pos, steps_len * sizeof(int32_t), err);
     if (!st) st = op->upload(m->be, kc->gather_idx, ident, (size_t)B * sizeof(int32_t), err);
     if (!st) st = op->upload(m->be, ws->ids, ids, (size_t)B * sizeof(int32_t), err);
+    const int32_t *row0 = kc->gather_idx; /* ident[0] = 0: one row copied as is */
     for (int i = 0; i < n && !st; i++) {
-        const int32_t step[2] = {past + i, past + i + 1};
-        st = op->upload(m->be, ws->pos, pos + (size_t)i * B, (size_t)B * sizeof(int32_t), err);
-        if (!st) st = op->upload(m->be, kc->step_dev, step, sizeof step, err);
+        st = op->gather_rows(m->be, ws->pos, dev_pos + (size_t)i * B, row0, 1, (size_t)B * sizeof(int32_t), err);
+        if (!st) st = op->gather_rows(m->be, kc->step_dev, dev_step + 2 * (size_t)i, row0, 1, 2 * sizeof(int32_t), err);
         kc->len = past + i; /* what decode_body reads on the host (backends without step_dev, first recording) */
         if (!st) st = decode_run(m, B, HEAD_ARGMAX, err);
         if (!st) st = op->gather_rows(m->be, tok + (size_t)i * B, ws->tgt, kc->gather_idx, B, sizeof(int32_t), err);
@@ -299,7 +307,7 @@ ft_status ft_decode_greedy(ft_model *m, const int32_t *ids, int B, int n, int32_
         for (int b = 0; b < B; b++) kc->seen[b] += n;
         kc->len = past + n;
     }
-    if (tok) op->free(m->be, tok);
+    if (dev) op->free(m->be, dev);
     free(host);
     return st;
 }
