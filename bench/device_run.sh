@@ -11,6 +11,7 @@
 #   cudatests -> every test marked cuda (needs .devdata/ = a copy of ../shared/data, carried)
 #   decode -> bench/decode_bench.py (ours + HF bf16 and HF bnb NF4 generate)   ($OUT/decode.log, $OUT/decode_*.json)
 #   profile -> bench/decode_profile.py (per-kernel time of a decode step)   ($OUT/decode_profile.txt)
+#   gemvncu -> bench/gemv_ncu.sh (Nsight Compute stall reasons of the decode GEMV; GEMV_ENVS for A/B)
 #   ops    -> the op-level CUDA tests and the data-parallel GPU tests (tests/test_ops.py, tests/test_dist.py)
 #   trainprofile -> bench/train_profile.py (CUPTI per-kernel time of a 7B step; PROFILE_MB="1 16",
 #             PROFILE_ARGS=--host adds the host's CUDA runtime calls)
@@ -77,6 +78,7 @@ for what in "$@"; do
     bench40bours) wait_ckpt40b; BENCH40_ARGS="--no-hf ${BENCH40_ARGS:-}" bench40b ;;
     ckpt40bbg) ckpt40b > "$OUT/ckpt40b.log" 2>&1 & CK40=$! ;;
     profile) timeout ${DECODE_TIMEOUT:-200} python3 bench/decode_profile.py --out "$OUT" --ckpt /tmp/ft7b 2>&1 | grep -vi warn | tail -40 ;;
+    gemvncu) bash bench/gemv_ncu.sh ;;
     mmatests) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_ops.py -k "mma" tests/test_cuda_attention.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/mmatests.log" | tail -30 ;;
     benchmma) FT_CUDA_ATTN=mma timeout ${BENCH_TIMEOUT:-300} python3 bench/train_bench.py --no-hf --out "$OUT" --ckpt /tmp/ft7b ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_mma.log" | tail -30 ;;
     benchours) timeout ${BENCH_TIMEOUT:-300} python3 bench/train_bench.py --no-hf --out "$OUT" --ckpt /tmp/ft7b ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -30 ;;
