@@ -493,8 +493,8 @@ static PyObject *m_decode_greedy(ModelObject *self, PyObject *args, PyObject *kw
         PyErr_SetString(PyExc_ValueError, "ids: expected a non-empty [batch] array (one new token per row)");
         goto fail;
     }
-    if (n <= 0) {
-        PyErr_Format(PyExc_ValueError, "n: expected a positive number of tokens, got %d", n);
+    if (n <= 0 || (int64_t)n * B > INT32_MAX) { /* the engine checks n against the cache's room */
+        PyErr_Format(PyExc_ValueError, "n: expected a positive number of tokens (n x batch < 2^31), got %d", n);
         goto fail;
     }
     npy_intp shape[2] = {n, B};

@@ -248,6 +248,8 @@ def test_decode_greedy_rejects_bad_input(model_dir):
         e.decode_greedy(np.array([1, m.config.vocab_size]), 2)
     with pytest.raises(ValueError, match="positive"):
         e.decode_greedy(np.array([1, 2]), 0)
+    with pytest.raises(ValueError, match="n x batch"):  # refused before an [n, B] result is allocated
+        e.decode_greedy(np.array([1, 2]), 2**30)
     with pytest.raises(ValueError, match="full"):
         e.decode_greedy(np.array([1, 2]), 4)
     assert e.cache_len() == 2  # nothing committed by the refused calls
