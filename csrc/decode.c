@@ -70,6 +70,17 @@ ft_status ft_cache_init(ft_model *m, int B, int capacity, ft_error *err)
 }
 
 
+/* The cache exists, holds B rows and has room for n more tokens a row (n <= 0: none to add). */
+static ft_status cache_room(const ft_model *m, int B, int n, ft_error *err)
+{
+    const kv_cache *kc = &m->cache;
+    if (!kc->k) return ft_fail(err, FT_ESTATE, "no KV cache (cache_init was not called)");
+    if (B != kc->B) return ft_fail(err, FT_EINVAL, "batch %d does not match the cache's %d", B, kc->B);
+    if (n <= 0 || (int64_t)kc->len + n > kc->cap)
+        return ft_fail(err, FT_EINVAL, "KV cache full: %d + %d tokens exceed its capacity %d", kc->len, n, kc->cap);
+    return FT_OK;
+}
+
 /* ln_f and the lm head over x[B, D] (act) -> host logits [B, V] */
 static ft_status head_rows(ft_model *m, const void *x, int B, float *logits, ft_error *err)
 {
@@ -86,10 +97,7 @@ ft_status ft_forward_cached(ft_model *m, const int32_t *ids, const int32_t *mask
     const ft_config *c = &m->cfg;
     const ft_backend_ops *op = m->be->ops;
     kv_cache *kc = &m->cache;
-    if (!kc->k) return ft_fail(err, FT_ESTATE, "no KV cache (cache_init was not called)");
-    if (B != kc->B) return ft_fail(err, FT_EINVAL, "batch %d does not match the cache's %d", B, kc->B);
-    if (T <= 0 || (int64_t)kc->len + T > kc->cap)
-        return ft_fail(err, FT_EINVAL, "KV cache full: %d + %d tokens exceed its capacity %d", kc->len, T, kc->cap);
+    CALL(cache_room(m, B, T, err));
     const int Tk = kc->len + T;
     CALL(check_ids(m, ids, mask, B, T, Tk, 0, err));
     const int N = B * T, D = c->hidden, L = c->n_layer;
@@ -135,12 +143,13 @@ ft_status ft_forward_cached(ft_model *m, const int32_t *ids, const int32_t *mask
 enum { HEAD_LOGITS = 0, HEAD_ARGMAX = 1, HEAD_NONE = 2 }; /* the first two are replay slots */
 _Static_assert((int)HEAD_ARGMAX < (int)REPLAY_SLOT_DECODE_END, "a replay slot per recorded head kind");
 
-/* The device work of one decode step (the step's ids, positions, key column and {past, Tk} are
- * already uploaded): embedding, layers, then per `head`: ln_f + lm head into ws->logits
- * (B <= ws->chunk), the same plus the greedy ids into ws->tgt, or nothing (the caller runs
- * head_rows). Past and Tk are read on the device, so the same launches serve every step: a
- * captured graph of them is replayed. */
-static ft_status decode_body(ft_model *m, int B, int head, ft_error *err)
+/* The device work of one decode step after `past` cached tokens (the step's ids, positions, key
+ * column and {past, Tk} are already uploaded): embedding, layers, then per `head`: ln_f + lm head
+ * into ws->logits (B <= ws->chunk), the same plus the greedy ids into ws->tgt, or nothing (the
+ * caller runs head_rows). Past and Tk are read on the device, so the same launches serve every
+ * step: a captured graph of them is replayed (the host's `past` serves backends that run the ops
+ * directly, and the recording call). */
+static ft_status decode_body(ft_model *m, int B, int past, int head, ft_error *err)
 {
     const ft_config *c = &m->cfg;
     const ft_backend_ops *op = m->be->ops;
@@ -148,7 +157,7 @@ static ft_status decode_body(ft_model *m, int B, int head, ft_error *err)
     workspace *ws = &m->ws;
     step_ctx s;
     memset(&s, 0, sizeof s);
-    s.B = B; s.T = 1; s.N = B; s.Tk = kc->len + 1; s.cap = kc->cap; s.past = kc->len; s.kstride = kc->cap;
+    s.B = B; s.T = 1; s.N = B; s.Tk = past + 1; s.cap = kc->cap; s.past = past; s.kstride = kc->cap;
     s.kmask = kc->kmask; s.kpos = kc->kpos; s.pos = ws->pos;
     s.past_dev = kc->step_dev;
     s.tk_dev = kc->step_dev + 1;
@@ -169,22 +178,22 @@ static ft_status decode_body(ft_model *m, int B, int head, ft_error *err)
 
 typedef struct decode_call {
     ft_model *m;
-    int B, head;
+    int B, past, head;
 } decode_call;
 
 static ft_status decode_call_body(void *ctx, ft_error *err)
 {
     const decode_call *d = ctx;
-    return decode_body(d->m, d->B, d->head, err);
+    return decode_body(d->m, d->B, d->past, d->head, err);
 }
 
 /* decode_body, replayed by the backend where it records steps (CUDA graphs): one slot per head
  * kind, keyed by bind_gen so that a recording never outlives the buffers it was made with. */
-static ft_status decode_run(ft_model *m, int B, int head, ft_error *err)
+static ft_status decode_run(ft_model *m, int B, int past, int head, ft_error *err)
 {
     const ft_backend_ops *op = m->be->ops;
-    if (!op->replay || head == HEAD_NONE) return decode_body(m, B, head, err);
-    decode_call d = {m, B, head};
+    if (!op->replay || head == HEAD_NONE) return decode_body(m, B, past, head, err);
+    decode_call d = {m, B, past, head};
     return op->replay(m->be, head, m->bind_gen, decode_call_body, &d, err);
 }
 
@@ -196,10 +205,7 @@ ft_status ft_decode_step(ft_model *m, const int32_t *ids, const int32_t *mask, i
     const ft_config *c = &m->cfg;
     const ft_backend_ops *op = m->be->ops;
     kv_cache *kc = &m->cache;
-    if (!kc->k) return ft_fail(err, FT_ESTATE, "no KV cache (cache_init was not called)");
-    if (B != kc->B) return ft_fail(err, FT_EINVAL, "batch %d does not match the cache's %d", B, kc->B);
-    if (kc->len >= kc->cap)
-        return ft_fail(err, FT_EINVAL, "KV cache full: %d + 1 tokens exceed its capacity %d", kc->len, kc->cap);
+    CALL(cache_room(m, B, 1, err));
     if (!last_logits == !out_ids) return ft_fail(err, FT_EINVAL, "decode_step: ask for logits or for ids");
     CALL(check_ids(m, ids, mask, B, 1, 1, 0, err));
     const int past = kc->len;
@@ -230,7 +236,7 @@ ft_status ft_decode_step(ft_model *m, const int32_t *ids, const int32_t *mask, i
     const int32_t step[2] = {past, past + 1};
     const int head = out_ids ? HEAD_ARGMAX : B <= ws->chunk ? HEAD_LOGITS : HEAD_NONE;
     st = op->upload(m->be, kc->step_dev, step, sizeof step, err);
-    if (!st) st = decode_run(m, B, head, err);
+    if (!st) st = decode_run(m, B, past, head, err);
     if (!st && head == HEAD_ARGMAX) st = op->download(m->be, out_ids, ws->tgt, (size_t)B * sizeof(int32_t), err);
     if (!st && head == HEAD_LOGITS)
         st = op->download(m->be, last_logits, ws->logits, (size_t)B * c->vocab_size * sizeof(float), err);
@@ -256,11 +262,8 @@ ft_status ft_decode_greedy(ft_model *m, const int32_t *ids, int B, int n, int32_
 {
     const ft_backend_ops *op = m->be->ops;
     kv_cache *kc = &m->cache;
-    if (!kc->k) return ft_fail(err, FT_ESTATE, "no KV cache (cache_init was not called)");
-    if (B != kc->B) return ft_fail(err, FT_EINVAL, "batch %d does not match the cache's %d", B, kc->B);
     if (n <= 0) return ft_fail(err, FT_EINVAL, "decode_greedy: the number of tokens must be positive, got %d", n);
-    if ((int64_t)kc->len + n > kc->cap)
-        return ft_fail(err, FT_EINVAL, "KV cache full: %d + %d tokens exceed its capacity %d", kc->len, n, kc->cap);
+    CALL(cache_room(m, B, n, err));
     CALL(check_ids(m, ids, NULL, B, 1, 1, 0, err));
     const int past = kc->len;
     CALL(workspace_ensure(m, B, 0, err));
@@ -296,13 +299,11 @@ ft_status ft_decode_greedy(ft_model *m, const int32_t *ids, int B, int n, int32_
     for (int i = 0; i < n && !st; i++) {
         st = op->gather_rows(m->be, ws->pos, dev_pos + (size_t)i * B, row0, 1, (size_t)B * sizeof(int32_t), err);
         if (!st) st = op->gather_rows(m->be, kc->step_dev, dev_step + 2 * (size_t)i, row0, 1, 2 * sizeof(int32_t), err);
-        kc->len = past + i; /* what decode_body reads on the host (backends without step_dev, first recording) */
-        if (!st) st = decode_run(m, B, HEAD_ARGMAX, err);
+        if (!st) st = decode_run(m, B, past + i, HEAD_ARGMAX, err);
         if (!st) st = op->gather_rows(m->be, tok + (size_t)i * B, ws->tgt, kc->gather_idx, B, sizeof(int32_t), err);
         if (!st && i + 1 < n) st = op->gather_rows(m->be, ws->ids, ws->tgt, kc->gather_idx, B, sizeof(int32_t), err);
     }
     if (!st) st = op->download(m->be, out_ids, tok, nb * sizeof(int32_t), err);
-    kc->len = past;
     if (!st) { /* committed only when every step went through */
         for (int b = 0; b < B; b++) kc->seen[b] += n;
         kc->len = past + n;

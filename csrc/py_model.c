@@ -478,21 +478,30 @@ static PyObject *m_forward_cached(ModelObject *self, PyObject *args, PyObject *k
     return logits_call(self, args, kwds, 1);
 }
 
+/* ids of a decode step: int32 [B], one new token per row (B >= 1); sets *B */
+static PyArrayObject *step_ids(PyObject *obj, npy_intp *B)
+{
+    PyArrayObject *ids = ft_py_int32_array(obj, 1, "ids", 0);
+    if (!ids) return NULL;
+    *B = PyArray_DIM(ids, 0);
+    if (*B <= 0 || *B > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "ids: expected a non-empty [batch] array (one new token per row)");
+        Py_DECREF(ids);
+        return NULL;
+    }
+    return ids;
+}
+
 static PyObject *m_decode_greedy(ModelObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"ids", "n", NULL};
     PyObject *ids_obj;
     int n;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oi:decode_greedy", kwlist, &ids_obj, &n)) return NULL;
-    PyArrayObject *ids = NULL;
     PyObject *ids32 = NULL, *out = NULL;
-    ids = ft_py_int32_array(ids_obj, 1, "ids", 0);
+    npy_intp B;
+    PyArrayObject *ids = step_ids(ids_obj, &B);
     if (!ids) goto fail;
-    const npy_intp B = PyArray_DIM(ids, 0);
-    if (B <= 0 || B > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "ids: expected a non-empty [batch] array (one new token per row)");
-        goto fail;
-    }
     if (n <= 0 || (int64_t)n * B > INT32_MAX) { /* the engine checks n against the cache's room */
         PyErr_Format(PyExc_ValueError, "n: expected a positive number of tokens (n x batch < 2^31), got %d", n);
         goto fail;
@@ -521,15 +530,12 @@ static PyObject *m_decode_step(ModelObject *self, PyObject *args, PyObject *kwds
     int want_ids = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|Op:decode_step", kwlist, &ids_obj, &mask_obj, &want_ids))
         return NULL;
-    PyArrayObject *ids = NULL, *mask = NULL;
+    PyArrayObject *mask = NULL;
     PyObject *out = NULL, *ids32 = NULL;
-    ids = ft_py_int32_array(ids_obj, 1, "ids", 0);
+    npy_intp rows;
+    PyArrayObject *ids = step_ids(ids_obj, &rows);
     if (!ids) goto fail;
-    const int B = (int)PyArray_DIM(ids, 0);
-    if (B <= 0 || PyArray_DIM(ids, 0) > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "ids: expected a non-empty [batch] array (one new token per row)");
-        goto fail;
-    }
+    const int B = (int)rows;
     if (mask_obj != Py_None) {
         mask = ft_py_int32_array(mask_obj, 1, "mask", 1);
         if (!mask) goto fail;
