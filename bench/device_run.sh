@@ -15,6 +15,7 @@
 #   ops    -> the op-level CUDA tests and the data-parallel GPU tests (tests/test_ops.py, tests/test_dist.py)
 #   trainprofile -> bench/train_profile.py (CUPTI per-kernel time of a 7B step; PROFILE_MB="1 16",
 #             PROFILE_ARGS=--host adds the host's CUDA runtime calls)
+#   SMI_LOG=1 (any target) -> $OUT/smi.csv: SM clock, power, temperature, clock-limit reasons each 100 ms
 #   ckpt40bbg, bench40bours -> write the 40B checkpoint in the background (CPU), later ours only on it
 #   full   -> bench, decode, bench40b in that order, the 40B checkpoint written in the background
 #             meanwhile (~6-8 min on an H200 after the build; each stage has its own timeout)
@@ -31,6 +32,15 @@ if [ ! -f .built_ok ] || [ -n "$(find csrc setup.py -newer .built_ok)" ]; then
   touch .built_ok
 fi
 echo "build ok"
+# SMI_LOG=1: the card's SM clock, power, temperature and clock-limit reasons every 100 ms of the call
+# ($OUT/smi.csv), to tell a kernel that got slower from a card that slowed down
+if [ "${SMI_LOG:-0}" = 1 ]; then
+  q=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active
+  nvidia-smi --query-gpu=$q --format=csv,noheader -i 0 >/dev/null 2>&1 || q=${q%,*},clocks_throttle_reasons.active
+  nvidia-smi --query-gpu=$q --format=csv -lms 100 -i 0 > "$OUT/smi.csv" 2>&1 &
+  SMI_PID=$!
+  trap 'kill $SMI_PID 2>/dev/null' EXIT
+fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   # the MPI wheels (mpi4py, mpich) go to a prefix of their own: --target drops the mpich wheel's
   # bin/ and lib/ (mpiexec, libmpi), and mpi4py then loads whatever other MPI the machine has

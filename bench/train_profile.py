@@ -26,11 +26,16 @@ sys.path.insert(0, str(REPO / "bench"))
 import falcontune as ft  # noqa: E402
 
 
-def step(model, opt, ids, scale: float) -> None:
+def step(model, opt, ids, scale: float, phases: list | None = None) -> None:
+    t0 = time.perf_counter()
     model.forward_backward(ids, ids, grad_scale=scale)
+    t1 = time.perf_counter()
     opt.step(grad_scale=scale)
+    t2 = time.perf_counter()
     model.zero_grad()
     model.engine.grad_norm()  # waits for the step's last kernels
+    if phases is not None:
+        phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
 
 
 def gap_report(spans: list[tuple[float, float, str]], steps: int) -> list[str]:
@@ -94,14 +99,17 @@ def main() -> None:
         ids = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(mb, 256)).astype(np.int64)
         for _ in range(2):
             step(model, opt, ids, scale)
+        phases: list = []
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            step(model, opt, ids, scale)
+            step(model, opt, ids, scale, phases)
         wall = (time.perf_counter() - t0) / args.steps
         acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.host else [])
+        t0 = time.perf_counter()
         with profile(activities=acts) as prof:
             for _ in range(args.steps):
                 step(model, opt, ids, scale)
+        prof_wall = (time.perf_counter() - t0) / args.steps
         by_name: dict[str, list[float]] = collections.defaultdict(list)
         spans: list[tuple[float, float, str]] = []
         host: dict[str, list[float]] = collections.defaultdict(list)
@@ -120,6 +128,11 @@ def main() -> None:
                   f"{'ms/step':>9} {'calls/step':>10} {'us/call':>9}  name"]
         for name, v in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:args.top]:
             lines.append(f"{sum(v) / args.steps / 1e3:9.3f} {len(v) / args.steps:10.1f} {np.mean(v):9.2f}  {name}")
+        span = (max(e for _, e, _ in spans) - min(b for b, _, _ in spans)) / args.steps / 1e3 if spans else 0.0
+        fb, op, rest = (np.median([p[i] for p in phases]) * 1e3 for i in range(3))
+        lines.append(f"unprofiled, median ms: forward_backward {fb:.2f} (its loss download waits for the step), "
+                     f"optimizer step {op:.2f}, zero_grad + grad_norm {rest:.2f}; profiled: wall {prof_wall * 1e3:.2f} "
+                     f"ms a step, first GPU event to last {span:.2f} ms a step")
         lines += gap_report(spans, args.steps)
         lines += host_report(host, args.steps)
     text = "\n".join(lines)

@@ -21,7 +21,7 @@ extern "C" {
 typedef struct ft_backend ft_backend;
 typedef struct ft_qlinear ft_qlinear; /* backend-owned quantized weight */
 
-enum { FT_REPLAY_SLOTS = 5 }; /* independent recorded steps a backend keeps (replay) */
+enum { FT_REPLAY_SLOTS = 26 }; /* independent recorded steps a backend keeps (replay) */
 
 /* A quantized linear, validated by gptq.c before a backend sees it. */
 typedef struct ft_qlinear_desc {

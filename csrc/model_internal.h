@@ -126,9 +126,17 @@ static inline size_t act_bytes(const ft_model *m, size_t n)
 static inline int has_lora(const ft_model *m, int mod) { return (m->lora_targets >> mod) & 1u; }
 
 /* Replay slots (backend.h): decode.c records its steps in the first two (one per head kind),
- * train.c a training step's forward and backward halves and the evaluation forward. */
-enum { REPLAY_SLOT_DECODE_END = 2, REPLAY_SLOT_TRAIN_FWD = 2, REPLAY_SLOT_TRAIN_BWD = 3, REPLAY_SLOT_EVAL_FWD = 4 };
-_Static_assert((int)REPLAY_SLOT_EVAL_FWD < (int)FT_REPLAY_SLOTS, "a replay slot for each recorded kind of step");
+ * train.c a training step's forward and backward halves and the evaluation forward, each in up to
+ * STEP_PIECES pieces of consecutive layers (a slot per piece: train.c says why). */
+enum { STEP_PIECES = 8 };
+enum {
+    REPLAY_SLOT_DECODE_END = 2,
+    REPLAY_SLOT_TRAIN_FWD = 2,
+    REPLAY_SLOT_TRAIN_BWD = REPLAY_SLOT_TRAIN_FWD + STEP_PIECES,
+    REPLAY_SLOT_EVAL_FWD = REPLAY_SLOT_TRAIN_BWD + STEP_PIECES
+};
+_Static_assert((int)REPLAY_SLOT_EVAL_FWD + STEP_PIECES <= (int)FT_REPLAY_SLOTS,
+               "a replay slot for each piece of each recorded kind of step");
 
 /* ---- lora.c ---- */
 /* A [r, in] and B [out, r] of one module in LoRA slot `slot` (backend memory). */
@@ -175,6 +183,9 @@ ft_status prepare_step(ft_model *m, step_ctx *s, const int32_t *ids, const int32
                        int T, ft_error *err);
 /* Embedding, layers (save: each its own activations, for backward), ln_f into ws.hf. */
 ft_status run_layers(ft_model *m, const step_ctx *s, int save, ft_error *err);
+/* The part of run_layers that layers l0 .. l1-1 make (the embedding with l0 == 0, ln_f with
+ * l1 == n_layer). */
+ft_status run_layer_range(ft_model *m, const step_ctx *s, int save, int l0, int l1, ft_error *err);
 /* Logits of the n rows of h (ln_f output, act [n, D]) to host logits [n, V], in chunks of ws.chunk. */
 ft_status head_logits(ft_model *m, const void *h, int n, float *logits, ft_error *err);
 

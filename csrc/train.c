@@ -21,35 +21,42 @@ void ft_get_rng(const ft_model *m, uint64_t *seed, uint64_t *counter)
 
 /* ---- the step's device work, recorded and replayed where the backend can (CUDA graphs) ----
  *
- * A 7B step is ~1,300-1,600 launches; replayed as a graph, the spacing between kernels shrinks
+ * A 7B step is ~1,300-1,600 launches; replayed as graphs, the spacing between kernels shrinks
  * (measured on an H200: ~1.8 ms of a 28.5 ms step at mb 1 went to gaps of 0-5 us). Both halves
  * read everything that changes from step to step from backend memory (ids, positions, masks,
  * targets: uploaded by the caller; dropout masks: the backend's dropout base), so one recording
  * serves every step of the same shape. The head (loss chunks) runs between them, unrecorded: its
- * gradient scale is the step's. */
+ * gradient scale is the step's.
+ *
+ * Each half is recorded in up to STEP_PIECES pieces of consecutive layers, a graph each: launching
+ * a graph costs the host ~1 us a node and the GPU ran nothing of the step until the launch
+ * returned (H200, 7B: ~1.5 ms a half; the GPU idled ~1 ms at the start of every step). With
+ * pieces it waits for the first one only; the others are launched while it runs. */
 typedef struct step_call {
     ft_model *m;
     const step_ctx *s;
     int backward;
+    int l0, l1; /* the piece's layers */
 } step_call;
 
 /* What the recorded ops depend on besides backend memory: a new recording when it changes. The
  * buffers, the adapter (scale, dropout) and the checkpointed layers (a new workspace) are all in
- * bind_gen; the shape and the mode are the call's. */
-static uint64_t step_key(const ft_model *m, const step_ctx *s, int backward)
+ * bind_gen; the shape, the mode and the piece's layers are the call's. */
+static uint64_t step_key(const ft_model *m, const step_call *c)
 {
-    const uint64_t k = ft_mix64(m->bind_gen);
-    return ft_mix64(k ^ ((uint64_t)(uint32_t)s->B << 32 | (uint64_t)(uint32_t)s->T << 2 |
-                         (uint64_t)(s->train != 0) << 1 | (uint64_t)(backward != 0)));
+    const uint64_t k = ft_mix64(m->bind_gen ^ ((uint64_t)(uint32_t)c->l0 << 32 | (uint32_t)c->l1));
+    return ft_mix64(k ^ ((uint64_t)(uint32_t)c->s->B << 32 | (uint64_t)(uint32_t)c->s->T << 2 |
+                         (uint64_t)(c->s->train != 0) << 1 | (uint64_t)(c->backward != 0)));
 }
 
 static ft_status forward_body(void *ctx, ft_error *err)
 {
     const step_call *c = ctx;
-    return run_layers(c->m, c->s, c->backward, err);
+    return run_layer_range(c->m, c->s, c->backward, c->l0, c->l1, err);
 }
 
-/* dhf (in ws.da1) -> the layers' LoRA gradients, walking the layers down */
+/* dhf (in ws.da1) -> the LoRA gradients of layers l1-1 down to l0; the piece with the top layer
+ * starts with dres = ln_f'(dhf) */
 static ft_status backward_body(void *ctx, ft_error *err)
 {
     const step_call *c = ctx;
@@ -57,11 +64,12 @@ static ft_status backward_body(void *ctx, ft_error *err)
     const ft_backend_ops *op = m->be->ops;
     workspace *ws = &m->ws;
     const int N = c->s->N, D = m->cfg.hidden, L = m->cfg.n_layer;
-    /* dres = ln_f'(dhf) */
-    CALL(op->zero(m->be, ws->dres, act_bytes(m, (size_t)N * D), err));
-    CALL(op->layernorm_bwd(m->be, ws->dres, ws->da1, ws->xs[L], ws->meanf, ws->rstdf, m->lnf_w, N, D, err));
+    if (c->l1 == L) {
+        CALL(op->zero(m->be, ws->dres, act_bytes(m, (size_t)N * D), err));
+        CALL(op->layernorm_bwd(m->be, ws->dres, ws->da1, ws->xs[L], ws->meanf, ws->rstdf, m->lnf_w, N, D, err));
+    }
     const int n_ckpt = L - ws->n_saved;
-    for (int l = L - 1; l >= m->lora_min_layer; l--) {
+    for (int l = c->l1 - 1; l >= c->l0; l--) {
         layer_acts *A = &ws->acts[l];
         if (l < n_ckpt) /* recompute this layer's activations (same dropout masks) */
             CALL(layer_forward(m, c->s, l, A, ws->xs[l], ws->ytmp, NULL, NULL, err));
@@ -70,12 +78,19 @@ static ft_status backward_body(void *ctx, ft_error *err)
     return FT_OK;
 }
 
-static ft_status run_recorded(ft_model *m, int slot, const step_ctx *s, int backward,
+/* body over layers lo .. hi-1 in pieces (slots slot0 ..): upwards for the forward, downwards for
+ * the backward; one piece (lo == hi) still runs, for the backward's ln_f */
+static ft_status run_recorded(ft_model *m, int slot0, const step_ctx *s, int backward, int down, int lo, int hi,
                               ft_status (*body)(void *ctx, ft_error *err), ft_error *err)
 {
-    step_call c = {m, s, backward};
-    if (!m->be->ops->replay) return body(&c, err);
-    return m->be->ops->replay(m->be, slot, step_key(m, s, backward), body, &c, err);
+    const int n = hi - lo, per = n > STEP_PIECES ? (n + STEP_PIECES - 1) / STEP_PIECES : 1;
+    for (int k = 0; k == 0 || k * per < n; k++) {
+        const int a = k * per, z = a + per < n ? a + per : n;
+        step_call c = {m, s, backward, down ? hi - z : lo + a, down ? hi - a : lo + z};
+        if (!m->be->ops->replay) CALL(body(&c, err));
+        else CALL(m->be->ops->replay(m->be, slot0 + k, step_key(m, &c), body, &c, err));
+    }
+    return FT_OK;
 }
 
 /* The loss of a batch, and with `backward` its LoRA gradients. Without backward nothing is
@@ -123,7 +138,8 @@ static ft_status loss_step(ft_model *m, const int32_t *ids, const int32_t *label
         CALL(op->set_dropout_base(m->be, ft_mix64(m->rng_seed ^ ft_mix64(m->rng_counter)), err));
         m->rng_counter++;
     }
-    CALL(run_recorded(m, backward ? REPLAY_SLOT_TRAIN_FWD : REPLAY_SLOT_EVAL_FWD, &s, backward, forward_body, err));
+    CALL(run_recorded(m, backward ? REPLAY_SLOT_TRAIN_FWD : REPLAY_SLOT_EVAL_FWD, &s, backward, 0, 0, c->n_layer,
+                      forward_body, err));
 
     /* head + loss in row chunks: logits -> dlogits in place -> dhf (into da1). The row losses stay
      * on the device and come back in one download once the whole step is enqueued, instead of a
@@ -139,7 +155,8 @@ static ft_status loss_step(ft_model *m, const int32_t *ids, const int32_t *label
         if (backward) CALL(op->lm_bwd(m->be, dh, ws->logits, m->lm_head, n, V, D, err));
     }
 
-    if (backward) CALL(run_recorded(m, REPLAY_SLOT_TRAIN_BWD, &s, 1, backward_body, err));
+    if (backward)
+        CALL(run_recorded(m, REPLAY_SLOT_TRAIN_BWD, &s, 1, 1, m->lora_min_layer, c->n_layer, backward_body, err));
 
     /* the download waits for the step's last kernel, so a failed kernel is reported here */
     float *row_loss = malloc((size_t)N * sizeof(float));

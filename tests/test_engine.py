@@ -66,6 +66,46 @@ def test_finite_differences(model_dir):
     assert checked >= 4
 
 
+def test_step_in_pieces_covers_every_layer(tmp_path):
+    """A training step runs its layers in pieces (recorded one graph each on a GPU: csrc/train.c);
+    with 11 layers the pieces are uneven (2, 2, 2, 2, 2, 1). The loss is the full forward's, the
+    gradients of layers in the first, a middle and the last piece match finite differences, and
+    checkpointing half the layers changes nothing."""
+    d = testing.make_checkpoint(tmp_path / "m11", preset="tiny", bits=4, group_size=32, seed=5, num_hidden_layers=11)
+    rng = np.random.default_rng(3)
+    m, sd = _lora_model(d, rng, r=2, alpha=4, targets=["query_key_value", "dense_4h_to_h"])
+    ids, labels, mask = _batch(rng, m.config.vocab_size)
+    m.zero_grad()
+    loss = m.forward_backward(ids, labels, mask)
+    grads = m.lora_grad_dict()
+    logits = m.forward(ids, mask).astype(np.float64)
+    tgt = labels[:, 1:]
+    logp = logits[:, :-1] - np.log(np.exp(logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits[:, :-1].max(-1, keepdims=True)
+    valid = tgt != -100
+    ref = -np.take_along_axis(logp, np.where(valid, tgt, 0)[..., None], -1)[..., 0][valid].mean()
+    assert abs(loss - ref) <= 1e-5 * abs(ref), (loss, ref)
+    for layer in (0, 5, 10):
+        for k in sorted(k for k in sd if f".h.{layer}." in k):
+            idx = np.unravel_index(np.argmax(np.abs(grads[k])), grads[k].shape)
+            assert grads[k][idx] != 0.0, k
+            eps = 1e-2
+            losses = []
+            for sign in (1, -1):
+                pert = {kk: vv.copy() for kk, vv in sd.items()}
+                pert[k][idx] += sign * eps
+                m.load_lora_state_dict(pert)
+                losses.append(m.forward_backward(ids, labels, mask))
+            fd = (losses[0] - losses[1]) / (2 * eps)
+            assert abs(fd - grads[k][idx]) <= 2e-2 * abs(fd) + 1e-4, (k, fd, grads[k][idx])
+    m.load_lora_state_dict(sd)
+    m.set_gradient_checkpointing(0.5)
+    m.zero_grad()
+    assert m.forward_backward(ids, labels, mask) == loss
+    for k, g in m.lora_grad_dict().items():
+        np.testing.assert_array_equal(g, grads[k], err_msg=k)
+
+
 def test_checkpointing_gives_same_gradients(model_dir):
     results = []
     for ratio in (0.0, 0.5, 1.0):
