@@ -28,10 +28,12 @@ void ft_get_rng(const ft_model *m, uint64_t *seed, uint64_t *counter)
  * serves every step of the same shape. The head (loss chunks) runs between them, unrecorded: its
  * gradient scale is the step's.
  *
- * Each half is recorded in up to STEP_PIECES pieces of consecutive layers, a graph each: launching
- * a graph costs the host ~1 us a node and the GPU ran nothing of the step until the launch
- * returned (H200, 7B: ~1.5 ms a half; the GPU idled ~1 ms at the start of every step). With
- * pieces it waits for the first one only; the others are launched while it runs. */
+ * Each half is recorded in up to STEP_PIECES pieces of consecutive layers, a graph each: a graph's
+ * work starts once its launch is submitted, and one graph of a 7B half took the host 1.5-1.9 ms
+ * to launch (H200, under the CUDA-runtime trace, which slows the host itself). With pieces the GPU
+ * can wait at a step's start for the first piece's launch only (<= 0.22 ms measured the same way);
+ * the others are launched while it runs. The throughput effect was within the spread between
+ * machines (docs/PERF.md). */
 typedef struct step_call {
     ft_model *m;
     const step_ctx *s;
