@@ -84,6 +84,14 @@ __device__ __forceinline__ void mma16816<f16>(float *d, uint32_t a0, uint32_t a1
  * col (lane / 16) 8) does. */
 __device__ __forceinline__ unsigned smem_addr(const void *p) { return (unsigned)__cvta_generic_to_shared(p); }
 
+/* (a & b) | c in one LOP3 (the compiler splits it in two when b and c are immediates) */
+__device__ __forceinline__ uint32_t lop_and_or(uint32_t a, uint32_t b, uint32_t c)
+{
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
 __device__ __forceinline__ void ldsm_x4(uint32_t *r, const void *p)
 {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"

@@ -228,6 +228,8 @@ inline void emu_ldsm(uint32_t *r, const void *p, bool trans)
     }
     w.bar.arrive_and_wait();
 }
+/* mma.cuh's LOP3 helper: (a & b) | c */
+inline uint32_t lop_and_or(uint32_t a, uint32_t b, uint32_t c) { return (a & b) | c; }
 inline void ldsm_x4(uint32_t *r, const void *p) { emu_ldsm(r, p, false); }
 inline void ldsm_x4_trans(uint32_t *r, const void *p) { emu_ldsm(r, p, true); }
 
@@ -330,6 +332,34 @@ void emu_launch(dim3 grid, dim3 block, void (*kernel)(P...), A... args)
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) emu_run_block(make_uint3(x, y, z));
     emu_body = nullptr;
+}
+
+/* ---- the rest of what gemv_kernels.cuh uses: cache-hinted loads and stores are plain ones,
+ * device-wide fences are no-ops and atomics need nothing (one block runs at a time, and fibers
+ * switch only at barriers), __byte_perm picks bytes of {y, x} as the PTX prmt does ---- */
+template <typename V> inline V __ldg(const V *p) { return *p; }
+template <typename V> inline V __ldcs(const V *p) { return *p; }
+template <typename V> inline V __ldcg(const V *p) { return *p; }
+template <typename V> inline void __stcg(V *p, V v) { *p = v; }
+inline void __threadfence() {}
+inline float __uint_as_float(unsigned u)
+{
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline int atomicAdd(int *p, int v)
+{
+    const int old = *p;
+    *p = old + v;
+    return old;
+}
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s)
+{
+    const uint64_t bytes = (uint64_t)y << 32 | x;
+    unsigned r = 0;
+    for (int i = 0; i < 4; i++) r |= (unsigned)((bytes >> (8 * ((s >> (4 * i)) & 7))) & 0xFFu) << (8 * i);
+    return r;
 }
 
 #endif /* FT_CUDA_EMU_H */

@@ -1,0 +1,150 @@
+/* gemv_emu.cpp -- csrc/cuda/gemv_kernels.cuh (the decode GEMV) run under emu.h, against a float64
+ * reference.
+ *
+ * Every case draws fresh random packed weights, zeros, scales, x and bias, launches qgemv_kernel with
+ * the geometry gemv.cu uses (gv_plan, split-K ranges, the arrival counters), and compares y with
+ * x . W + bias in float64, W dequantized as the kernel promises: (q - z) times the scale, rounded
+ * once to the act type (2/4 bits: the scale rounded to bf16 first in bf16; 8 bits and act-order in
+ * fp32). Cases cover 2, 4 and 8 bits, 1 to 8 rows, a split's partial last iteration (KW % 16 != 0),
+ * column tiles cut by `out`, group lookups by shift and by g_idx, act-order and the bias; the
+ * counters must be back to zero after each call. Exit status 0 when every case passes.
+ * Built and run by tests/test_cuda_emu.py.
+ */
+#include "emu.h"
+
+#include "cuda/gemv_kernels.cuh"
+
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+
+struct gv_spec {
+    int N, in, out, bits, group; /* group: rows per group (-1: one group) */
+    int act;                     /* 1: act-order (a random group per input row) */
+    int by_gidx;                 /* 1: look groups up in g_idx even where a shift would do */
+    int bias, zoff, sms;
+};
+
+template <typename T> static float round_to(float v);
+template <> float round_to<bf16>(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+template <> float round_to<f16>(float v) { return __half2float(__float2half_rn(v)); }
+
+template <typename T> static T to_act(float v);
+template <> bf16 to_act<bf16>(float v) { return __float2bfloat16_rn(v); }
+template <> f16 to_act<f16>(float v) { return __float2half_rn(v); }
+
+template <typename T> static float act_to_float(T v);
+template <> float act_to_float<bf16>(bf16 v) { return __bfloat162float(v); }
+template <> float act_to_float<f16>(f16 v) { return __half2float(v); }
+
+/* the group shift cuda_qgemv_prepare derives from g_idx (word rows of a group a power of 2), or -1 */
+static int group_shift(const std::vector<int32_t> &gidx, int per, int KW, int groups)
+{
+    if (groups == 1) return 30;
+    if (gidx[0] != 0) return -1;
+    int wpg = 1;
+    while (wpg < KW && gidx[(size_t)wpg * per] == 0) wpg++;
+    if (wpg & (wpg - 1)) return -1;
+    int sh = 0;
+    while ((1 << sh) < wpg) sh++;
+    for (int r = 0; r < KW; r++)
+        if (gidx[(size_t)r * per] != (r >> sh)) return -1;
+    return sh;
+}
+
+template <typename T, int BITS>
+static int run_case(const gv_spec &c, uint64_t seed, const char *tname, double tol)
+{
+    std::mt19937_64 rng(seed);
+    std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
+    const int per = 32 / BITS, KW = c.in / per, mask = (1 << BITS) - 1;
+    const int gsize = c.group > 0 ? c.group : c.in, groups = (c.in + gsize - 1) / gsize;
+    std::vector<int32_t> qw((size_t)KW * c.out), qz((size_t)groups * (c.out / per)), gidx(c.in);
+    for (auto &w : qw) w = (int32_t)(uint32_t)rng();
+    for (auto &z : qz) z = (int32_t)(uint32_t)rng();
+    std::vector<f16> sc((size_t)groups * c.out);
+    for (auto &s : sc) s = __float2half_rn((0.002f + 0.02f * (0.5f + 0.5f * uni(rng))) * (rng() & 1 ? 1.0f : -1.0f));
+    for (int i = 0; i < c.in; i++) gidx[i] = c.act ? (int)(rng() % groups) : i / gsize;
+    std::vector<T> x((size_t)c.N * c.in);
+    for (auto &v : x) v = to_act<T>(uni(rng));
+    std::vector<float> bias(c.out);
+    for (auto &b : bias) b = uni(rng);
+
+    /* the reference: W as the kernel dequantizes it, then x . W + bias in float64 */
+    const bool f32path = c.act || BITS == 8;
+    std::vector<double> ref((size_t)c.N * c.out, 0.0);
+    for (int i = 0; i < c.in; i++) {
+        const int g = gidx[i], r = i / per, j = i % per;
+        for (int o = 0; o < c.out; o++) {
+            const int q = (int)(((uint32_t)qw[(size_t)r * c.out + o] >> (BITS * j)) & mask);
+            const int z = (int)(((uint32_t)qz[(size_t)g * (c.out / per) + o / per] >> (BITS * (o % per))) & mask) + c.zoff;
+            float s = __half2float(sc[(size_t)g * c.out + o]);
+            if (!f32path) s = round_to<T>(s);
+            const double w = round_to<T>((float)(q - z) * s);
+            for (int n = 0; n < c.N; n++) ref[(size_t)n * c.out + o] += (double)act_to_float<T>(x[(size_t)n * c.in + i]) * w;
+        }
+    }
+    if (c.bias)
+        for (int n = 0; n < c.N; n++)
+            for (int o = 0; o < c.out; o++) ref[(size_t)n * c.out + o] += bias[o];
+
+    const gv_grid plan = gv_plan(c.in, c.out, BITS, c.sms);
+    const int gshift = c.act || c.by_gidx ? -1 : group_shift(gidx, per, KW, groups);
+    std::vector<float> part((size_t)plan.splits * c.N * c.out, -7.0f);
+    std::vector<int> cnt(plan.tiles, 0);
+    std::vector<T> y((size_t)c.N * c.out, to_act<T>(-7.0f));
+    /* act-order: the kernel that looks up each row's group (gemv.cu: row_groups != 0) */
+    emu_launch(dim3(plan.tiles, plan.splits), dim3(GV_WARPS * 32),
+               c.act ? qgemv_kernel<T, BITS, true> : qgemv_kernel<T, BITS, false>, y.data(), (const T *)x.data(),
+               (const int32_t *)qw.data(), (const int32_t *)qz.data(), (const f16 *)sc.data(),
+               (const int32_t *)gidx.data(), (const float *)(c.bias ? bias.data() : nullptr), part.data(), cnt.data(),
+               c.N, c.in, c.out, c.zoff, gshift, plan.kc);
+    double num = 0.0, den = 0.0, worst = 0.0;
+    for (size_t e = 0; e < y.size(); e++) {
+        const double d = act_to_float<T>(y[e]) - ref[e];
+        num += d * d;
+        den += ref[e] * ref[e];
+        worst = std::max(worst, std::abs(d) / (std::abs(ref[e]) + 1e-2));
+    }
+    const double rel = std::sqrt(num / (den > 0.0 ? den : 1.0));
+    bool bad = !(rel <= tol);
+    int stale = 0;
+    for (int v : cnt) stale += v != 0;
+    bad |= stale != 0;
+    std::printf("%s %s N=%d in=%d out=%d bits=%d group=%d act=%d gidx=%d bias=%d splits=%d kc=%d gshift=%d: "
+                "rel %.2e, worst %.2e, counters left %d\n",
+                bad ? "FAIL" : "ok  ", tname, c.N, c.in, c.out, BITS, c.group, c.act, c.by_gidx, c.bias, plan.splits,
+                plan.kc, c.act ? -1 : gshift, rel, worst, stale);
+    return bad ? 1 : 0;
+}
+
+template <typename T> static int run_bits(const gv_spec &c, uint64_t seed, const char *tname, double tol)
+{
+    if (c.bits == 2) return run_case<T, 2>(c, seed, tname, tol);
+    if (c.bits == 8) return run_case<T, 8>(c, seed, tname, tol);
+    return run_case<T, 4>(c, seed, tname, tol);
+}
+
+int main(int argc, char **argv)
+{
+    const uint64_t seed = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 20261204u;
+    const gv_spec cases[] = {
+        /* N  in    out  bits group act gidx bias zoff sms */
+        {1, 512, 384, 4, 64, 0, 0, 1, 1, 2},   /* decode: one row, 3 column tiles, 4 splits */
+        {3, 704, 256, 4, 32, 0, 0, 0, 1, 1},   /* KW = 88: the last split ends mid-iteration */
+        {8, 1024, 128, 2, 128, 0, 0, 1, 0, 2}, /* 2 bits, 8 rows, zero offset 0 */
+        {2, 256, 256, 8, 64, 0, 0, 1, 1, 2},   /* 8 bits: the fp32 path */
+        {5, 512, 100, 4, 64, 0, 0, 1, 1, 1},   /* out = 100: warps past the last column */
+        {1, 512, 256, 4, 64, 0, 1, 0, 1, 2},   /* groups looked up in g_idx */
+        {4, 256, 128, 4, -1, 0, 0, 1, 1, 2},   /* one group (Falcon-40B's checkpoints) */
+        {2, 512, 256, 4, 32, 1, 0, 1, 1, 2},   /* act-order: a group per input row */
+    };
+    int bad = 0;
+    uint64_t s = seed;
+    for (const gv_spec &c : cases) {
+        bad += run_bits<f16>(c, s++, "f16 ", 2e-3);
+        bad += run_bits<bf16>(c, s++, "bf16", 1e-2);
+    }
+    std::printf("%s: %d case(s) failed\n", bad ? "FAILED" : "passed", bad);
+    return bad ? 1 : 0;
+}
