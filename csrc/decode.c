@@ -24,6 +24,7 @@ void ft_cache_free(ft_model *m)
     if (kc->kpos) be->ops->free(be, kc->kpos);
     if (kc->gather_idx) be->ops->free(be, kc->gather_idx);
     if (kc->step_dev) be->ops->free(be, kc->step_dev);
+    if (kc->chain) be->ops->free(be, kc->chain);
     free(kc->seen);
     memset(kc, 0, sizeof *kc);
     m->bind_gen++;
@@ -56,6 +57,8 @@ ft_status ft_cache_init(ft_model *m, int B, int capacity, ft_error *err)
     if (!st) st = m->be->ops->alloc(m->be, (size_t)B * capacity * sizeof(int32_t), (void **)&kc->kpos, err);
     if (!st) st = m->be->ops->alloc(m->be, (size_t)B * sizeof(int32_t), (void **)&kc->gather_idx, err);
     if (!st) st = m->be->ops->alloc(m->be, 2 * sizeof(int32_t), (void **)&kc->step_dev, err);
+    if (!st)
+        st = m->be->ops->alloc(m->be, (2 * (size_t)B + 2) * capacity * sizeof(int32_t), (void **)&kc->chain, err);
     if (st) {
         ft_cache_free(m);
         if (st == FT_EDEVMEM || st == FT_ENOMEM)
@@ -250,14 +253,14 @@ ft_status ft_decode_step(ft_model *m, const int32_t *ids, const int32_t *mask, i
 }
 
 /* n greedy tokens per row, the host out of the loop: each step's argmax (on the device) is copied
- * into the next step's ids, and into row i of a device buffer of the n x B results downloaded once
- * at the end. Every key is a real token (decode_step's mask of ones), so the key masks and
- * positions of all n steps are known up front and uploaded before the first step; each step then
- * copies its query positions and {past, Tk} from a device buffer (gather_rows) instead of uploading
- * them: a copy from pageable host memory may make the host wait for the stream (CUDA's API
- * synchronization rules), a device-to-device copy does not, so the whole chunk is enqueued without
- * waiting. The result equals n decode_step(ids, NULL, out_ids) calls, each fed the previous one's
- * ids. */
+ * into the next step's ids, and into row i of the cache's chain buffer, downloaded once at the
+ * end. Every key is a real token (decode_step's mask of ones), so the key masks and positions of
+ * all n steps are known up front and uploaded before the first step; each step then copies its
+ * query positions and {past, Tk} from the chain buffer (one-row gather_rows copies) instead of
+ * uploading them: a copy from pageable host memory may make the host wait for the stream (CUDA's
+ * API synchronization rules), a device-to-device copy does not, so the whole chunk is enqueued
+ * without waiting. The result equals n decode_step(ids, NULL, out_ids) calls, each fed the
+ * previous one's ids. */
 ft_status ft_decode_greedy(ft_model *m, const int32_t *ids, int B, int n, int32_t *out_ids, ft_error *err)
 {
     const ft_backend_ops *op = m->be->ops;
@@ -269,23 +272,20 @@ ft_status ft_decode_greedy(ft_model *m, const int32_t *ids, int B, int n, int32_
     CALL(workspace_ensure(m, B, 0, err));
     workspace *ws = &m->ws;
 
-    /* host, in the order of the device buffer after the results: the query positions [n, B] and
-     * {past, Tk} [n, 2] of every step; then one row's n key positions and the n key masks (ones),
-     * and the identity rows of gather_rows */
-    const size_t nb = (size_t)n * B, steps_len = nb + 2 * (size_t)n;
-    int32_t *host = malloc((steps_len + 2 * (size_t)n + (size_t)B) * sizeof(int32_t));
+    /* host, in the order of the chain buffer after the results: the query positions [n, B] and
+     * {past, Tk} [n, 2] of every step; then one row's n key positions and the n key masks (ones) */
+    const size_t nb = (size_t)n * B, steps_len = nb + 2 * (size_t)n, row = (size_t)B * sizeof(int32_t);
+    int32_t *host = malloc((steps_len + 2 * (size_t)n) * sizeof(int32_t));
     if (!host) return ft_fail(err, FT_ENOMEM, "out of host memory");
-    int32_t *pos = host, *step = host + nb, *kp = host + steps_len, *ones = kp + n, *ident = ones + n;
+    int32_t *pos = host, *step = host + nb, *kp = host + steps_len, *ones = kp + n;
     for (int i = 0; i < n; i++) {
         for (int b = 0; b < B; b++) pos[(size_t)i * B + b] = kc->seen[b] + i;
         step[2 * i] = past + i;
         step[2 * i + 1] = past + i + 1;
         ones[i] = 1;
     }
-    for (int b = 0; b < B; b++) ident[b] = b;
-    int32_t *dev = NULL; /* [n, B] results, then the steps' positions and {past, Tk} */
-    ft_status st = op->alloc(m->be, (nb + steps_len) * sizeof(int32_t), (void **)&dev, err);
-    int32_t *tok = dev, *dev_pos = dev + nb, *dev_step = dev_pos + nb;
+    int32_t *tok = kc->chain, *dev_pos = tok + nb, *dev_step = dev_pos + nb; /* n <= cap: it fits */
+    ft_status st = FT_OK;
     for (int b = 0; b < B && !st; b++) {
         const size_t at = (size_t)b * kc->cap + past;
         for (int i = 0; i < n; i++) kp[i] = kc->seen[b] + i;
@@ -293,22 +293,22 @@ ft_status ft_decode_greedy(ft_model *m, const int32_t *ids, int B, int n, int32_
         if (!st) st = op->upload(m->be, kc->kpos + at, kp, (size_t)n * sizeof(int32_t), err);
     }
     if (!st) st = op->upload(m->be, dev_pos, pos, steps_len * sizeof(int32_t), err);
-    if (!st) st = op->upload(m->be, kc->gather_idx, ident, (size_t)B * sizeof(int32_t), err);
-    if (!st) st = op->upload(m->be, ws->ids, ids, (size_t)B * sizeof(int32_t), err);
-    const int32_t *row0 = kc->gather_idx; /* ident[0] = 0: one row copied as is */
+    const int32_t zero = 0; /* gather_idx[0] = 0: gather_rows of one row is a plain device copy */
+    if (!st) st = op->upload(m->be, kc->gather_idx, &zero, sizeof zero, err);
+    if (!st) st = op->upload(m->be, ws->ids, ids, row, err);
+    const int32_t *row0 = kc->gather_idx;
     for (int i = 0; i < n && !st; i++) {
-        st = op->gather_rows(m->be, ws->pos, dev_pos + (size_t)i * B, row0, 1, (size_t)B * sizeof(int32_t), err);
+        st = op->gather_rows(m->be, ws->pos, dev_pos + (size_t)i * B, row0, 1, row, err);
         if (!st) st = op->gather_rows(m->be, kc->step_dev, dev_step + 2 * (size_t)i, row0, 1, 2 * sizeof(int32_t), err);
         if (!st) st = decode_run(m, B, past + i, HEAD_ARGMAX, err);
-        if (!st) st = op->gather_rows(m->be, tok + (size_t)i * B, ws->tgt, kc->gather_idx, B, sizeof(int32_t), err);
-        if (!st && i + 1 < n) st = op->gather_rows(m->be, ws->ids, ws->tgt, kc->gather_idx, B, sizeof(int32_t), err);
+        if (!st) st = op->gather_rows(m->be, tok + (size_t)i * B, ws->tgt, row0, 1, row, err);
+        if (!st && i + 1 < n) st = op->gather_rows(m->be, ws->ids, ws->tgt, row0, 1, row, err);
     }
     if (!st) st = op->download(m->be, out_ids, tok, nb * sizeof(int32_t), err);
     if (!st) { /* committed only when every step went through */
         for (int b = 0; b < B; b++) kc->seen[b] += n;
         kc->len = past + n;
     }
-    if (dev) op->free(m->be, dev);
     free(host);
     return st;
 }

@@ -71,6 +71,8 @@ typedef struct kv_cache {
     int32_t *gather_idx;   /* [B] */
     int32_t *seen;         /* host [B]: real (mask 1) tokens cached per row = next position */
     int32_t *step_dev;     /* [2]: past, Tk of the current decode step, read by the kernels */
+    int32_t *chain;        /* [2 B cap + 2 cap]: decode_greedy's results [n, B], then its steps'
+                            * positions [n, B] and {past, Tk} [n, 2] (n <= cap) */
 } kv_cache;
 
 struct ft_model {
