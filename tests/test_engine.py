@@ -31,6 +31,14 @@ def _lora_model(model_dir, rng, r=2, alpha=4, dropout=0.0, targets=ALL, scale=0.
     return m, _random_lora(m, rng, scale=scale)
 
 
+def _decode_model(model_dir, seed, B, T):
+    """A CPU model with a random adapter, random ids [B, T] and a mask of ones (the test pads it)."""
+    rng = np.random.default_rng(seed)
+    m, _ = _lora_model(model_dir, rng, scale=0.3)
+    ids = rng.integers(0, m.config.vocab_size, size=(B, T))
+    return m, ids, np.ones_like(ids)
+
+
 def _batch(rng, vocab, B=2, T=9):
     ids = rng.integers(0, vocab, size=(B, T))
     mask = np.ones_like(ids)
@@ -186,10 +194,7 @@ def test_left_padding_matches_unpadded(model_dir):
 
 
 def test_generation_cache_equals_recompute(model_dir):
-    rng = np.random.default_rng(10)
-    m, _ = _lora_model(model_dir, rng, scale=0.3)
-    ids = rng.integers(0, m.config.vocab_size, size=(2, 5))
-    mask = np.ones_like(ids)
+    m, ids, mask = _decode_model(model_dir, 10, 2, 5)
     mask[0, :2] = 0
     for kw in ({}, {"num_beams": 3}, {"do_sample": True, "top_k": 10, "top_p": 0.9, "temperature": 0.7, "seed": 1}):
         a = m.generate_ids(ids, max_new_tokens=6, attention_mask=mask, eos_token_id=-1, **kw)
@@ -202,12 +207,9 @@ def test_generation_cache_equals_recompute(model_dir):
 def test_decode_step_matches_full_forward(model_dir):
     """decode_step (one token per row, only the new key's mask uploaded) against the full forward:
     a left-padded row, a padded step inside a row, a beam-style reorder, and the device argmax."""
-    rng = np.random.default_rng(12)
-    m, _ = _lora_model(model_dir, rng, scale=0.3)
-    e = m.engine
     B, P, T = 3, 5, 12
-    ids = rng.integers(0, m.config.vocab_size, size=(B, T))
-    mask = np.ones_like(ids)
+    m, ids, mask = _decode_model(model_dir, 12, B, T)
+    e = m.engine
     mask[0, :2] = 0     # left padding in the prompt
     mask[2, 8] = 0      # a padded step: its key stays masked for the later steps
     full = m.forward(ids, mask)
@@ -237,12 +239,9 @@ def test_decode_greedy_equals_greedy_decode_steps(model_dir):
     """decode_greedy (each step's device argmax fed to the next step on the device) gives the ids of
     the same number of decode_step(argmax=True) calls fed one by one, and leaves the cache where
     they leave it; a left-padded prompt row, two calls in a row, then stepping on after it."""
-    rng = np.random.default_rng(21)
-    m, _ = _lora_model(model_dir, rng, scale=0.3)
-    e = m.engine
     B, P, n = 3, 6, 7
-    ids = rng.integers(0, m.config.vocab_size, size=(B, P))
-    mask = np.ones_like(ids)
+    m, ids, mask = _decode_model(model_dir, 21, B, P)
+    e = m.engine
     mask[1, :3] = 0
     runs = []
     for chained in (False, True):

@@ -273,12 +273,7 @@ int main(int argc, char **argv)
         {2, 4, 4, 48, 0, 0, 1, 0, 132},   /* one query head per kv head */
         {1, 71, 1, 77, 0, 0, 2, 0, 8},    /* Falcon-7B's 71 heads per kv head: 15 splits of 5 heads, the last of 1 */
     };
-    int bad = 0;
-    uint64_t s = seed;
-    for (const spec &c : cases) {
-        bad += run_case<f16>(c, s++, "f16 ", 4e-3);
-        bad += run_case<bf16>(c, s++, "bf16", 3e-2);
-    }
-    std::printf("%s: %d case(s) failed\n", bad ? "FAILED" : "passed", bad);
-    return bad ? 1 : 0;
+    return emu_run_cases(
+        cases, seed, [](const spec &c, uint64_t s) { return run_case<f16>(c, s, "f16 ", 4e-3); },
+        [](const spec &c, uint64_t s) { return run_case<bf16>(c, s, "bf16", 3e-2); });
 }

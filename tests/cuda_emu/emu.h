@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -360,6 +361,20 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s)
     unsigned r = 0;
     for (int i = 0; i < 4; i++) r |= (unsigned)((bytes >> (8 * ((s >> (4 * i)) & 7))) & 0xFFu) << (8 * i);
     return r;
+}
+
+/* A harness's main loop: every case in f16 then in bf16, each run with its own seed (seed, seed + 1,
+ * ...), then the summary line tests/test_cuda_emu.py looks for; returns the exit status. */
+template <typename Spec, size_t K, typename RunF16, typename RunBF16>
+int emu_run_cases(const Spec (&cases)[K], uint64_t seed, RunF16 run_f16, RunBF16 run_bf16)
+{
+    int bad = 0;
+    for (const Spec &c : cases) {
+        bad += run_f16(c, seed++);
+        bad += run_bf16(c, seed++);
+    }
+    std::printf("%s: %d case(s) failed\n", bad ? "FAILED" : "passed", bad);
+    return bad ? 1 : 0;
 }
 
 #endif /* FT_CUDA_EMU_H */

@@ -139,12 +139,7 @@ int main(int argc, char **argv)
         {4, 256, 128, 4, -1, 0, 0, 1, 1, 2},   /* one group (Falcon-40B's checkpoints) */
         {2, 512, 256, 4, 32, 1, 0, 1, 1, 2},   /* act-order: a group per input row */
     };
-    int bad = 0;
-    uint64_t s = seed;
-    for (const gv_spec &c : cases) {
-        bad += run_bits<f16>(c, s++, "f16 ", 2e-3);
-        bad += run_bits<bf16>(c, s++, "bf16", 1e-2);
-    }
-    std::printf("%s: %d case(s) failed\n", bad ? "FAILED" : "passed", bad);
-    return bad ? 1 : 0;
+    return emu_run_cases(
+        cases, seed, [](const gv_spec &c, uint64_t s) { return run_bits<f16>(c, s, "f16 ", 2e-3); },
+        [](const gv_spec &c, uint64_t s) { return run_bits<bf16>(c, s, "bf16", 1e-2); });
 }
