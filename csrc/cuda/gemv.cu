@@ -57,7 +57,7 @@ ft_status cuda_qgemv_prepare(cuda_backend *be, ft_qlinear *q, const int32_t *gid
         }
         q->gemv_gshift = sh;
     }
-    const int tiles = (q->out + GV_COLS - 1) / GV_COLS;
+    const int tiles = gv_plan(q->in, q->out, q->bits, be->sms).tiles; /* an arrival counter per column tile */
     FT_TRY(cuda_malloc(be, (size_t)tiles * sizeof(int), (void **)&q->gemv_cnt, err, "GEMV counters"));
     CUDA_TRY(cudaMemsetAsync(q->gemv_cnt, 0, (size_t)tiles * sizeof(int), be->stream), "GEMV counters");
     return FT_OK;
