@@ -5,7 +5,9 @@ back to dequantize + cuBLAS. Tolerances as tests/test_cuda.py:
 logits relative error (norm) < 2e-2.
 
 The backend reads FT_CUDA_GEMV when it is created (ft.load_model): `gemv_off` loads a second GPU model
-with the GEMV disabled, the dequantize + cuBLAS reference.
+with the GEMV disabled, the dequantize + cuBLAS reference. The GEMV has two kernels (choice.cu's
+gemv_kernel_choose): the fold kernel (2/4 bits, groups by shift of >= 8 word rows; on where
+FT_CUDA_GEMV_FOLD=1) and the pairs kernel; the `gemv_kernel` fixture runs each test with both.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import falcontune as ft
 from falcontune import testing
 
 from test_cuda import rel
+from test_cuda_qgemm import choices
 
 pytestmark = pytest.mark.cuda
 
@@ -43,18 +46,29 @@ def gemv_off(d, dtype, monkeypatch, lora=False):
     return with_lora((gpu,), lora)[0]
 
 
+@pytest.fixture(params=["fold", "pairs"])
+def gemv_kernel(request, monkeypatch):
+    """FT_CUDA_GEMV_FOLD=1: the fold kernel where gv_fold_ok allows; 0: the pairs kernel everywhere."""
+    monkeypatch.setenv("FT_CUDA_GEMV_FOLD", "1" if request.param == "fold" else "0")
+    return request.param
+
+
 VARIANTS = [
     # preset, bits, group, desc_act, format
     ("tiny", 4, 32, False, "gptq"),
+    ("tiny", 4, 64, False, "gptq"),       # groups of 8 word rows: the fold kernel
     ("tiny", 4, 64, True, "gptq_v2"),
     ("tiny", 2, 32, False, "gptq"),
     ("tiny", 2, -1, True, "gptq"),
     ("tiny", 3, 32, False, "gptq"),       # 3 bits: dequantize + GEMM path
     ("tiny", 8, 32, True, "gptq_v2"),
     ("tiny-40b", 4, -1, False, "gptq"),
+    ("tiny-40b", 4, 128, False, "gptq_v2"),
+    ("tiny-40b", 2, 128, False, "gptq"),
     ("tiny-40b", 8, 64, False, "gptq"),
     ("tiny-40b", 3, -1, True, "gptq_v2"),
     ("tiny-rw", 4, 32, True, "gptq"),      # biases
+    ("tiny-rw", 4, 64, False, "gptq"),
     ("tiny-rw", 2, 64, False, "gptq_v2"),
     ("tiny-rw", 8, -1, False, "gptq"),
 ]
@@ -62,7 +76,7 @@ VARIANTS = [
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("preset,bits,group,desc_act,fmt", VARIANTS)
-def test_gemv_rows_match_cpu(tmp_path, monkeypatch, preset, bits, group, desc_act, fmt, dtype):
+def test_gemv_rows_match_cpu(tmp_path, monkeypatch, gemv_kernel, preset, bits, group, desc_act, fmt, dtype):
     d = testing.make_checkpoint(tmp_path / "m", preset=preset, bits=bits, group_size=group, desc_act=desc_act,
                                 checkpoint_format=fmt, seed=bits)
     cpu, gpu = load_pair(d, dtype, lora=(bits == 4))
@@ -83,8 +97,10 @@ def test_gemv_rows_match_cpu(tmp_path, monkeypatch, preset, bits, group, desc_ac
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("preset,bits,group,desc_act", [("tiny-40b", 4, 32, False), ("tiny-rw", 4, 64, True),
-                                                         ("tiny", 2, 32, False), ("tiny-rw", 8, 32, False)])
-def test_gemv_decode_cached_matches_full_forward(tmp_path, monkeypatch, preset, bits, group, desc_act, dtype):
+                                                         ("tiny", 2, 32, False), ("tiny-rw", 8, 32, False),
+                                                         ("tiny-40b", 4, 64, False), ("tiny-rw", 2, 128, False)])
+def test_gemv_decode_cached_matches_full_forward(tmp_path, monkeypatch, gemv_kernel, preset, bits, group, desc_act,
+                                                 dtype):
     monkeypatch.setenv("FT_CUDA_GEMV", "1")
     d = testing.make_checkpoint(tmp_path / "m", preset=preset, bits=bits, group_size=group, desc_act=desc_act)
     cpu, gpu = load_pair(d, dtype)
@@ -123,8 +139,9 @@ def _greedy_agrees(cpu, prompt, out_cpu, out_gpu, margin=0.05):
 
 
 @pytest.mark.parametrize("preset,bits,group,desc_act", [("tiny", 4, 32, False), ("tiny-40b", 4, 64, True),
-                                                         ("tiny-rw", 4, 32, False), ("tiny-rw", 2, -1, False)])
-def test_gemv_greedy_generation_matches_cpu(tmp_path, monkeypatch, preset, bits, group, desc_act):
+                                                         ("tiny-rw", 4, 32, False), ("tiny-rw", 2, -1, False),
+                                                         ("tiny-40b", 4, 64, False)])
+def test_gemv_greedy_generation_matches_cpu(tmp_path, monkeypatch, gemv_kernel, preset, bits, group, desc_act):
     monkeypatch.setenv("FT_CUDA_GEMV", "1")
     d = testing.make_checkpoint(tmp_path / "m", preset=preset, bits=bits, group_size=group, desc_act=desc_act)
     cpu, gpu = load_pair(d, "bfloat16")
@@ -145,7 +162,7 @@ def falcon7b_layer(tmp_path_factory):
                                    vocab_size=1024)
 
 
-def test_gemv_falcon7b_widths(falcon7b_layer, monkeypatch):
+def test_gemv_falcon7b_widths(falcon7b_layer, monkeypatch, gemv_kernel):
     cpu, gpu = load_pair(falcon7b_layer, "bfloat16")
     ref_gpu = gemv_off(falcon7b_layer, "bfloat16", monkeypatch)
     c = cpu.config
@@ -170,3 +187,25 @@ def test_gemv_falcon7b_widths(falcon7b_layer, monkeypatch):
         last = e.forward_cached(ids2[:, t:t + 1], None)
         assert rel(last, full[:, t]) < 2e-2, t
     e.cache_free()
+
+
+@pytest.mark.parametrize("fold", ["1", "0"])
+def test_gemv_kernel_choice(tmp_path, monkeypatch, capfd, fold):
+    """Which GEMV kernel runs, from the profiler's choice table: groups of 64 at 4 bits go to the fold
+    kernel (FT_CUDA_GEMV_FOLD=1), groups of 32 (4 word rows) and FT_CUDA_GEMV_FOLD=0 to the pairs kernel."""
+    calls = {}
+    for group in (64, 32):
+        d = testing.make_checkpoint(tmp_path / f"g{group}", preset="tiny", bits=4, group_size=group)
+        with monkeypatch.context() as mp:
+            mp.setenv("FT_CUDA_GEMV_FOLD", fold)
+            mp.setenv("FT_CUDA_PROFILE", "1")
+            gpu = ft.load_model(d, device="cuda", dtype="bfloat16")
+        gpu.forward(np.array([[1, 2, 3]], np.int64))
+        gpu.close()
+        calls[group] = choices(capfd.readouterr().err).get("gemv kernel", {})
+    if fold == "1":
+        assert calls[64].get("fold", 0) > 0 and set(calls[64]) == {"fold"}, calls
+    else:
+        assert set(calls[64]) == {"pairs: off (FT_CUDA_GEMV_FOLD=0)"}, calls
+    assert set(calls[32]) == {"pairs: groups (act-order, by g_idx, or < 8 word rows)" if fold == "1"
+                              else "pairs: off (FT_CUDA_GEMV_FOLD=0)"}, calls

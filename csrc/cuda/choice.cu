@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "cuda.cuh"
+#include "gemv_kernels.cuh" /* gv_fold_ok, shared with the kernel's emulator test */
 
 /* ---- names (the profiler's table and error messages) ---- */
 
@@ -27,6 +28,8 @@ static const char *const qfused_names[QF_N] = {"ok", "bits (3 bits)", "shape (K 
                                                "alignment", "arch (built without bf16 mma)"};
 static const char *const gemv_names[GEMV_N] = {"ok", "off (FT_CUDA_GEMV=0)", "rows (N > 8)", "bits (3 bits)",
                                                "shape", "alignment", "arch (built without bf16 mma)"};
+static const char *const gemv_kernel_names[GVK_N] = {"fold", "pairs: off (FT_CUDA_GEMV_FOLD=0)", "pairs: 8 bits",
+                                                     "pairs: groups (act-order, by g_idx, or < 8 word rows)"};
 static const char *const attn_names[ATTN_N] = {"gemm", "flash", "decode", "mma"};
 static const char *const attn_mma_names[AMM_N] = {"ok", "head (hd != 64 or H % KV)",
                                                   "shape (> 65535 items, or backward with a cache)", "alignment",
@@ -44,6 +47,7 @@ static const struct {
     {"qlinear bwd kernel", QGEMM_N, qgemm_names},
     {"fused qgemm usable", QF_N, qfused_names},
     {"gemv usable", GEMV_N, gemv_names},
+    {"gemv kernel", GVK_N, gemv_kernel_names},
     {"attention fwd kernel", ATTN_N, attn_names},
     {"attention bwd kernel", ATTN_N, attn_names},
     {"decode attention usable", AD_N, attn_decode_names},
@@ -113,6 +117,8 @@ ft_status cuda_read_env(cuda_backend *be, ft_error *err)
                            qe);
     }
     be->gemv_on = env_on("FT_CUDA_GEMV", 1);
+    /* off by default until a GPU has measured it against the pairs kernel (docs/PERF.md, decode) */
+    be->gemv_fold_on = env_on("FT_CUDA_GEMV_FOLD", 0);
     be->attn_decode_on = env_on("FT_CUDA_ATTN_DECODE", 1);
     be->graphs_on = env_on("FT_CUDA_GRAPHS", 1);
     const char *pe = getenv("FT_CUDA_PROFILE");
@@ -208,6 +214,17 @@ qgemm_kind qgemm_choose(cuda_backend *be, const ft_qlinear *q, int N, qgemm_dir 
     if (k == QGEMM_FUSED && f != QF_OK) k = QGEMM_SCRATCH_T; /* counted above under "fused qgemm usable" */
     if (dir == QGEMM_BWD && k == QGEMM_SCRATCH_T) k = QGEMM_SCRATCH; /* its [in, out] scratch is "TN" */
     return (qgemm_kind)note(be, ch, k);
+}
+
+/* The GEMV's two kernels (gemv_kernels.cuh): the fold kernel where its group layout allows (2/4
+ * bits, groups by shift of >= 8 word rows), qgemv_kernel for the rest and when FT_CUDA_GEMV_FOLD=0. */
+gemv_kernel_why gemv_kernel_choose(cuda_backend *be, const ft_qlinear *q)
+{
+    gemv_kernel_why k = GVK_FOLD;
+    if (!be->gemv_fold_on) k = GVK_OFF;
+    else if (q->bits != 2 && q->bits != 4) k = GVK_BITS;
+    else if (!gv_fold_ok(q->bits, q->row_groups, q->gemv_gshift, q->groups, q->out)) k = GVK_GROUPS;
+    return (gemv_kernel_why)note(be, CH_GEMV_KERNEL, k);
 }
 
 /* The decode kernel (attention_decode.cu): one query per row, head dims that are a multiple of 8 up

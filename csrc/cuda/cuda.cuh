@@ -42,6 +42,8 @@ typedef enum { QGEMM_FWD, QGEMM_BWD } qgemm_dir;
 typedef enum { QF_OK, QF_BITS, QF_SHAPE, QF_ALIGN, QF_ARCH, QF_N } qfused_why;
 /* why the GEMV does not run a forward (GEMV_OK: it does) */
 typedef enum { GEMV_OK, GEMV_OFF, GEMV_ROWS, GEMV_BITS, GEMV_SHAPE, GEMV_ALIGN, GEMV_ARCH, GEMV_N } gemv_why;
+/* which GEMV kernel runs it: GVK_FOLD qgemv_fold_kernel, otherwise qgemv_kernel, and why */
+typedef enum { GVK_FOLD, GVK_OFF, GVK_BITS, GVK_GROUPS, GVK_N } gemv_kernel_why;
 /* attention: cuBLAS chunks (default), scalar flash kernels (FT_CUDA_ATTN=flash), one-launch decode,
  * tensor-core flash kernels (FT_CUDA_ATTN=mma, attention_mma.cu) */
 typedef enum { ATTN_GEMM, ATTN_FLASH, ATTN_DECODE, ATTN_MMA, ATTN_N } attn_kind;
@@ -51,8 +53,8 @@ typedef enum { AMM_OK, AMM_HEAD, AMM_SHAPE, AMM_ALIGN, AMM_ARCH, AMM_N } attn_mm
 typedef enum { AD_OK, AD_OFF, AD_ROWS, AD_HEAD, AD_ALIGN, AD_SIZE, AD_N } attn_decode_why;
 
 /* the counted choices: one row each in the profiler's table */
-enum { CH_QGEMM_FWD, CH_QGEMM_BWD, CH_QFUSED, CH_GEMV, CH_ATTN_FWD, CH_ATTN_BWD, CH_ATTN_DECODE, CH_ATTN_MMA,
-       CH_N };
+enum { CH_QGEMM_FWD, CH_QGEMM_BWD, CH_QFUSED, CH_GEMV, CH_GEMV_KERNEL, CH_ATTN_FWD, CH_ATTN_BWD, CH_ATTN_DECODE,
+       CH_ATTN_MMA, CH_N };
 #define CH_MAXV 8 /* most answers of one choice */
 
 /* the decode attention's limits (attention_decode.cu), which attn_decode_check tests */
@@ -103,6 +105,7 @@ struct cuda_backend {
     attn_kind attn_pref; /* FT_CUDA_ATTN: ATTN_MMA (default, where it can run), ATTN_GEMM or ATTN_FLASH */
     size_t attn_chunk_bytes; /* f32 score scratch per attention chunk (FT_CUDA_ATTN_CHUNK_MB) */
     int gemv_on;       /* FT_CUDA_GEMV != 0: fused dequant-GEMV for N <= 8 rows */
+    int gemv_fold_on;  /* FT_CUDA_GEMV_FOLD=1: its fold kernel where gv_fold_ok (gemv_kernels.cuh); default 0 */
     int attn_decode_on; /* FT_CUDA_ATTN_DECODE != 0: one-launch attention for T == 1 */
     int graphs_on;      /* FT_CUDA_GRAPHS != 0: replay records CUDA graphs (decode steps) */
     int qgemm_force;    /* FT_CUDA_QGEMM: -1 auto, else the qgemm_kind every product uses where it can */
@@ -365,6 +368,8 @@ void cuda_probe_kernels(cuda_backend *be);
 void choice_report(const cuda_backend *be);
 /* which kernel computes a quantized product with N rows; a: its act input (x or dy), c: its output */
 qgemm_kind qgemm_choose(cuda_backend *be, const ft_qlinear *q, int N, qgemm_dir dir, const void *a, const void *c);
+/* which GEMV kernel runs a product qgemm_choose gave to the GEMV */
+gemv_kernel_why gemv_kernel_choose(cuda_backend *be, const ft_qlinear *q);
 /* which attention kernel runs (backward: never ATTN_DECODE); others: the bitwise OR of the addresses
  * of the call's other tensors (q, out, and in backward dout, dq, dk, dv), for the alignment checks */
 attn_kind attn_choose(cuda_backend *be, const ft_attn_args *a, const void *k, const void *v, uintptr_t others,

@@ -1,15 +1,24 @@
-/* gemv.cu -- launches the fused dequant-GEMV of gemv_kernels.cuh (decode, N <= 8): what it
- * computes and how the work is split are described there. Here: the group lookup prepared at load
- * (cuda_qgemv_prepare), the PTX probe and the launch. */
+/* gemv.cu -- launches the fused dequant-GEMV of gemv_kernels.cuh (decode, N <= 8): what its two
+ * kernels compute and how the work is split are described there; which one runs, choice.cu's
+ * gemv_kernel_choose says. Here: the group lookup prepared at load (cuda_qgemv_prepare), the PTX
+ * probe and the launch. */
 
 #include "gemv_kernels.cuh"
 
 namespace {
 
 template <typename T, int BITS>
-void launch_bits(dim3 grid, cudaStream_t st, bool act, void *y, const void *x, const ft_qlinear *q, float *part, int N,
-                 int kc)
+void launch_bits(dim3 grid, cudaStream_t st, bool fold, bool act, void *y, const void *x, const ft_qlinear *q,
+                 float *part, int N, int kc)
 {
+    if constexpr (BITS != 8) {
+        if (fold) {
+            qgemv_fold_kernel<T, BITS><<<grid, GV_WARPS * 32, 0, st>>>(
+                (T *)y, (const T *)x, q->qweight, q->qzeros, q->scales, q->bias, part, q->gemv_cnt, N, q->in, q->out,
+                q->zero_offset, q->gemv_gshift, kc);
+            return;
+        }
+    }
     if (act)
         qgemv_kernel<T, BITS, true><<<grid, GV_WARPS * 32, 0, st>>>(
             (T *)y, (const T *)x, q->qweight, q->qzeros, q->scales, q->g_idx, q->bias, part, q->gemv_cnt, N, q->in,
@@ -84,10 +93,11 @@ ft_status cuda_qgemv(cuda_backend *be, void *y, const void *x, const ft_qlinear 
     FT_TRY(cuda_scratch(be, SCR_DEQ, (size_t)splits * N * q->out * sizeof(float), &part, err));
     const dim3 grid(tiles, splits);
     const bool act = q->row_groups != 0;
+    const bool fold = gemv_kernel_choose(be, q) == GVK_FOLD;
     ACT_DISPATCH(&be->base, T, {
-        if (bits == 4) launch_bits<T, 4>(grid, be->stream, act, y, x, q, (float *)part, N, kc);
-        else if (bits == 2) launch_bits<T, 2>(grid, be->stream, act, y, x, q, (float *)part, N, kc);
-        else launch_bits<T, 8>(grid, be->stream, act, y, x, q, (float *)part, N, kc);
+        if (bits == 4) launch_bits<T, 4>(grid, be->stream, fold, act, y, x, q, (float *)part, N, kc);
+        else if (bits == 2) launch_bits<T, 2>(grid, be->stream, fold, act, y, x, q, (float *)part, N, kc);
+        else launch_bits<T, 8>(grid, be->stream, fold, act, y, x, q, (float *)part, N, kc);
     });
     LAUNCH_CHECK("GPTQ GEMV");
     return FT_OK;

@@ -1,4 +1,6 @@
-/* gemv_kernels.cuh -- the kernel of the fused dequant-GEMV (gemv.cu launches it).
+/* gemv_kernels.cuh -- the kernels of the fused dequant-GEMV (gemv.cu launches them): qgemv_kernel
+ * (the "pairs" kernel, below) and qgemv_fold_kernel (after it: the same work split and reduction,
+ * scale and zero applied per group in fp32; choice.cu's gemv_kernel_choose picks).
  *
  * The kernel and its launch geometry only: it depends on mma.cuh's helpers, the act types and
  * backend.h, so that tests/cuda_emu can compile it for the CPU and run it under an emulation of the
@@ -17,8 +19,9 @@
  * inside an mma does not matter as long as A and B agree, so thread (gi, t) supplies, for
  * its own word row, the pairs (value j, value j + per/2) of that word -- which one shift and
  * one mask extract at once -- and the matching x pairs (two byte permutes of one vector
- * load of x[gi, 8 consecutive inputs]). Four n-tiles: tile c's column gi is the thread's
- * column 4*gi + c. A's rows are the N <= 8 batch rows (rows 8..15 are zero).
+ * load of x[gi, 8 consecutive inputs]). Two m16n8k16 tiles: A's rows are weight columns (tile
+ * p: row gi is column 4*gi + 2p, row gi + 8 column 4*gi + 2p + 1), B's columns the N <= 8 batch
+ * rows (D columns past N are never stored).
  *
  * Dequantization, 2/4 bits: (MAGIC | q) is the act-dtype number MAGIC + q (bf16 128, f16
  * 1024: unit spacing there), minus (MAGIC + z) exactly, times the scale (one rounding to the
@@ -99,6 +102,43 @@ template <> struct xvec<8> {
         w[0] = a.x; w[1] = a.y;
     }
 };
+
+/* After a block's warps have stored their partials [N, 32 columns] of split blockIdx.y: the last
+ * block of this column tile to arrive sums the splits in order, adds the bias and writes y (the
+ * same order whatever the timing: deterministic), then resets the tile's arrival counter. */
+template <typename T>
+__device__ __forceinline__ void gv_reduce_splits(T *__restrict__ y, const float *__restrict__ bias,
+                                                 const float *__restrict__ part, int *__restrict__ cnt, int N, int out)
+{
+    __shared__ int s_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) s_last = atomicAdd(cnt + blockIdx.x, 1) == (int)gridDim.y - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    const int splits = gridDim.y;
+    for (int it = threadIdx.x; it < N * (GV_COLS / 4); it += blockDim.x) {
+        const int n = it / (GV_COLS / 4);
+        const int col = blockIdx.x * GV_COLS + 4 * (it % (GV_COLS / 4));
+        if (col >= out) continue;
+        float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        const float *p = part + (size_t)n * out + col;
+        const size_t stride = (size_t)N * out;
+        for (int sp = 0; sp < splits; sp++) {
+            const float4 v = __ldcg((const float4 *)(p + sp * stride));
+            s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
+        }
+        if (bias) {
+            s.x += bias[col]; s.y += bias[col + 1]; s.z += bias[col + 2]; s.w += bias[col + 3];
+        }
+        uint2 o;
+        o.x = pack2<T>(s.x, s.y);
+        o.y = pack2<T>(s.z, s.w);
+        *(uint2 *)(y + (size_t)n * out + col) = o;
+    }
+    if (threadIdx.x == 0) cnt[blockIdx.x] = 0; /* every split has arrived: ready for the next call */
+}
 
 /* ACT = false: the rows of one packed word share a group: g = r >> gshift, or g_idx[r * PER]
  * when gshift < 0. ACT = true: every row looks up its own group (act-order checkpoints). */
@@ -244,37 +284,190 @@ qgemv_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__restri
         }
     }
 
-    /* the last block of this column tile to arrive reduces the splits */
-    __shared__ int s_last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) s_last = atomicAdd(cnt + blockIdx.x, 1) == (int)gridDim.y - 1;
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
-    const int splits = gridDim.y;
-    for (int it = threadIdx.x; it < N * (GV_COLS / 4); it += blockDim.x) {
-        const int n = it / (GV_COLS / 4);
-        const int col = blockIdx.x * GV_COLS + 4 * (it % (GV_COLS / 4));
-        if (col >= out) continue;
-        float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        const float *p = part + (size_t)n * out + col;
-        const size_t stride = (size_t)N * out;
-        for (int sp = 0; sp < splits; sp++) {
-            const float4 v = __ldcg((const float4 *)(p + sp * stride));
-            s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
-        }
-        if (bias) {
-            s.x += bias[col]; s.y += bias[col + 1]; s.z += bias[col + 2]; s.w += bias[col + 3];
-        }
-        uint2 o;
-        o.x = pack2<T>(s.x, s.y);
-        o.y = pack2<T>(s.z, s.w);
-        *(uint2 *)(y + (size_t)n * out + col) = o;
-    }
-    if (threadIdx.x == 0) cnt[blockIdx.x] = 0; /* every split has arrived: ready for the next call */
+    gv_reduce_splits<T>(y, bias, part, cnt, N, out);
 }
 
+
+/* ---- the fold kernel: scale and zero applied per group in fp32 (gv_fold_ok says where) ----
+ *
+ * For a column c and a group g of its weights, sum_i x_i (q_i - z) s = s (sum_i x_i A_i - (A0 + z) sum_i x_i)
+ * where A_i = A0 + q_i is the mma's A operand as the extraction leaves it: the (MAGIC | q) pair
+ * itself in bf16 (A0 = 128), or q after one exact subtraction of MAGIC in f16 (A0 = 0: f16's MAGIC
+ * is 1024, and products of x with 1024 + q would put the tensor cores' fp32 sums far above the
+ * result they cancel to). sum_i x_i comes from one more mma per k-step whose A is all ones (its 16
+ * rows are equal: D[., 2t] and D[., 2t + 1] are the sums of batch rows 2t and 2t + 1). Both sums
+ * are fp32; the group's scale and zero are applied once, in fp32, when the group ends, and at
+ * least every 16 word rows (which bounds the A0 sum x cancellation in a single-group layer).
+ * Against qgemv_kernel: no half2 subtract and multiply per weight pair in bf16 (32 of ~150
+ * instructions a step there), the weights never rounded to the act dtype, scales and zeros
+ * loaded once per 16 word rows instead of every step, no bounds tests outside a split's last
+ * partial iteration. Columns past `out` read column out - 4 and rows of B past N read row N - 1:
+ * what they produce lands only in D rows or columns that are never stored.
+ */
+template <typename T> struct gv_fold;
+template <> struct gv_fold<bf16> {
+    static constexpr bool sub_magic = false;
+    static constexpr float a0 = 128.0f;
+    static constexpr uint32_t one2 = 0x3F803F80u; /* (1.0, 1.0) */
+};
+template <> struct gv_fold<f16> {
+    static constexpr bool sub_magic = true;
+    static constexpr float a0 = 0.0f;
+    static constexpr uint32_t one2 = 0x3C003C00u;
+};
+
+template <typename T> __device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b);
+template <> __device__ __forceinline__ uint32_t sub2<bf16>(uint32_t a, uint32_t b)
+{
+    __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162 *>(&a), *reinterpret_cast<__nv_bfloat162 *>(&b));
+    return *reinterpret_cast<uint32_t *>(&r);
+}
+template <> __device__ __forceinline__ uint32_t sub2<f16>(uint32_t a, uint32_t b)
+{
+    __half2 r = __hsub2(*reinterpret_cast<__half2 *>(&a), *reinterpret_cast<__half2 *>(&b));
+    return *reinterpret_cast<uint32_t *>(&r);
+}
+
+/* The fold kernel serves 2 and 4 bits without act-order whose groups are found by shift and span
+ * at least 8 word rows (64 inputs at 4 bits, 128 at 2): a step's 4 word rows and each half of a
+ * 16-row iteration then lie in one group (r0 is a multiple of 16). Its scale and zero offsets are
+ * 32-bit: groups x out < 2^32. */
+static inline bool gv_fold_ok(int bits, int row_groups, int gshift, int groups, int out)
+{
+    return (bits == 2 || bits == 4) && row_groups == 0 && gshift >= 3 &&
+           (unsigned long long)groups * (unsigned long long)out <= 0xFFFFFFFFull;
+}
+
+template <typename T, int BITS>
+__global__ void __launch_bounds__(GV_WARPS * 32)
+qgemv_fold_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__restrict__ qw,
+                  const int32_t *__restrict__ qz, const f16 *__restrict__ sc, const float *__restrict__ bias,
+                  float *__restrict__ part, int *__restrict__ cnt, int N, int in, int out, int zoff, int gshift, int kc)
+{
+    constexpr int PER = 32 / BITS; /* values per word */
+    constexpr int P2 = PER / 2;    /* value pairs (j, j + P2) per word */
+    constexpr int KS = P2 / 2;     /* mma k-steps per word */
+    constexpr int XW = P2;         /* 32-bit words of x per word row */
+    constexpr uint32_t MASK = (1u << BITS) - 1u;
+    constexpr uint32_t MASK2 = MASK * 0x00010001u;
+    constexpr uint32_t MAGIC2 = gv_traits<T>::magic * 0x00010001u;
+    constexpr uint32_t ONE2 = gv_fold<T>::one2;
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gi = lane >> 2, t = lane & 3;
+    const int base = blockIdx.x * GV_COLS + warp * 32; /* the warp's first column */
+    const int col0 = base + 4 * gi;                    /* this thread's 4 columns */
+    const bool colok = col0 < out;                     /* out % 4 == 0: all 4 or none */
+    const int colc = colok ? col0 : out - 4;           /* the columns it reads */
+    const int KW = in / PER;
+    const int r_begin = blockIdx.y * kc;
+    const int r_end = min(KW, r_begin + kc);
+    const int zrow = out / PER; /* zero words per group */
+    const int zsh = (colc % PER) * BITS;
+    const int fmask = (1 << min(gshift, 4)) - 1; /* flush when the next row is a multiple of fmask + 1 */
+    /* 2^23 + z read as a float, minus this, is A0 + z + zoff: the term sum x is multiplied by */
+    const float zbias = 8388608.0f - (float)zoff - gv_fold<T>::a0;
+
+    /* accumulators (D of m16n8k16, tile p: A row gi is column col0 + 2p, row gi + 8 is col0 + 2p + 1;
+     * B column gi is batch row gi): acc the scaled sums, gacc the current group's sum x A, xs its sum x */
+    float acc[2][4], gacc[2][4], xs[4];
+#pragma unroll
+    for (int e = 0; e < 4; e++) acc[0][e] = acc[1][e] = gacc[0][e] = gacc[1][e] = xs[e] = 0.0f;
+
+    if (base < out) { /* warp-uniform */
+        const size_t wstep = (size_t)4 * out; /* int32 elements between a thread's word rows of two steps */
+        const int32_t *wp = qw + (size_t)(r_begin + t) * out + colc;
+        const T *xp0 = x + (size_t)min(gi, N - 1) * in + (size_t)(r_begin + t) * PER;
+        const f16 *scp = sc + colc;           /* group g's scales: scp[g * out], 32-bit offsets */
+        const int32_t *zp = qz + colc / PER; /* and zeros: zp[g * zrow] */
+        for (int r0 = r_begin; r0 < r_end; r0 += 4 * GV_U, wp += GV_U * wstep, xp0 += 4 * GV_U * PER) {
+            int4 wv[GV_U];
+            uint32_t xw[GV_U][XW];
+            if (r0 + 4 * GV_U <= r_end) {
+#pragma unroll
+                for (int u = 0; u < GV_U; u++) {
+                    wv[u] = __ldcs((const int4 *)(wp + u * wstep));
+                    xvec<BITS>::load(xw[u], xp0 + 4 * u * PER);
+                }
+            } else { /* a split's partial last iteration: rows past r_end read row r_end - 1 with x = 0 */
+#pragma unroll
+                for (int u = 0; u < GV_U; u++) {
+                    const int r = r0 + 4 * u + t;
+                    const bool ok = r < r_end;
+                    wv[u] = __ldcs((const int4 *)(wp + (ok ? (ptrdiff_t)u * (ptrdiff_t)wstep
+                                                           : (ptrdiff_t)(r_end - 1 - (r0 + t)) * out)));
+#pragma unroll
+                    for (int k = 0; k < XW; k++) xw[u][k] = 0u;
+                    if (ok) xvec<BITS>::load(xw[u], xp0 + 4 * u * PER);
+                }
+            }
+            /* the scales and zeros of the groups of rows r0 and r0 + 8 */
+            uint2 sv[2];
+            uint32_t zv[2];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const unsigned g = (unsigned)(min(r0 + 8 * h, r_end - 1) >> gshift);
+                sv[h] = __ldg((const uint2 *)(scp + g * (unsigned)out));
+                zv[h] = (uint32_t)__ldg(zp + g * (unsigned)zrow);
+            }
+#pragma unroll
+            for (int u = 0; u < GV_U; u++) {
+                /* x pairs (x_j, x_{j+P2}): the B operand */
+                uint32_t xq[P2];
+#pragma unroll
+                for (int j = 0; j < P2; j++)
+                    xq[j] = __byte_perm(xw[u][j >> 1], xw[u][(j >> 1) + P2 / 2], (j & 1) ? 0x7632 : 0x5410);
+                const uint32_t wc[4] = {(uint32_t)wv[u].x, (uint32_t)wv[u].y, (uint32_t)wv[u].z, (uint32_t)wv[u].w};
+                /* A pairs (A0 + q_j, A0 + q_{j+P2}) of column col0 + c */
+                uint32_t ap[4][P2];
+#pragma unroll
+                for (int c = 0; c < 4; c++)
+#pragma unroll
+                    for (int j = 0; j < P2; j++) {
+                        ap[c][j] = lop_and_or(wc[c] >> (BITS * j), MASK2, MAGIC2);
+                        if (gv_fold<T>::sub_magic) ap[c][j] = sub2<T>(ap[c][j], MAGIC2);
+                    }
+#pragma unroll
+                for (int h = 0; h < KS; h++) {
+#pragma unroll
+                    for (int p = 0; p < 2; p++)
+                        mma16816<T>(gacc[p], ap[2 * p][2 * h], ap[2 * p + 1][2 * h], ap[2 * p][2 * h + 1],
+                                    ap[2 * p + 1][2 * h + 1], xq[2 * h], xq[2 * h + 1]);
+                    mma16816<T>(xs, ONE2, ONE2, ONE2, ONE2, xq[2 * h], xq[2 * h + 1]);
+                }
+                const int rn = r0 + 4 * u + 4; /* the next step's first row */
+                if ((rn & fmask) == 0 || rn >= r_end) { /* warp-uniform: the group (or 16 rows) ends */
+                    const int h = u >= GV_U / 2; /* rows r0 + 4u .. + 3 lie in the group of r0 + 8h */
+                    const uint32_t zw = zv[h] >> zsh;
+                    float s[4], zf[4];
+#pragma unroll
+                    for (int c = 0; c < 4; c++) {
+                        const uint32_t h16 = c < 2 ? (sv[h].x >> (16 * c)) & 0xFFFFu : (sv[h].y >> (16 * (c - 2))) & 0xFFFFu;
+                        s[c] = __half2float(__ushort_as_half((unsigned short)h16));
+                        zf[c] = __uint_as_float(lop_and_or(zw >> (c * BITS), MASK, 0x4B000000u)) - zbias;
+                    }
+#pragma unroll
+                    for (int p = 0; p < 2; p++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            const int c = 2 * p + (e >> 1);
+                            acc[p][e] = fmaf(s[c], fmaf(-zf[c], xs[e & 1], gacc[p][e]), acc[p][e]);
+                            gacc[p][e] = 0.0f;
+                        }
+#pragma unroll
+                    for (int e = 0; e < 4; e++) xs[e] = 0.0f;
+                } /* steps past r_end (a partial iteration) add zeros: x is 0 there */
+            }
+        }
+        /* columns col0 .. col0 + 3 of batch rows 2t and 2t + 1 */
+        if (colok) {
+            float *p = part + ((size_t)blockIdx.y * N + 2 * t) * out + col0;
+            if (2 * t < N) __stcg((float4 *)p, make_float4(acc[0][0], acc[0][2], acc[1][0], acc[1][2]));
+            if (2 * t + 1 < N) __stcg((float4 *)(p + out), make_float4(acc[0][1], acc[0][3], acc[1][1], acc[1][3]));
+        }
+    }
+    gv_reduce_splits<T>(y, bias, part, cnt, N, out);
+}
 
 /* Split-K of a call: tiles of GV_COLS columns x `splits` ranges of kc word rows (kc a multiple of
  * 4 GV_U). About 4 blocks (16 warps) per SM in one wave; each warp takes >= 16 word rows. Measured
