@@ -1,10 +1,12 @@
 """The benchmark tools that run off the GPU: the wheel slimmer (bench/slim_wheel.py), the
-arithmetic of the T4 projection (bench/t4_projection.py) and the profile's reports
-(bench/train_profile.py)."""
+arithmetic of the T4 projection (bench/t4_projection.py), the profile's reports
+(bench/train_profile.py), and the A/B harness's export and summary (bench/device_ab.sh,
+bench/ab_summary.py)."""
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import math
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
+import ab_summary  # noqa: E402
 import slim_wheel  # noqa: E402
 import t4_projection as t4  # noqa: E402
 import train_profile  # noqa: E402
@@ -132,3 +135,40 @@ def test_profile_reports_count_gaps_and_host_calls() -> None:
     assert host[1].split() == ["0.755", "1.0", "1500.0", "cudaMemcpyAsync"]
     assert host[2].split() == ["0.012", "4.0", "3.0", "cudaLaunchKernel"]
     assert train_profile.gap_report([], 1) == [] and train_profile.host_report({}, 1) == []
+
+
+def test_ab_summary_lines(tmp_path: Path) -> None:
+    """One line per benchmark folder: the newest JSON's figures, errors named, no JSON said."""
+    train = {"ours": {"16": {"tok_s": 19211.8, "peak_GiB": 14.127}, "1": {"tok_s": 9930.4, "peak_GiB": 4.846},
+                      "4": {"error": "out of memory"}}}
+    (tmp_path / "train_H200_2026-12-05.json").write_text(json.dumps(train))
+    assert ab_summary.train_line(ab_summary.newest_json(tmp_path, "train")) == \
+        "mb 1: 9930 tok/s 4.85 GiB; mb 4: out of memory; mb 16: 19212 tok/s 14.13 GiB"
+    decode = {"ours": {"tok_s_b1": 326.33, "decode_only_tok_s_b1": 332.49, "prefill_tok_s_512": 29032.6}}
+    (tmp_path / "decode_H200_2026-12-05.json").write_text(json.dumps(decode))
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "ab_summary.py"), "decode", str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "326.3 tok/s end to end, 332.5 decode-only, prefill 29033"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "ab_summary.py"), "train", str(empty)],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "no JSON written"
+
+
+def test_device_ab_exports_versions(tmp_path: Path) -> None:
+    """`device_ab.sh export REF:NAME` writes the ref's tracked files and its commit under one name per
+    version, the same ref under two names included (an A/B of a setting within one version)."""
+    if subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    env = {"AB_DIR": str(tmp_path / "ab"), "PATH": "/usr/bin:/bin"}
+    res = subprocess.run(["bash", "bench/device_ab.sh", "export", "HEAD:fold", "HEAD:pairs"], cwd=REPO, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    for name in ("fold", "pairs"):
+        d = tmp_path / "ab" / name
+        assert (d / "setup.py").is_file() and (d / "csrc" / "cuda" / "gemv_kernels.cuh").is_file()
+        assert (d / ".ab_ref").read_text().split() == [head.strip(), "HEAD"]
+    bad = subprocess.run(["bash", "bench/device_ab.sh", "run-all"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2
