@@ -60,7 +60,9 @@ def test_decode_gemv_kernel_matches_float64_reference(tmp_path):
     """The fused dequant-GEMV's two kernels (csrc/cuda/gemv_kernels.cuh: pairs, and fold where
     gv_fold_ok) with gemv.cu's split-K geometry: 2, 4 and 8 bits, f16 and bf16, 1-8 rows, partial last
     iterations, column tiles cut by `out`, groups by shift, by g_idx and act-order, bias, x of large
-    mean (the fold's sum-x cancellation); the arrival counters back at zero after each call. The
+    mean (the fold's sum-x cancellation: its fp32 partials within 2e-5 of float64, also with the mma
+    sums truncated as pessimistically as tensor cores do, emu.h's emu_mma_truncate; without the flush
+    every 16 word rows that fails); the arrival counters back at zero after each call. The
     kernel reads its half2 operands through reinterpret_cast, as CUDA code does: the host build
     needs -fno-strict-aliasing for that to mean the same."""
     _build_and_run(tmp_path, "gemv_emu.cpp", "-fno-strict-aliasing")

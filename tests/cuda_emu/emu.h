@@ -176,6 +176,34 @@ template <> inline float2 unpack2<f16>(uint32_t v)
     return __half22float2(h);
 }
 
+/* A pessimistic model of the tensor cores' own fp32 summation, for kernels whose accuracy rests on
+ * it (the GEMV's fold kernel sums x (128 + q) and cancels 128 sum x later). Measurements of fp16
+ * mma with fp32 accumulation on V100 / T4 / A100 (Fasi, Higham, Mikaitis, Pranesh, "Numerical
+ * behavior of NVIDIA tensor cores", PeerJ CS 2021) found the exact products and the accumulator
+ * aligned to the largest exponent among them, the aligned significands truncated (toward zero,
+ * with a few extra bits), summed, and the sum truncated to fp32. Here: blocks of 4 products with
+ * the accumulator, every term truncated at 2^-23 of the block's largest (no extra bits), the sum
+ * truncated to 24 bits: at least as lossy as the measured hardware. emu_mma_truncate = true makes
+ * mma16816 sum that way. */
+inline bool emu_mma_truncate = false;
+
+template <typename Product> inline float emu_truncating_dot(float c, Product product)
+{
+    auto trunc_at = [](double v, int e) { return std::trunc(std::ldexp(v, -e)) * std::ldexp(1.0, e); };
+    double acc = c;
+    for (int k0 = 0; k0 < 16; k0 += 4) {
+        double terms[5] = {acc, product(k0), product(k0 + 1), product(k0 + 2), product(k0 + 3)};
+        int emax = INT32_MIN;
+        for (double v : terms)
+            if (v != 0.0) emax = std::max(emax, std::ilogb(v));
+        if (emax == INT32_MIN) continue; /* all zero */
+        double sum = 0.0;
+        for (double v : terms) sum += trunc_at(v, emax - 23);
+        acc = sum == 0.0 ? 0.0 : trunc_at(sum, std::ilogb(sum) - 23);
+    }
+    return (float)acc;
+}
+
 /* d (this lane's D[g][2t..2t+1], D[g+8][2t..2t+1]) += A B over the warp's fragments */
 template <typename T>
 inline void mma16816(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1)
@@ -198,12 +226,16 @@ inline void mma16816(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a
     float out[4];
     for (int i = 0; i < 4; i++) {
         const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+        if (emu_mma_truncate) {
+            out[i] = emu_truncating_dot(d[i], [&](int k) { return (double)A(row, k) * (double)B(k, col); });
+            continue;
+        }
         float s = 0.0f;
         for (int k = 0; k < 16; k++) s += A(row, k) * B(k, col);
-        out[i] = s;
+        out[i] = d[i] + s;
     }
     w.bar.arrive_and_wait(); /* every lane has read the fragments before any lane writes again */
-    for (int i = 0; i < 4; i++) d[i] += out[i];
+    for (int i = 0; i < 4; i++) d[i] = out[i];
 }
 
 /* ldmatrix .x4 (mma.cuh's ldsm_x4 / ldsm_x4_trans): lanes 8i .. 8i+7 give the row addresses of 8 x 8
