@@ -46,10 +46,11 @@ def gemv_off(d, dtype, monkeypatch, lora=False):
     return with_lora((gpu,), lora)[0]
 
 
-@pytest.fixture(params=["fold", "pairs"])
+@pytest.fixture(params=["fold", "fold2", "pairs"])
 def gemv_kernel(request, monkeypatch):
-    """FT_CUDA_GEMV_FOLD=1: the fold kernel where gv_fold_ok allows; 0: the pairs kernel everywhere."""
-    monkeypatch.setenv("FT_CUDA_GEMV_FOLD", "1" if request.param == "fold" else "0")
+    """FT_CUDA_GEMV_FOLD=1 / 2: the fold kernel (one / two register stages) where gv_fold_ok allows;
+    0: the pairs kernel everywhere."""
+    monkeypatch.setenv("FT_CUDA_GEMV_FOLD", {"fold": "1", "fold2": "2", "pairs": "0"}[request.param])
     return request.param
 
 
@@ -189,10 +190,11 @@ def test_gemv_falcon7b_widths(falcon7b_layer, monkeypatch, gemv_kernel):
     e.cache_free()
 
 
-@pytest.mark.parametrize("fold", ["1", "0"])
+@pytest.mark.parametrize("fold", ["1", "2", "0"])
 def test_gemv_kernel_choice(tmp_path, monkeypatch, capfd, fold):
     """Which GEMV kernel runs, from the profiler's choice table: groups of 64 at 4 bits go to the fold
-    kernel (FT_CUDA_GEMV_FOLD=1), groups of 32 (4 word rows) and FT_CUDA_GEMV_FOLD=0 to the pairs kernel."""
+    kernel (FT_CUDA_GEMV_FOLD=1, or 2 for two stages), groups of 32 (4 word rows) and
+    FT_CUDA_GEMV_FOLD=0 to the pairs kernel; any other value is refused when the model loads."""
     calls = {}
     for group in (64, 32):
         d = testing.make_checkpoint(tmp_path / f"g{group}", preset="tiny", bits=4, group_size=group)
@@ -203,9 +205,13 @@ def test_gemv_kernel_choice(tmp_path, monkeypatch, capfd, fold):
         gpu.forward(np.array([[1, 2, 3]], np.int64))
         gpu.close()
         calls[group] = choices(capfd.readouterr().err).get("gemv kernel", {})
-    if fold == "1":
-        assert calls[64].get("fold", 0) > 0 and set(calls[64]) == {"fold"}, calls
+    fold_name = {"1": "fold", "2": "fold, two stages"}.get(fold)
+    if fold_name:
+        assert calls[64].get(fold_name, 0) > 0 and set(calls[64]) == {fold_name}, calls
     else:
         assert set(calls[64]) == {"pairs: off (FT_CUDA_GEMV_FOLD=0)"}, calls
-    assert set(calls[32]) == {"pairs: groups (act-order, by g_idx, or < 8 word rows)" if fold == "1"
+    assert set(calls[32]) == {"pairs: groups (act-order, by g_idx, or < 8 word rows)" if fold_name
                               else "pairs: off (FT_CUDA_GEMV_FOLD=0)"}, calls
+    monkeypatch.setenv("FT_CUDA_GEMV_FOLD", "3")
+    with pytest.raises(ValueError, match="FT_CUDA_GEMV_FOLD must be 0, 1 or 2"):
+        ft.load_model(tmp_path / "g64", device="cuda", dtype="bfloat16")

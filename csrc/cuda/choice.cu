@@ -28,7 +28,8 @@ static const char *const qfused_names[QF_N] = {"ok", "bits (3 bits)", "shape (K 
                                                "alignment", "arch (built without bf16 mma)"};
 static const char *const gemv_names[GEMV_N] = {"ok", "off (FT_CUDA_GEMV=0)", "rows (N > 8)", "bits (3 bits)",
                                                "shape", "alignment", "arch (built without bf16 mma)"};
-static const char *const gemv_kernel_names[GVK_N] = {"fold", "pairs: off (FT_CUDA_GEMV_FOLD=0)", "pairs: 8 bits",
+static const char *const gemv_kernel_names[GVK_N] = {"fold", "fold, two stages", "pairs: off (FT_CUDA_GEMV_FOLD=0)",
+                                                     "pairs: 8 bits",
                                                      "pairs: groups (act-order, by g_idx, or < 8 word rows)"};
 static const char *const attn_names[ATTN_N] = {"gemm", "flash", "decode", "mma"};
 static const char *const attn_mma_names[AMM_N] = {"ok", "head (hd != 64 or H % KV)",
@@ -117,8 +118,15 @@ ft_status cuda_read_env(cuda_backend *be, ft_error *err)
                            qe);
     }
     be->gemv_on = env_on("FT_CUDA_GEMV", 1);
-    /* off by default until a GPU has measured it against the pairs kernel (docs/PERF.md, decode) */
-    be->gemv_fold_on = env_on("FT_CUDA_GEMV_FOLD", 0);
+    /* the GEMV's fold kernel: 0 off (default until a GPU has measured it against the pairs kernel,
+     * docs/PERF.md's decode section), 1 one register stage, 2 two */
+    const char *fe = getenv("FT_CUDA_GEMV_FOLD");
+    be->gemv_fold = 0;
+    if (fe && fe[0]) {
+        if (strcmp(fe, "0") && strcmp(fe, "1") && strcmp(fe, "2"))
+            return ft_fail(err, FT_EINVAL, "FT_CUDA_GEMV_FOLD must be 0, 1 or 2, got '%s'", fe);
+        be->gemv_fold = fe[0] - '0';
+    }
     be->attn_decode_on = env_on("FT_CUDA_ATTN_DECODE", 1);
     be->graphs_on = env_on("FT_CUDA_GRAPHS", 1);
     const char *pe = getenv("FT_CUDA_PROFILE");
@@ -220,8 +228,8 @@ qgemm_kind qgemm_choose(cuda_backend *be, const ft_qlinear *q, int N, qgemm_dir 
  * bits, groups by shift of >= 8 word rows), qgemv_kernel for the rest and when FT_CUDA_GEMV_FOLD=0. */
 gemv_kernel_why gemv_kernel_choose(cuda_backend *be, const ft_qlinear *q)
 {
-    gemv_kernel_why k = GVK_FOLD;
-    if (!be->gemv_fold_on) k = GVK_OFF;
+    gemv_kernel_why k = be->gemv_fold == 2 ? GVK_FOLD_PIPE : GVK_FOLD;
+    if (!be->gemv_fold) k = GVK_OFF;
     else if (q->bits != 2 && q->bits != 4) k = GVK_BITS;
     else if (!gv_fold_ok(q->bits, q->row_groups, q->gemv_gshift, q->groups, q->out)) k = GVK_GROUPS;
     return (gemv_kernel_why)note(be, CH_GEMV_KERNEL, k);

@@ -42,8 +42,9 @@ typedef enum { QGEMM_FWD, QGEMM_BWD } qgemm_dir;
 typedef enum { QF_OK, QF_BITS, QF_SHAPE, QF_ALIGN, QF_ARCH, QF_N } qfused_why;
 /* why the GEMV does not run a forward (GEMV_OK: it does) */
 typedef enum { GEMV_OK, GEMV_OFF, GEMV_ROWS, GEMV_BITS, GEMV_SHAPE, GEMV_ALIGN, GEMV_ARCH, GEMV_N } gemv_why;
-/* which GEMV kernel runs it: GVK_FOLD qgemv_fold_kernel, otherwise qgemv_kernel, and why */
-typedef enum { GVK_FOLD, GVK_OFF, GVK_BITS, GVK_GROUPS, GVK_N } gemv_kernel_why;
+/* which GEMV kernel runs it: GVK_FOLD / GVK_FOLD_PIPE qgemv_fold_kernel (one stage / two), otherwise
+ * qgemv_kernel, and why */
+typedef enum { GVK_FOLD, GVK_FOLD_PIPE, GVK_OFF, GVK_BITS, GVK_GROUPS, GVK_N } gemv_kernel_why;
 /* attention: cuBLAS chunks (default), scalar flash kernels (FT_CUDA_ATTN=flash), one-launch decode,
  * tensor-core flash kernels (FT_CUDA_ATTN=mma, attention_mma.cu) */
 typedef enum { ATTN_GEMM, ATTN_FLASH, ATTN_DECODE, ATTN_MMA, ATTN_N } attn_kind;
@@ -105,7 +106,8 @@ struct cuda_backend {
     attn_kind attn_pref; /* FT_CUDA_ATTN: ATTN_MMA (default, where it can run), ATTN_GEMM or ATTN_FLASH */
     size_t attn_chunk_bytes; /* f32 score scratch per attention chunk (FT_CUDA_ATTN_CHUNK_MB) */
     int gemv_on;       /* FT_CUDA_GEMV != 0: fused dequant-GEMV for N <= 8 rows */
-    int gemv_fold_on;  /* FT_CUDA_GEMV_FOLD=1: its fold kernel where gv_fold_ok (gemv_kernels.cuh); default 0 */
+    int gemv_fold;     /* FT_CUDA_GEMV_FOLD: 1 its fold kernel where gv_fold_ok (gemv_kernels.cuh), 2 the same
+                        * with two register stages, 0 (default) the pairs kernel everywhere */
     int attn_decode_on; /* FT_CUDA_ATTN_DECODE != 0: one-launch attention for T == 1 */
     int graphs_on;      /* FT_CUDA_GRAPHS != 0: replay records CUDA graphs (decode steps) */
     int qgemm_force;    /* FT_CUDA_QGEMM: -1 auto, else the qgemm_kind every product uses where it can */

@@ -8,14 +8,14 @@
 namespace {
 
 template <typename T, int BITS>
-void launch_bits(dim3 grid, cudaStream_t st, bool fold, bool act, void *y, const void *x, const ft_qlinear *q,
-                 float *part, int N, int kc)
+void launch_bits(dim3 grid, cudaStream_t st, gemv_kernel_why kernel, bool act, void *y, const void *x,
+                 const ft_qlinear *q, float *part, int N, int kc)
 {
     if constexpr (BITS != 8) {
-        if (fold) {
-            qgemv_fold_kernel<T, BITS><<<grid, GV_WARPS * 32, 0, st>>>(
-                (T *)y, (const T *)x, q->qweight, q->qzeros, q->scales, q->bias, part, q->gemv_cnt, N, q->in, q->out,
-                q->zero_offset, q->gemv_gshift, kc);
+        if (kernel == GVK_FOLD || kernel == GVK_FOLD_PIPE) {
+            auto *fold = kernel == GVK_FOLD_PIPE ? qgemv_fold_kernel<T, BITS, true> : qgemv_fold_kernel<T, BITS, false>;
+            fold<<<grid, GV_WARPS * 32, 0, st>>>((T *)y, (const T *)x, q->qweight, q->qzeros, q->scales, q->bias, part,
+                                                 q->gemv_cnt, N, q->in, q->out, q->zero_offset, q->gemv_gshift, kc);
             return;
         }
     }
@@ -93,11 +93,11 @@ ft_status cuda_qgemv(cuda_backend *be, void *y, const void *x, const ft_qlinear 
     FT_TRY(cuda_scratch(be, SCR_DEQ, (size_t)splits * N * q->out * sizeof(float), &part, err));
     const dim3 grid(tiles, splits);
     const bool act = q->row_groups != 0;
-    const bool fold = gemv_kernel_choose(be, q) == GVK_FOLD;
+    const gemv_kernel_why kernel = gemv_kernel_choose(be, q);
     ACT_DISPATCH(&be->base, T, {
-        if (bits == 4) launch_bits<T, 4>(grid, be->stream, fold, act, y, x, q, (float *)part, N, kc);
-        else if (bits == 2) launch_bits<T, 2>(grid, be->stream, fold, act, y, x, q, (float *)part, N, kc);
-        else launch_bits<T, 8>(grid, be->stream, fold, act, y, x, q, (float *)part, N, kc);
+        if (bits == 4) launch_bits<T, 4>(grid, be->stream, kernel, act, y, x, q, (float *)part, N, kc);
+        else if (bits == 2) launch_bits<T, 2>(grid, be->stream, kernel, act, y, x, q, (float *)part, N, kc);
+        else launch_bits<T, 8>(grid, be->stream, kernel, act, y, x, q, (float *)part, N, kc);
     });
     LAUNCH_CHECK("GPTQ GEMV");
     return FT_OK;

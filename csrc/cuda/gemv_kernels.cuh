@@ -338,8 +338,12 @@ static inline bool gv_fold_ok(int bits, int row_groups, int gshift, int groups, 
            (unsigned long long)groups * (unsigned long long)out <= 0xFFFFFFFFull;
 }
 
-template <typename T, int BITS>
-__global__ void __launch_bounds__(GV_WARPS * 32)
+/* PIPE: the weights, scales and zeros of the next 16 word rows are loaded before the current ones
+ * are multiplied (two register stages, x loaded per stage when used), so that a warp always has its
+ * next 2 KiB of weights in flight. Both variants are held to 128 registers: 4 blocks (16 warps) a
+ * SM, the residency gv_plan's grid assumes. */
+template <typename T, int BITS, bool PIPE>
+__global__ void __launch_bounds__(GV_WARPS * 32, 4)
 qgemv_fold_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__restrict__ qw,
                   const int32_t *__restrict__ qz, const f16 *__restrict__ sc, const float *__restrict__ bias,
                   float *__restrict__ part, int *__restrict__ cnt, int N, int in, int out, int zoff, int gshift, int kc)
@@ -348,6 +352,7 @@ qgemv_fold_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__r
     constexpr int P2 = PER / 2;    /* value pairs (j, j + P2) per word */
     constexpr int KS = P2 / 2;     /* mma k-steps per word */
     constexpr int XW = P2;         /* 32-bit words of x per word row */
+    constexpr int ROWS = 4 * GV_U; /* word rows of one iteration */
     constexpr uint32_t MASK = (1u << BITS) - 1u;
     constexpr uint32_t MASK2 = MASK * 0x00010001u;
     constexpr uint32_t MAGIC2 = gv_traits<T>::magic * 0x00010001u;
@@ -376,40 +381,55 @@ qgemv_fold_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__r
 
     if (base < out) { /* warp-uniform */
         const size_t wstep = (size_t)4 * out; /* int32 elements between a thread's word rows of two steps */
+        /* this thread's word row of the next stage to load, and of the next x to load */
         const int32_t *wp = qw + (size_t)(r_begin + t) * out + colc;
-        const T *xp0 = x + (size_t)min(gi, N - 1) * in + (size_t)(r_begin + t) * PER;
+        const T *xp = x + (size_t)min(gi, N - 1) * in + (size_t)(r_begin + t) * PER;
         const f16 *scp = sc + colc;           /* group g's scales: scp[g * out], 32-bit offsets */
         const int32_t *zp = qz + colc / PER; /* and zeros: zp[g * zrow] */
-        for (int r0 = r_begin; r0 < r_end; r0 += 4 * GV_U, wp += GV_U * wstep, xp0 += 4 * GV_U * PER) {
+
+        /* what one iteration reads: the weights of rows r0 .. r0 + 15 (this thread's word row of
+         * each step), and the scales and zeros of the groups of rows r0 and r0 + 8 */
+        struct stage {
             int4 wv[GV_U];
-            uint32_t xw[GV_U][XW];
-            if (r0 + 4 * GV_U <= r_end) {
-#pragma unroll
-                for (int u = 0; u < GV_U; u++) {
-                    wv[u] = __ldcs((const int4 *)(wp + u * wstep));
-                    xvec<BITS>::load(xw[u], xp0 + 4 * u * PER);
-                }
-            } else { /* a split's partial last iteration: rows past r_end read row r_end - 1 with x = 0 */
-#pragma unroll
-                for (int u = 0; u < GV_U; u++) {
-                    const int r = r0 + 4 * u + t;
-                    const bool ok = r < r_end;
-                    wv[u] = __ldcs((const int4 *)(wp + (ok ? (ptrdiff_t)u * (ptrdiff_t)wstep
-                                                           : (ptrdiff_t)(r_end - 1 - (r0 + t)) * out)));
-#pragma unroll
-                    for (int k = 0; k < XW; k++) xw[u][k] = 0u;
-                    if (ok) xvec<BITS>::load(xw[u], xp0 + 4 * u * PER);
-                }
-            }
-            /* the scales and zeros of the groups of rows r0 and r0 + 8 */
             uint2 sv[2];
             uint32_t zv[2];
+        };
+        /* rows past r_end (a split's partial last iteration) read row r_end - 1; their x is 0 */
+        auto load_stage = [&](stage &st, int r0) {
+            if (r0 + ROWS <= r_end) {
+#pragma unroll
+                for (int u = 0; u < GV_U; u++) st.wv[u] = __ldcs((const int4 *)(wp + u * wstep));
+            } else {
+#pragma unroll
+                for (int u = 0; u < GV_U; u++) {
+                    const bool ok = r0 + 4 * u + t < r_end;
+                    st.wv[u] = __ldcs((const int4 *)(wp + (ok ? (ptrdiff_t)u * (ptrdiff_t)wstep
+                                                              : (ptrdiff_t)(r_end - 1 - (r0 + t)) * out)));
+                }
+            }
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 const unsigned g = (unsigned)(min(r0 + 8 * h, r_end - 1) >> gshift);
-                sv[h] = __ldg((const uint2 *)(scp + g * (unsigned)out));
-                zv[h] = (uint32_t)__ldg(zp + g * (unsigned)zrow);
+                st.sv[h] = __ldg((const uint2 *)(scp + g * (unsigned)out));
+                st.zv[h] = (uint32_t)__ldg(zp + g * (unsigned)zrow);
             }
+            wp += GV_U * wstep;
+        };
+        auto load_x = [&](uint32_t (&xw)[GV_U][XW], int r0) {
+            if (r0 + ROWS <= r_end) {
+#pragma unroll
+                for (int u = 0; u < GV_U; u++) xvec<BITS>::load(xw[u], xp + 4 * u * PER);
+            } else {
+#pragma unroll
+                for (int u = 0; u < GV_U; u++) {
+#pragma unroll
+                    for (int k = 0; k < XW; k++) xw[u][k] = 0u;
+                    if (r0 + 4 * u + t < r_end) xvec<BITS>::load(xw[u], xp + 4 * u * PER);
+                }
+            }
+            xp += ROWS * PER;
+        };
+        auto compute = [&](const stage &st, const uint32_t (&xw)[GV_U][XW], int r0) {
 #pragma unroll
             for (int u = 0; u < GV_U; u++) {
                 /* x pairs (x_j, x_{j+P2}): the B operand */
@@ -417,7 +437,8 @@ qgemv_fold_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__r
 #pragma unroll
                 for (int j = 0; j < P2; j++)
                     xq[j] = __byte_perm(xw[u][j >> 1], xw[u][(j >> 1) + P2 / 2], (j & 1) ? 0x7632 : 0x5410);
-                const uint32_t wc[4] = {(uint32_t)wv[u].x, (uint32_t)wv[u].y, (uint32_t)wv[u].z, (uint32_t)wv[u].w};
+                const uint32_t wc[4] = {(uint32_t)st.wv[u].x, (uint32_t)st.wv[u].y, (uint32_t)st.wv[u].z,
+                                        (uint32_t)st.wv[u].w};
                 /* A pairs (A0 + q_j, A0 + q_{j+P2}) of column col0 + c */
                 uint32_t ap[4][P2];
 #pragma unroll
@@ -438,11 +459,12 @@ qgemv_fold_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__r
                 const int rn = r0 + 4 * u + 4; /* the next step's first row */
                 if ((rn & fmask) == 0 || rn >= r_end) { /* warp-uniform: the group (or 16 rows) ends */
                     const int h = u >= GV_U / 2; /* rows r0 + 4u .. + 3 lie in the group of r0 + 8h */
-                    const uint32_t zw = zv[h] >> zsh;
+                    const uint32_t zw = st.zv[h] >> zsh;
                     float s[4], zf[4];
 #pragma unroll
                     for (int c = 0; c < 4; c++) {
-                        const uint32_t h16 = c < 2 ? (sv[h].x >> (16 * c)) & 0xFFFFu : (sv[h].y >> (16 * (c - 2))) & 0xFFFFu;
+                        const uint32_t h16 =
+                            c < 2 ? (st.sv[h].x >> (16 * c)) & 0xFFFFu : (st.sv[h].y >> (16 * (c - 2))) & 0xFFFFu;
                         s[c] = __half2float(__ushort_as_half((unsigned short)h16));
                         zf[c] = __uint_as_float(lop_and_or(zw >> (c * BITS), MASK, 0x4B000000u)) - zbias;
                     }
@@ -457,6 +479,28 @@ qgemv_fold_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__r
 #pragma unroll
                     for (int e = 0; e < 4; e++) xs[e] = 0.0f;
                 } /* steps past r_end (a partial iteration) add zeros: x is 0 there */
+            }
+        };
+
+        uint32_t xw[GV_U][XW];
+        if (!PIPE) {
+            for (int r0 = r_begin; r0 < r_end; r0 += ROWS) {
+                stage st;
+                load_stage(st, r0);
+                load_x(xw, r0);
+                compute(st, xw, r0);
+            }
+        } else { /* two stages, alternating, so that no copy moves one into the other */
+            stage s0, s1;
+            load_stage(s0, r_begin);
+            for (int r0 = r_begin; r0 < r_end; r0 += 2 * ROWS) {
+                if (r0 + ROWS < r_end) load_stage(s1, r0 + ROWS);
+                load_x(xw, r0);
+                compute(s0, xw, r0);
+                if (r0 + ROWS >= r_end) break;
+                if (r0 + 2 * ROWS < r_end) load_stage(s0, r0 + 2 * ROWS);
+                load_x(xw, r0 + ROWS);
+                compute(s1, xw, r0 + ROWS);
             }
         }
         /* columns col0 .. col0 + 3 of batch rows 2t and 2t + 1 */

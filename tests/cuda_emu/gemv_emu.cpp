@@ -58,12 +58,12 @@ static int group_shift(const std::vector<int32_t> &gidx, int per, int KW, int gr
     return sh;
 }
 
-/* fold: run qgemv_fold_kernel (gemv.cu does where gv_fold_ok), whose weights are (q - z) s exactly:
- * its fp32 partials must match float64 within fold_ptol */
+/* fold: run qgemv_fold_kernel (gemv.cu does where gv_fold_ok; 1 one register stage, 2 two), whose
+ * weights are (q - z) s exactly: its fp32 partials must match float64 within fold_ptol */
 constexpr double fold_ptol = 2e-5;
 
 template <typename T, int BITS>
-static int run_case(const gv_spec &c, uint64_t seed, const char *tname, double tol, bool fold)
+static int run_case(const gv_spec &c, uint64_t seed, const char *tname, double tol, int fold)
 {
     std::mt19937_64 rng(seed);
     std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
@@ -105,7 +105,8 @@ static int run_case(const gv_spec &c, uint64_t seed, const char *tname, double t
     std::vector<T> y((size_t)c.N * c.out, to_act<T>(-7.0f));
     /* act-order: the kernel that looks up each row's group (gemv.cu: row_groups != 0) */
     if (fold)
-        emu_launch(dim3(plan.tiles, plan.splits), dim3(GV_WARPS * 32), qgemv_fold_kernel<T, BITS>, y.data(),
+        emu_launch(dim3(plan.tiles, plan.splits), dim3(GV_WARPS * 32),
+                   fold == 2 ? qgemv_fold_kernel<T, BITS, true> : qgemv_fold_kernel<T, BITS, false>, y.data(),
                    (const T *)x.data(), (const int32_t *)qw.data(), (const int32_t *)qz.data(), (const f16 *)sc.data(),
                    (const float *)(c.bias ? bias.data() : nullptr), part.data(), cnt.data(), c.N, c.in, c.out, c.zoff,
                    gshift, plan.kc);
@@ -140,14 +141,15 @@ static int run_case(const gv_spec &c, uint64_t seed, const char *tname, double t
     bad |= stale != 0;
     std::printf("%s %s %s N=%d in=%d out=%d bits=%d group=%d act=%d gidx=%d bias=%d xmean=%g splits=%d kc=%d "
                 "gshift=%d: rel %.2e, worst %.2e, fp32 partials rel %.2e, counters left %d\n",
-                bad ? "FAIL" : "ok  ", tname, fold ? "fold " : "pairs", c.N, c.in, c.out, BITS, c.group, c.act,
+                bad ? "FAIL" : "ok  ", tname, fold == 2 ? "fold2" : fold ? "fold " : "pairs", c.N, c.in, c.out, BITS,
+                c.group, c.act,
                 c.by_gidx, c.bias, (double)c.xmean, plan.splits, plan.kc, c.act ? -1 : gshift, rel, worst, prel, stale);
     return bad ? 1 : 0;
 }
 
-/* Each case runs the kernel gemv.cu picks for it; where that is the fold kernel, qgemv_kernel too
- * (what FT_CUDA_GEMV_FOLD=0 runs). The fold kernel's weights are not rounded to the act dtype: its
- * tolerance is that of y's own rounding (ftol). */
+/* Each case runs the kernel gemv.cu picks for it; where that is the fold kernel, both of its
+ * variants and qgemv_kernel too (what FT_CUDA_GEMV_FOLD=0 runs). The fold kernel's weights are not
+ * rounded to the act dtype: its tolerance is that of y's own rounding (ftol). */
 template <typename T> static int run_bits(const gv_spec &c, uint64_t seed, const char *tname, double tol, double ftol)
 {
     const int per = 32 / c.bits, KW = c.in / per, gsize = c.group > 0 ? c.group : c.in;
@@ -157,7 +159,7 @@ template <typename T> static int run_bits(const gv_spec &c, uint64_t seed, const
     const int gshift = c.act || c.by_gidx ? -1 : group_shift(gidx, per, KW, groups);
     const bool fold = gv_fold_ok(c.bits, c.act, gshift, groups, c.out);
     int failed = 0;
-    for (int f = fold ? 1 : 0; f >= 0; f--) {
+    for (int f = fold ? 2 : 0; f >= 0; f--) {
         const double t = f ? ftol : tol;
         if (c.bits == 2) failed += run_case<T, 2>(c, seed, tname, t, f);
         else if (c.bits == 8) failed += run_case<T, 8>(c, seed, tname, t, f);
