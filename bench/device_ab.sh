@@ -15,7 +15,8 @@
 # (extra environment for the version exported as <name>, e.g. AB_ENV_main="FT_CUDA_GEMV_FOLD=1" for
 # an A/B of a setting within one version: export the same ref twice under two names, see below),
 # AB_ROUNDS (default 2), AB_PYTEST_ARGS (default "-n 8 -q").
-# Two names for one ref: `bash bench/device_ab.sh export main:fold main:pairs`.
+# Two names for one ref: `bash bench/device_ab.sh export main:fold main:pairs` (one tree, one build:
+# the second name is a link to the first's tree).
 # Results: $OUT/ab_summary.txt (tok/s per version and round, test counts), $OUT/ab_results.tar.gz
 # (every JSON and log); at most a handful of files, as the device tool returns only 8.
 set -o pipefail
@@ -26,16 +27,24 @@ AB_DIR=${AB_DIR:-.scratch/ab}
 export_refs() {
   [ $# -gt 0 ] || { echo "usage: $0 export REF[:NAME] ..."; exit 2; }
   mkdir -p "$AB_DIR"
+  declare -A first # commit -> the first name exported for it: later names link to its tree
   for spec in "$@"; do
     ref=${spec%%:*}
     name=${spec#*:}
     [ "$name" = "$spec" ] && name=$ref
     name=$(echo "$name" | tr -c 'A-Za-z0-9_\n-' '_')
+    commit=$(git rev-parse --short "$ref") || exit 1
     rm -rf "${AB_DIR:?}/$name"
+    if [ -n "${first[$commit]:-}" ]; then # one tree and one build per commit
+      ln -s "${first[$commit]}" "$AB_DIR/$name"
+      echo "exported $ref as $AB_DIR/$name (the tree of ${first[$commit]})"
+      continue
+    fi
+    first[$commit]=$name
     mkdir -p "$AB_DIR/$name"
     git archive "$ref" | tar -x -C "$AB_DIR/$name" || exit 1
-    echo "$(git rev-parse --short "$ref") $ref" > "$AB_DIR/$name/.ab_ref"
-    echo "exported $ref as $AB_DIR/$name ($(cat "$AB_DIR/$name/.ab_ref"))"
+    echo "$commit $ref" > "$AB_DIR/$name/.ab_ref"
+    echo "exported $ref as $AB_DIR/$name ($commit)"
   done
 }
 
@@ -48,6 +57,7 @@ build_all() {
   local arch=${AB_ARCH:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)}
   local pids=() names=()
   for name in $(versions); do
+    [ -L "$AB_DIR/$name" ] && continue # another name's tree, built under that name
     # built by an earlier call on this (still warm) machine, for this arch, and no source newer since
     if [ -f "$AB_DIR/$name/.ab_built_sm$arch" ] &&
        [ -z "$(cd "$AB_DIR/$name" && find csrc setup.py -newer ".ab_built_sm$arch" | head -1)" ]; then

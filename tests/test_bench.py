@@ -158,7 +158,7 @@ def test_ab_summary_lines(tmp_path: Path) -> None:
 
 def test_device_ab_exports_versions(tmp_path: Path) -> None:
     """`device_ab.sh export REF:NAME` writes the ref's tracked files and its commit under one name per
-    version, the same ref under two names included (an A/B of a setting within one version)."""
+    version; the same ref under two names (an A/B of a setting within one version) shares one tree."""
     if subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
         pytest.skip("not a git checkout")
     env = {"AB_DIR": str(tmp_path / "ab"), "PATH": "/usr/bin:/bin"}
@@ -170,5 +170,6 @@ def test_device_ab_exports_versions(tmp_path: Path) -> None:
         d = tmp_path / "ab" / name
         assert (d / "setup.py").is_file() and (d / "csrc" / "cuda" / "gemv_kernels.cuh").is_file()
         assert (d / ".ab_ref").read_text().split() == [head.strip(), "HEAD"]
+    assert (tmp_path / "ab" / "pairs").is_symlink() and not (tmp_path / "ab" / "fold").is_symlink()  # one tree
     bad = subprocess.run(["bash", "bench/device_ab.sh", "run-all"], cwd=REPO, env=env, capture_output=True, text=True)
     assert bad.returncode == 2
