@@ -316,13 +316,8 @@ template <> struct gv_fold<f16> {
     static constexpr uint32_t one2 = 0x3C003C00u;
 };
 
-template <typename T> __device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b);
-template <> __device__ __forceinline__ uint32_t sub2<bf16>(uint32_t a, uint32_t b)
-{
-    __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162 *>(&a), *reinterpret_cast<__nv_bfloat162 *>(&b));
-    return *reinterpret_cast<uint32_t *>(&r);
-}
-template <> __device__ __forceinline__ uint32_t sub2<f16>(uint32_t a, uint32_t b)
+/* a - b on f16 pairs (the f16 fold's exact MAGIC + q - MAGIC) */
+__device__ __forceinline__ uint32_t sub2_f16(uint32_t a, uint32_t b)
 {
     __half2 r = __hsub2(*reinterpret_cast<__half2 *>(&a), *reinterpret_cast<__half2 *>(&b));
     return *reinterpret_cast<uint32_t *>(&r);
@@ -446,7 +441,7 @@ qgemv_fold_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__r
 #pragma unroll
                     for (int j = 0; j < P2; j++) {
                         ap[c][j] = lop_and_or(wc[c] >> (BITS * j), MASK2, MAGIC2);
-                        if (gv_fold<T>::sub_magic) ap[c][j] = sub2<T>(ap[c][j], MAGIC2);
+                        if constexpr (gv_fold<T>::sub_magic) ap[c][j] = sub2_f16(ap[c][j], MAGIC2);
                     }
 #pragma unroll
                 for (int h = 0; h < KS; h++) {
