@@ -21,6 +21,13 @@ extern "C" {
 typedef struct ft_backend ft_backend;
 typedef struct ft_qlinear ft_qlinear; /* backend-owned quantized weight */
 
+/* What qlinear_fwd_epi does to x W + bias before storing it: GELU (exact erf form) when gelu != 0,
+ * then y = add1 + add2 + that (add1, add2: act [N, out], each NULL when absent), in that order. */
+typedef struct ft_epilogue {
+    int gelu;
+    const void *add1, *add2;
+} ft_epilogue;
+
 enum { FT_REPLAY_SLOTS = 26 }; /* independent recorded steps a backend keeps (replay) */
 
 /* A quantized linear, validated by gptq.c before a backend sees it. */
@@ -101,12 +108,12 @@ typedef struct ft_backend_ops {
     ft_status (*layernorm_bwd)(ft_backend *be, void *dx, const void *dy, const void *x,
                                const float *mean, const float *rstd, const void *g, int N, int D,
                                ft_error *err);
-    /* y = gelu(x) (exact erf form), n elements */
+    /* y = gelu(x) (exact erf form), n elements; y may alias x */
     ft_status (*gelu_fwd)(ft_backend *be, void *y, const void *x, size_t n, ft_error *err);
     /* dx = dy * gelu'(x) */
     ft_status (*gelu_bwd)(ft_backend *be, void *dx, const void *dy, const void *x, size_t n,
                           ft_error *err);
-    /* y = a + b (+ c when c != NULL); y may alias a */
+    /* y = a + b (+ c when c != NULL); y may alias a, b or c */
     ft_status (*add)(ft_backend *be, void *y, const void *a, const void *b, const void *c, size_t n,
                      ft_error *err);
 
@@ -114,6 +121,11 @@ typedef struct ft_backend_ops {
     /* y[N,out] = x[N,in] W + bias, W dequantized from the packed GPTQ weight */
     ft_status (*qlinear_fwd)(ft_backend *be, void *y, const void *x, const ft_qlinear *q, int N,
                              ft_error *err);
+    /* the same, then the epilogue (ft_epilogue; NULL: none), as one op where the backend can fuse it
+     * (the CUDA GEMV does in its reduction); y may alias add1 or add2, not x. NULL in a backend
+     * without it: the engine then runs qlinear_fwd, gelu_fwd and add */
+    ft_status (*qlinear_fwd_epi)(ft_backend *be, void *y, const void *x, const ft_qlinear *q, int N,
+                                 const ft_epilogue *epi, ft_error *err);
     /* dx[N,in] (=, or += when accumulate) dy[N,out] W^T */
     ft_status (*qlinear_bwd)(ft_backend *be, void *dx, const void *dy, const ft_qlinear *q, int N,
                              int accumulate, ft_error *err);

@@ -407,6 +407,8 @@ static const ft_backend_ops cost_ops = {
     .gelu_bwd = c_gelu_bwd,
     .add = c_add,
     .qlinear_fwd = c_qlinear_fwd,
+    /* no qlinear_fwd_epi: the engine then runs qlinear_fwd, gelu_fwd and add, each counted as
+     * the separate op whose work a fused epilogue does */
     .qlinear_bwd = c_qlinear_bwd,
     .lora_fwd = c_lora_fwd,
     .lora_bwd = c_lora_bwd,

@@ -62,6 +62,14 @@ static ft_status linear_bwd(ft_model *m, const step_ctx *s, int l, int mod, void
                                 dropout_seed(l, mod), err);
 }
 
+/* Whether module mod's product and the elementwise op after it run as one qlinear_fwd_epi: the
+ * backend has it, the module carries no LoRA (whose output joins the product before that op) and
+ * no backward reads the product (the MLP's pre-GELU h). */
+static int fuse_epilogue(const ft_model *m, const step_ctx *s, int mod)
+{
+    return m->be->ops->qlinear_fwd_epi && !has_lora(m, mod) && !s->backward;
+}
+
 static void attn_args(const ft_model *m, const step_ctx *s, ft_attn_args *a)
 {
     const ft_config *c = &m->cfg;
@@ -113,14 +121,24 @@ ft_status layer_forward(ft_model *m, const step_ctx *s, int l, layer_acts *A, co
         CALL(op->layernorm_fwd(m->be, A->a2, A->mean2, A->rstd2, A->r, lw->ln2_w, lw->ln2_b, N, D, c->ln_eps, err));
         mlp_in = A->a2;
     }
-    /* mlp: h = W1 in; g = gelu(h); mo = W2 g */
-    CALL(linear_fwd(m, s, l, FT_MOD_H_TO_4H, A->h, mlp_in, A->xa[FT_MOD_H_TO_4H], err));
-    CALL(op->gelu_fwd(m->be, ws->g, A->h, (size_t)N * c->ffn, err));
-    CALL(linear_fwd(m, s, l, FT_MOD_4H_TO_H, ws->mlp_o, ws->g, A->xa[FT_MOD_4H_TO_H], err));
+    /* mlp: h = W1 in; g = gelu(h); mo = W2 g (g straight from the product where it fuses: decode,
+     * evaluation, without LoRA on the module) */
+    if (fuse_epilogue(m, s, FT_MOD_H_TO_4H)) {
+        const ft_epilogue gelu = {1, NULL, NULL};
+        CALL(op->qlinear_fwd_epi(m->be, ws->g, mlp_in, lw->lin[FT_MOD_H_TO_4H], N, &gelu, err));
+    } else {
+        CALL(linear_fwd(m, s, l, FT_MOD_H_TO_4H, A->h, mlp_in, A->xa[FT_MOD_H_TO_4H], err));
+        CALL(op->gelu_fwd(m->be, ws->g, A->h, (size_t)N * c->ffn, err));
+    }
 
-    /* residual: y = x + ao + mo (parallel) or r + mo */
-    if (c->parallel_attn) return op->add(m->be, y, x, ws->attn_o, ws->mlp_o, (size_t)N * D, err);
-    return op->add(m->be, y, A->r, ws->mlp_o, NULL, (size_t)N * D, err);
+    /* residual: y = x + ao + mo (parallel) or r + mo, added to the product itself where it fuses */
+    const void *r1 = c->parallel_attn ? x : A->r, *r2 = c->parallel_attn ? ws->attn_o : NULL;
+    if (fuse_epilogue(m, s, FT_MOD_4H_TO_H)) {
+        const ft_epilogue residual = {0, r1, r2};
+        return op->qlinear_fwd_epi(m->be, y, ws->g, lw->lin[FT_MOD_4H_TO_H], N, &residual, err);
+    }
+    CALL(linear_fwd(m, s, l, FT_MOD_4H_TO_H, ws->mlp_o, ws->g, A->xa[FT_MOD_4H_TO_H], err));
+    return op->add(m->be, y, r1, r2 ? r2 : ws->mlp_o, r2 ? ws->mlp_o : NULL, (size_t)N * D, err);
 }
 
 /* On entry ws->dres holds dL/dy of layer l; on exit dL/dx (when need_dx). */

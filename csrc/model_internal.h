@@ -159,6 +159,7 @@ typedef struct step_ctx {
     const int32_t *kmask, *kpos, *pos; /* backend arrays */
     const int32_t *past_dev, *tk_dev;  /* decode steps: past and Tk in backend memory (graph replay) */
     int train;           /* dropout active (the step's masks: the backend's dropout base) */
+    int backward;        /* a backward pass reads this step's activations (layer_forward keeps them all) */
 } step_ctx;
 
 /* y[N,D] = layer l (x[N,D]); k/v go to kbuf/vbuf (the cache) when given, else to A. */

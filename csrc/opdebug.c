@@ -422,6 +422,19 @@ static ft_status run_qlinear_fwd(op_ctx *c)
     return OPS->qlinear_fwd(c->be, y, x, q, N, c->err);
 }
 
+/* qlinear_fwd and its epilogue: 'gelu' (0 or 1), optional act arrays 'add1', 'add2' [N, out] */
+static ft_status run_qlinear_fwd_epi(op_ctx *c)
+{
+    const int N = DIM("N"), in = DIM("in"), out = DIM("out");
+    const int gelu = (int)integer(c, "gelu", 0, 1, 0, 0);
+    void *y = ACT("y", P(N, out)), *x = ACT("x", P(N, in));
+    const void *add1 = array(c, "add1", BUF_ACT, P(N, out), 1), *add2 = array(c, "add2", BUF_ACT, P(N, out), 1);
+    const ft_qlinear *q = qlinear(c, in, out);
+    if (!ready(c)) return c->st;
+    const ft_epilogue epi = {gelu, add1, add2};
+    return OPS->qlinear_fwd_epi(c->be, y, x, q, N, &epi, c->err);
+}
+
 static ft_status run_qlinear_bwd(op_ctx *c)
 {
     const int N = DIM("N"), in = DIM("in"), out = DIM("out");
@@ -631,7 +644,8 @@ static ft_status run_gather_rows(op_ctx *c)
     X(dense_create, "run", run_dense_create) X(qlinear_create, "weights", NULL)                                   \
     X(qlinear_destroy, "weights", NULL) X(embed, "run", run_embed) X(layernorm_fwd, "run", run_layernorm_fwd)     \
     X(layernorm_bwd, "run", run_layernorm_bwd) X(gelu_fwd, "run", run_gelu_fwd) X(gelu_bwd, "run", run_gelu_bwd) \
-    X(add, "run", run_add) X(qlinear_fwd, "run", run_qlinear_fwd) X(qlinear_bwd, "run", run_qlinear_bwd)         \
+    X(add, "run", run_add) X(qlinear_fwd, "run", run_qlinear_fwd) X(qlinear_fwd_epi, "run", run_qlinear_fwd_epi) \
+    X(qlinear_bwd, "run", run_qlinear_bwd)                                                                        \
     X(lora_fwd, "run", run_lora_fwd) X(lora_bwd, "run", run_lora_bwd)                                             \
     X(set_dropout_base, "state", NULL)                                                                            \
     X(qkv_split_fwd, "run", run_qkv_split_fwd) X(qkv_split_bwd, "run", run_qkv_split_bwd)                         \

@@ -136,6 +136,7 @@ static ft_status loss_step(ft_model *m, const int32_t *ids, const int32_t *label
     free(tgt);
     if (st) return st;
     if (backward) {
+        s.backward = 1;
         s.train = m->training;
         CALL(op->set_dropout_base(m->be, ft_mix64(m->rng_seed ^ ft_mix64(m->rng_counter)), err));
         m->rng_counter++;

@@ -221,6 +221,24 @@ def qlinear_cases(rng):
             return {"dx": d(v["dy"]) @ W.T + (d(v["dx"]) if v.get("accumulate") else 0.0)}
         yield Case("qlinear_fwd", name, {"N": N, **q, "x": f32(rng, N, fin), "y": f32(rng, N, fout)}, fwd,
                    lowp=("x", "y", "bias"), graph=N <= 8)
+        if bits in (2, 4, 8):
+            # the epilogues layer_forward fuses (decode, evaluation): GELU, and one or two residuals
+            x, y = f32(rng, N, fin), f32(rng, N, fout)
+            r1, r2 = f32(rng, N, fout), f32(rng, N, fout)
+
+            def gelu_of(v, W=W):
+                h = d(v["x"]) @ W + (d(v["bias"]) if "bias" in v else 0.0)
+                return {"y": 0.5 * h * (1 + _erf(h / math.sqrt(2)))}
+
+            def residual(v, W=W):
+                h = d(v["x"]) @ W + (d(v["bias"]) if "bias" in v else 0.0)
+                return {"y": d(v["add1"]) + (d(v["add2"]) if "add2" in v else 0.0) + h}
+            yield Case("qlinear_fwd_epi", f"{name}_gelu", {"N": N, **q, "x": x, "y": y, "gelu": 1}, gelu_of,
+                       lowp=("x", "y", "bias"), graph=N <= 8)
+            yield Case("qlinear_fwd_epi", f"{name}_add2", {"N": N, **q, "x": x, "y": y, "add1": r1, "add2": r2},
+                       residual, lowp=("x", "y", "bias", "add1", "add2"), graph=N <= 8)
+            yield Case("qlinear_fwd_epi", f"{name}_add1", {"N": N, **q, "x": x, "y": y, "add1": r1}, residual,
+                       lowp=("x", "y", "bias", "add1"))
         for acc in (0, 1):
             dq = {k: v for k, v in q.items() if k != "bias"}
             yield Case("qlinear_bwd", f"{name}_acc{acc}", {"N": N, **dq, "accumulate": acc, "dy": f32(rng, N, fout),

@@ -62,6 +62,8 @@ static inline float cpu_dot(const float *restrict a, const float *restrict b, in
 ft_status cpu_qlinear_create(ft_backend *be, const ft_qlinear_desc *d, ft_qlinear **out, ft_error *err);
 void cpu_qlinear_destroy(ft_backend *be, ft_qlinear *q);
 ft_status cpu_qlinear_fwd(ft_backend *be, void *y, const void *x, const ft_qlinear *q, int N, ft_error *err);
+ft_status cpu_qlinear_fwd_epi(ft_backend *be, void *y, const void *x, const ft_qlinear *q, int N,
+                              const ft_epilogue *epi, ft_error *err);
 ft_status cpu_qlinear_bwd(ft_backend *be, void *dx, const void *dy, const ft_qlinear *q, int N,
                           int accumulate, ft_error *err);
 ft_status cpu_lora_fwd(ft_backend *be, void *y, float *xa, const void *x, const float *A, const float *B,

@@ -17,6 +17,7 @@
 #define cpu_qlinear_create FT_ISA_NAME(cpu_qlinear_create)
 #define cpu_qlinear_destroy FT_ISA_NAME(cpu_qlinear_destroy)
 #define cpu_qlinear_fwd FT_ISA_NAME(cpu_qlinear_fwd)
+#define cpu_qlinear_fwd_epi FT_ISA_NAME(cpu_qlinear_fwd_epi)
 #define cpu_qlinear_bwd FT_ISA_NAME(cpu_qlinear_bwd)
 #define cpu_lora_fwd FT_ISA_NAME(cpu_lora_fwd)
 #define cpu_lora_bwd FT_ISA_NAME(cpu_lora_bwd)

@@ -20,6 +20,7 @@ const ft_backend_ops CPU_OPS_NAME = {
     .gelu_bwd = cpu_gelu_bwd,
     .add = cpu_add,
     .qlinear_fwd = cpu_qlinear_fwd,
+    .qlinear_fwd_epi = cpu_qlinear_fwd_epi,
     .qlinear_bwd = cpu_qlinear_bwd,
     .lora_fwd = cpu_lora_fwd,
     .lora_bwd = cpu_lora_bwd,

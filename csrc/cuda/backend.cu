@@ -428,6 +428,7 @@ static const ft_backend_ops cuda_ops = {
     ENTRY(cuda_gelu_bwd),
     ENTRY(cuda_add),
     ENTRY(cuda_qlinear_fwd),
+    ENTRY(cuda_qlinear_fwd_epi),
     ENTRY(cuda_qlinear_bwd),
     ENTRY(cuda_lora_fwd),
     ENTRY(cuda_lora_bwd),

@@ -118,6 +118,7 @@ ft_status cuda_read_env(cuda_backend *be, ft_error *err)
                            qe);
     }
     be->gemv_on = env_on("FT_CUDA_GEMV", 1);
+    be->gemv_epi_on = env_on("FT_CUDA_GEMV_EPILOGUE", 1);
     /* the GEMV's fold kernel: 0 off (default until a GPU has measured it against the pairs kernel,
      * docs/PERF.md's decode section), 1 one register stage, 2 two */
     const char *fe = getenv("FT_CUDA_GEMV_FOLD");

@@ -106,6 +106,7 @@ struct cuda_backend {
     attn_kind attn_pref; /* FT_CUDA_ATTN: ATTN_MMA (default, where it can run), ATTN_GEMM or ATTN_FLASH */
     size_t attn_chunk_bytes; /* f32 score scratch per attention chunk (FT_CUDA_ATTN_CHUNK_MB) */
     int gemv_on;       /* FT_CUDA_GEMV != 0: fused dequant-GEMV for N <= 8 rows */
+    int gemv_epi_on;   /* FT_CUDA_GEMV_EPILOGUE != 0: qlinear_fwd_epi's epilogue in the GEMV's reduction */
     int gemv_fold;     /* FT_CUDA_GEMV_FOLD: 1 its fold kernel where gv_fold_ok (gemv_kernels.cuh), 2 the same
                         * with two register stages, 0 (default) the pairs kernel everywhere */
     int attn_decode_on; /* FT_CUDA_ATTN_DECODE != 0: one-launch attention for T == 1 */
@@ -312,6 +313,8 @@ extern "C" {
 ft_status cuda_qlinear_create(ft_backend *be, const ft_qlinear_desc *d, ft_qlinear **out, ft_error *err);
 void cuda_qlinear_destroy(ft_backend *be, ft_qlinear *q);
 ft_status cuda_qlinear_fwd(ft_backend *be, void *y, const void *x, const ft_qlinear *q, int N, ft_error *err);
+ft_status cuda_qlinear_fwd_epi(ft_backend *be, void *y, const void *x, const ft_qlinear *q, int N,
+                               const ft_epilogue *epi, ft_error *err);
 ft_status cuda_qlinear_bwd(ft_backend *be, void *dx, const void *dy, const ft_qlinear *q, int N, int accumulate,
                            ft_error *err);
 ft_status cuda_lora_fwd(ft_backend *be, void *y, float *xa, const void *x, const float *A, const float *B, int N,
@@ -378,9 +381,11 @@ attn_kind attn_choose(cuda_backend *be, const ft_attn_args *a, const void *k, co
                       int backward);
 
 /* gemv.cu: fused dequant-GEMV for few rows (decode). prepare: at qlinear_create (host g_idx);
- * cuda_qgemv runs when qgemm_choose said QGEMM_GEMV. ptx: the PTX arch of its kernels here. */
+ * cuda_qgemv runs when qgemm_choose said QGEMM_GEMV, with qlinear_fwd_epi's epilogue (epi, may be
+ * NULL) applied in its reduction. ptx: the PTX arch of its kernels here. */
 ft_status cuda_qgemv_prepare(cuda_backend *be, ft_qlinear *q, const int32_t *host_gidx, ft_error *err);
-ft_status cuda_qgemv(cuda_backend *be, void *y, const void *x, const ft_qlinear *q, int N, ft_error *err);
+ft_status cuda_qgemv(cuda_backend *be, void *y, const void *x, const ft_qlinear *q, int N, const ft_epilogue *epi,
+                     ft_error *err);
 int cuda_qgemv_ptx(void);
 /* qgemm.cu: the fused quantized GEMM (QGEMM_FUSED). fwd: y[N,out] = x W + bias;
  * bwd: dx[N,in] (=, += when accumulate) dy W^T. ptx: as above. */

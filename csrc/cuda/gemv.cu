@@ -9,24 +9,24 @@ namespace {
 
 template <typename T, int BITS>
 void launch_bits(dim3 grid, cudaStream_t st, gemv_kernel_why kernel, bool act, void *y, const void *x,
-                 const ft_qlinear *q, float *part, int N, int kc)
+                 const ft_qlinear *q, float *part, int N, int kc, const gv_epilogue &epi)
 {
     if constexpr (BITS != 8) {
         if (kernel == GVK_FOLD || kernel == GVK_FOLD_PIPE) {
             auto *fold = kernel == GVK_FOLD_PIPE ? qgemv_fold_kernel<T, BITS, true> : qgemv_fold_kernel<T, BITS, false>;
             fold<<<grid, GV_WARPS * 32, 0, st>>>((T *)y, (const T *)x, q->qweight, q->qzeros, q->scales, q->bias, part,
-                                                 q->gemv_cnt, N, q->in, q->out, q->zero_offset, q->gemv_gshift, kc);
+                                                 q->gemv_cnt, N, q->in, q->out, q->zero_offset, q->gemv_gshift, kc, epi);
             return;
         }
     }
     if (act)
         qgemv_kernel<T, BITS, true><<<grid, GV_WARPS * 32, 0, st>>>(
             (T *)y, (const T *)x, q->qweight, q->qzeros, q->scales, q->g_idx, q->bias, part, q->gemv_cnt, N, q->in,
-            q->out, q->zero_offset, q->gemv_gshift, kc);
+            q->out, q->zero_offset, q->gemv_gshift, kc, epi);
     else
         qgemv_kernel<T, BITS, false><<<grid, GV_WARPS * 32, 0, st>>>(
             (T *)y, (const T *)x, q->qweight, q->qzeros, q->scales, q->g_idx, q->bias, part, q->gemv_cnt, N, q->in,
-            q->out, q->zero_offset, q->gemv_gshift, kc);
+            q->out, q->zero_offset, q->gemv_gshift, kc, epi);
 }
 
 
@@ -83,8 +83,10 @@ int cuda_qgemv_ptx(void)
 }
 
 /* runs when qgemm_choose (choice.cu) said QGEMM_GEMV: 1 <= N <= 8, 2/4/8 bits, x rows 16-byte
- * aligned (8 at 8 bits), y 8-byte aligned, out % 4 == 0, sm_80 code */
-ft_status cuda_qgemv(cuda_backend *be, void *y, const void *x, const ft_qlinear *q, int N, ft_error *err)
+ * aligned (8 at 8 bits), y 8-byte aligned, out % 4 == 0, sm_80 code; epi (may be NULL): its add1 and
+ * add2 8-byte aligned (cuda_qlinear_fwd_epi checks) */
+ft_status cuda_qgemv(cuda_backend *be, void *y, const void *x, const ft_qlinear *q, int N, const ft_epilogue *epi,
+                     ft_error *err)
 {
     const gv_grid plan = gv_plan(q->in, q->out, q->bits, be->sms);
     const int bits = q->bits, tiles = plan.tiles, splits = plan.splits, kc = plan.kc;
@@ -94,10 +96,11 @@ ft_status cuda_qgemv(cuda_backend *be, void *y, const void *x, const ft_qlinear 
     const dim3 grid(tiles, splits);
     const bool act = q->row_groups != 0;
     const gemv_kernel_why kernel = gemv_kernel_choose(be, q);
+    const gv_epilogue ge = epi ? gv_epilogue{epi->gelu, epi->add1, epi->add2} : gv_epilogue{0, NULL, NULL};
     ACT_DISPATCH(&be->base, T, {
-        if (bits == 4) launch_bits<T, 4>(grid, be->stream, kernel, act, y, x, q, (float *)part, N, kc);
-        else if (bits == 2) launch_bits<T, 2>(grid, be->stream, kernel, act, y, x, q, (float *)part, N, kc);
-        else launch_bits<T, 8>(grid, be->stream, kernel, act, y, x, q, (float *)part, N, kc);
+        if (bits == 4) launch_bits<T, 4>(grid, be->stream, kernel, act, y, x, q, (float *)part, N, kc, ge);
+        else if (bits == 2) launch_bits<T, 2>(grid, be->stream, kernel, act, y, x, q, (float *)part, N, kc, ge);
+        else launch_bits<T, 8>(grid, be->stream, kernel, act, y, x, q, (float *)part, N, kc, ge);
     });
     LAUNCH_CHECK("GPTQ GEMV");
     return FT_OK;

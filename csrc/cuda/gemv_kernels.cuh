@@ -103,12 +103,31 @@ template <> struct xvec<8> {
     }
 };
 
+/* qlinear_fwd_epi's epilogue (backend.h's ft_epilogue) as the reduction applies it: GELU of the
+ * sum + bias when gelu, then add1 + add2 + that (act [N, out], 8-byte aligned, each may be NULL) */
+struct gv_epilogue {
+    int gelu;
+    const void *add1, *add2;
+};
+
+__device__ __forceinline__ float gv_gelu(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
+
+/* four act values at p (8-byte aligned) as floats */
+template <typename T> __device__ __forceinline__ float4 gv_load4(const void *p)
+{
+    const uint2 v = *(const uint2 *)p;
+    const float2 lo = unpack2<T>(v.x), hi = unpack2<T>(v.y);
+    return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+
 /* After a block's warps have stored their partials [N, 32 columns] of split blockIdx.y: the last
- * block of this column tile to arrive sums the splits in order, adds the bias and writes y (the
- * same order whatever the timing: deterministic), then resets the tile's arrival counter. */
+ * block of this column tile to arrive sums the splits in order, adds the bias, applies the
+ * epilogue and writes y (the same order whatever the timing: deterministic), then resets the
+ * tile's arrival counter. */
 template <typename T>
 __device__ __forceinline__ void gv_reduce_splits(T *__restrict__ y, const float *__restrict__ bias,
-                                                 const float *__restrict__ part, int *__restrict__ cnt, int N, int out)
+                                                 const float *__restrict__ part, int *__restrict__ cnt, int N, int out,
+                                                 const gv_epilogue &epi)
 {
     __shared__ int s_last;
     __threadfence();
@@ -132,6 +151,17 @@ __device__ __forceinline__ void gv_reduce_splits(T *__restrict__ y, const float 
         if (bias) {
             s.x += bias[col]; s.y += bias[col + 1]; s.z += bias[col + 2]; s.w += bias[col + 3];
         }
+        if (epi.gelu) {
+            s.x = gv_gelu(s.x); s.y = gv_gelu(s.y); s.z = gv_gelu(s.z); s.w = gv_gelu(s.w);
+        }
+        if (epi.add1) { /* add1 + add2 + s, the order of the separate add op */
+            float4 a = gv_load4<T>((const T *)epi.add1 + (size_t)n * out + col);
+            if (epi.add2) {
+                const float4 b = gv_load4<T>((const T *)epi.add2 + (size_t)n * out + col);
+                a.x += b.x; a.y += b.y; a.z += b.z; a.w += b.w;
+            }
+            s.x = a.x + s.x; s.y = a.y + s.y; s.z = a.z + s.z; s.w = a.w + s.w;
+        }
         uint2 o;
         o.x = pack2<T>(s.x, s.y);
         o.y = pack2<T>(s.z, s.w);
@@ -147,7 +177,7 @@ __global__ void __launch_bounds__(GV_WARPS * 32)
 qgemv_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__restrict__ qw,
              const int32_t *__restrict__ qz, const f16 *__restrict__ sc, const int32_t *__restrict__ gidx,
              const float *__restrict__ bias, float *__restrict__ part, int *__restrict__ cnt, int N, int in,
-             int out, int zoff, int gshift, int kc)
+             int out, int zoff, int gshift, int kc, gv_epilogue epi)
 {
     constexpr int PER = 32 / BITS; /* values per word */
     constexpr int P2 = PER / 2;    /* value pairs (j, j + P2) per word */
@@ -284,7 +314,7 @@ qgemv_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__restri
         }
     }
 
-    gv_reduce_splits<T>(y, bias, part, cnt, N, out);
+    gv_reduce_splits<T>(y, bias, part, cnt, N, out, epi);
 }
 
 
@@ -341,7 +371,8 @@ template <typename T, int BITS, bool PIPE>
 __global__ void __launch_bounds__(GV_WARPS * 32, 4)
 qgemv_fold_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__restrict__ qw,
                   const int32_t *__restrict__ qz, const f16 *__restrict__ sc, const float *__restrict__ bias,
-                  float *__restrict__ part, int *__restrict__ cnt, int N, int in, int out, int zoff, int gshift, int kc)
+                  float *__restrict__ part, int *__restrict__ cnt, int N, int in, int out, int zoff, int gshift, int kc,
+                  gv_epilogue epi)
 {
     constexpr int PER = 32 / BITS; /* values per word */
     constexpr int P2 = PER / 2;    /* value pairs (j, j + P2) per word */
@@ -505,7 +536,7 @@ qgemv_fold_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__r
             if (2 * t + 1 < N) __stcg((float4 *)(p + out), make_float4(acc[0][1], acc[0][3], acc[1][1], acc[1][3]));
         }
     }
-    gv_reduce_splits<T>(y, bias, part, cnt, N, out);
+    gv_reduce_splits<T>(y, bias, part, cnt, N, out, epi);
 }
 
 /* Split-K of a call: tiles of GV_COLS columns x `splits` ranges of kc word rows (kc a multiple of

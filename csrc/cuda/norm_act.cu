@@ -261,7 +261,7 @@ template <typename T, bool VEC> __global__ void gelu_fwd_kernel(T *y, const T *x
         done = n / 8 * 8;
         for (size_t i = t0; i < n / 8; i += stride) {
             float f[8];
-            unpack8<T>(__ldg((const uint4 *)x + i), f);
+            unpack8<T>(((const uint4 *)x)[i], f); /* a plain load: y may be x (qlinear_fwd_epi) */
 #pragma unroll
             for (int k = 0; k < 8; k++) f[k] = gelu_of(f[k]);
             ((uint4 *)y)[i] = pack8<T>(f);

@@ -270,17 +270,23 @@ static ft_status poison(cuda_backend *be, void *p, size_t n, ft_error *err)
     return FT_OK;
 }
 
-extern "C" ft_status cuda_qlinear_fwd(ft_backend *base, void *y, const void *x, const ft_qlinear *q, int N,
-                                      ft_error *err)
+/* y = x W + bias, and the epilogue (may be NULL) where the GEMV runs the product: *epi_done says
+ * whether it did */
+static ft_status qlinear_forward(cuda_backend *be, void *y, const void *x, const ft_qlinear *q, int N,
+                                 const ft_epilogue *epi, bool *epi_done, ft_error *err)
 {
-    cuda_backend *be = CB(base);
+    ft_backend *base = &be->base;
+    *epi_done = false;
     if (N <= 0) return FT_OK;
     const qgemm_kind kind = qgemm_choose(be, q, N, QGEMM_FWD, x, y);
     FT_TRY(poison(be, y, (size_t)N * q->out, err));
     PROF_T0(be);
     const double t_op = prof_t0_;
     if (kind == QGEMM_GEMV) {
-        FT_TRY(cuda_qgemv(be, y, x, q, N, err)); /* bias included */
+        /* the epilogue rides in the GEMV's reduction (FT_CUDA_GEMV_EPILOGUE, 8-byte residual rows) */
+        const bool fuse = epi && be->gemv_epi_on && ((uintptr_t)epi->add1 | (uintptr_t)epi->add2) % 8 == 0;
+        FT_TRY(cuda_qgemv(be, y, x, q, N, fuse ? epi : NULL, err)); /* bias included */
+        *epi_done = fuse;
     } else if (kind == QGEMM_FUSED) {
         FT_TRY(cuda_qgemm_fused(be, QGEMM_FWD, y, x, q, N, 0, err)); /* bias included */
     } else {
@@ -301,6 +307,27 @@ extern "C" ft_status cuda_qlinear_fwd(ft_backend *base, void *y, const void *x, 
     }
     PROF_MARK(be, PR_QGEMM_F);
     prof_choice(be, CH_QGEMM_FWD, kind, t_op);
+    return FT_OK;
+}
+
+extern "C" ft_status cuda_qlinear_fwd(ft_backend *base, void *y, const void *x, const ft_qlinear *q, int N,
+                                      ft_error *err)
+{
+    bool unused;
+    return qlinear_forward(CB(base), y, x, q, N, NULL, &unused, err);
+}
+
+/* The GEMV applies the epilogue in its reduction (one launch, y written once); the other kernels
+ * are followed by the elementwise ops, in place, in the order ft_epilogue gives. */
+extern "C" ft_status cuda_qlinear_fwd_epi(ft_backend *base, void *y, const void *x, const ft_qlinear *q, int N,
+                                          const ft_epilogue *epi, ft_error *err)
+{
+    bool done;
+    FT_TRY(qlinear_forward(CB(base), y, x, q, N, epi, &done, err));
+    if (done || !epi || N <= 0) return FT_OK;
+    const size_t n = (size_t)N * q->out;
+    if (epi->gelu) FT_TRY(cuda_gelu_fwd(base, y, y, n, err));
+    if (epi->add1) FT_TRY(cuda_add(base, y, epi->add1, epi->add2 ? epi->add2 : y, epi->add2 ? y : NULL, n, err));
     return FT_OK;
 }
 

@@ -29,6 +29,7 @@ struct gv_spec {
     int by_gidx;                 /* 1: look groups up in g_idx even where a shift would do */
     int bias, zoff, sms;
     float xmean; /* x drawn from xmean + [-1, 1): a large mean makes sum x large against the result */
+    int epi;     /* the epilogue (gv_epilogue): 0 none, 1 GELU, 2 add1 + add2, 3 add1 */
 };
 
 template <typename T> static float round_to(float v);
@@ -79,6 +80,9 @@ static int run_case(const gv_spec &c, uint64_t seed, const char *tname, double t
     for (auto &v : x) v = to_act<T>(c.xmean + uni(rng));
     std::vector<float> bias(c.out);
     for (auto &b : bias) b = uni(rng);
+    std::vector<T> add1((size_t)c.N * c.out), add2((size_t)c.N * c.out);
+    for (auto &v : add1) v = to_act<T>(uni(rng));
+    for (auto &v : add2) v = to_act<T>(uni(rng));
 
     /* the reference: W as the kernel dequantizes it, then x . W + bias in float64 */
     const bool f32path = c.act || BITS == 8;
@@ -97,6 +101,14 @@ static int run_case(const gv_spec &c, uint64_t seed, const char *tname, double t
     if (c.bias)
         for (int n = 0; n < c.N; n++)
             for (int o = 0; o < c.out; o++) ref[(size_t)n * c.out + o] += bias[o];
+    /* the fp32 partials' check below is of the product alone: keep it before the epilogue */
+    const std::vector<double> prod = ref;
+    for (size_t e = 0; e < ref.size(); e++) {
+        if (c.epi == 1) ref[e] = 0.5 * ref[e] * (1.0 + std::erf(ref[e] / std::sqrt(2.0)));
+        if (c.epi >= 2) ref[e] += act_to_float<T>(add1[e]) + (c.epi == 2 ? act_to_float<T>(add2[e]) : 0.0);
+    }
+    const gv_epilogue epi = {c.epi == 1, c.epi >= 2 ? (const void *)add1.data() : nullptr,
+                             c.epi == 2 ? (const void *)add2.data() : nullptr};
 
     const gv_grid plan = gv_plan(c.in, c.out, BITS, c.sms);
     const int gshift = c.act || c.by_gidx ? -1 : group_shift(gidx, per, KW, groups);
@@ -109,13 +121,13 @@ static int run_case(const gv_spec &c, uint64_t seed, const char *tname, double t
                    fold == 2 ? qgemv_fold_kernel<T, BITS, true> : qgemv_fold_kernel<T, BITS, false>, y.data(),
                    (const T *)x.data(), (const int32_t *)qw.data(), (const int32_t *)qz.data(), (const f16 *)sc.data(),
                    (const float *)(c.bias ? bias.data() : nullptr), part.data(), cnt.data(), c.N, c.in, c.out, c.zoff,
-                   gshift, plan.kc);
+                   gshift, plan.kc, epi);
     else
         emu_launch(dim3(plan.tiles, plan.splits), dim3(GV_WARPS * 32),
                    c.act ? qgemv_kernel<T, BITS, true> : qgemv_kernel<T, BITS, false>, y.data(), (const T *)x.data(),
                    (const int32_t *)qw.data(), (const int32_t *)qz.data(), (const f16 *)sc.data(),
                    (const int32_t *)gidx.data(), (const float *)(c.bias ? bias.data() : nullptr), part.data(),
-                   cnt.data(), c.N, c.in, c.out, c.zoff, gshift, plan.kc);
+                   cnt.data(), c.N, c.in, c.out, c.zoff, gshift, plan.kc, epi);
     double num = 0.0, den = 0.0, worst = 0.0;
     for (size_t e = 0; e < y.size(); e++) {
         const double d = act_to_float<T>(y[e]) - ref[e];
@@ -131,19 +143,21 @@ static int run_case(const gv_spec &c, uint64_t seed, const char *tname, double t
         for (int o = 0; o < c.out; o++) {
             double v = c.bias ? bias[o] : 0.0;
             for (int sp = 0; sp < plan.splits; sp++) v += part[((size_t)sp * c.N + n) * c.out + o];
-            const double d = v - ref[(size_t)n * c.out + o];
+            const double d = v - prod[(size_t)n * c.out + o];
             pnum += d * d;
         }
-    const double prel = std::sqrt(pnum / (den > 0.0 ? den : 1.0));
+    double pden = 0.0;
+    for (double v : prod) pden += v * v;
+    const double prel = std::sqrt(pnum / (pden > 0.0 ? pden : 1.0));
     bool bad = !(rel <= tol) || (fold && !(prel <= fold_ptol));
     int stale = 0;
     for (int v : cnt) stale += v != 0;
     bad |= stale != 0;
-    std::printf("%s %s %s N=%d in=%d out=%d bits=%d group=%d act=%d gidx=%d bias=%d xmean=%g splits=%d kc=%d "
+    std::printf("%s %s %s N=%d in=%d out=%d bits=%d group=%d act=%d gidx=%d bias=%d xmean=%g epi=%d splits=%d kc=%d "
                 "gshift=%d: rel %.2e, worst %.2e, fp32 partials rel %.2e, counters left %d\n",
                 bad ? "FAIL" : "ok  ", tname, fold == 2 ? "fold2" : fold ? "fold " : "pairs", c.N, c.in, c.out, BITS,
-                c.group, c.act,
-                c.by_gidx, c.bias, (double)c.xmean, plan.splits, plan.kc, c.act ? -1 : gshift, rel, worst, prel, stale);
+                c.group, c.act, c.by_gidx, c.bias, (double)c.xmean, c.epi, plan.splits, plan.kc, c.act ? -1 : gshift, rel,
+                worst, prel, stale);
     return bad ? 1 : 0;
 }
 
@@ -172,19 +186,19 @@ int main(int argc, char **argv)
 {
     const uint64_t seed = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 20261204u;
     const gv_spec cases[] = {
-        /* N  in    out  bits group act gidx bias zoff sms xmean */
-        {1, 512, 384, 4, 64, 0, 0, 1, 1, 2, 0.0f},    /* decode: one row, 3 column tiles, 4 splits (fold) */
-        {3, 704, 256, 4, 32, 0, 0, 0, 1, 1, 0.0f},    /* KW = 88: the last split ends mid-iteration; g32: pairs */
-        {3, 704, 256, 4, 64, 0, 0, 0, 1, 1, 0.0f},    /* the same in groups of 64 (fold) */
-        {8, 1024, 128, 2, 128, 0, 0, 1, 0, 2, 0.0f},  /* 2 bits, 8 rows, zero offset 0 (fold) */
-        {2, 1024, 128, 2, 64, 0, 0, 1, 1, 2, 0.0f},   /* 2 bits in groups of 4 word rows: pairs */
-        {2, 256, 256, 8, 64, 0, 0, 1, 1, 2, 0.0f},    /* 8 bits: the fp32 path */
-        {5, 512, 100, 4, 64, 0, 0, 1, 1, 1, 0.0f},    /* out = 100: warps past the last column (fold) */
-        {1, 512, 256, 4, 64, 0, 1, 0, 1, 2, 0.0f},    /* groups looked up in g_idx */
-        {4, 256, 128, 4, -1, 0, 0, 1, 1, 2, 0.0f},    /* one group (Falcon-40B's checkpoints; fold) */
-        {2, 512, 256, 4, 32, 1, 0, 1, 1, 2, 0.0f},    /* act-order: a group per input row */
-        {1, 4096, 128, 4, -1, 0, 0, 0, 1, 1, 2.0f},   /* one group, one split, sum x ~ 8000: the fold's cancellation */
-        {2, 2048, 256, 4, 128, 0, 0, 1, 1, 2, 1.5f},  /* groups of 16 word rows, x of mean 1.5 (fold) */
+        /* N  in    out  bits group act gidx bias zoff sms xmean epi */
+        {1, 512, 384, 4, 64, 0, 0, 1, 1, 2, 0.0f, 1},    /* decode: one row, 3 column tiles, 4 splits (fold) */
+        {3, 704, 256, 4, 32, 0, 0, 0, 1, 1, 0.0f, 0},    /* KW = 88: the last split ends mid-iteration; g32: pairs */
+        {3, 704, 256, 4, 64, 0, 0, 0, 1, 1, 0.0f, 2},    /* the same in groups of 64 (fold) */
+        {8, 1024, 128, 2, 128, 0, 0, 1, 0, 2, 0.0f, 0},  /* 2 bits, 8 rows, zero offset 0 (fold) */
+        {2, 1024, 128, 2, 64, 0, 0, 1, 1, 2, 0.0f, 2},   /* 2 bits in groups of 4 word rows: pairs */
+        {2, 256, 256, 8, 64, 0, 0, 1, 1, 2, 0.0f, 3},    /* 8 bits: the fp32 path */
+        {5, 512, 100, 4, 64, 0, 0, 1, 1, 1, 0.0f, 1},    /* out = 100: warps past the last column (fold) */
+        {1, 512, 256, 4, 64, 0, 1, 0, 1, 2, 0.0f, 0},    /* groups looked up in g_idx */
+        {4, 256, 128, 4, -1, 0, 0, 1, 1, 2, 0.0f, 0},    /* one group (Falcon-40B's checkpoints; fold) */
+        {2, 512, 256, 4, 32, 1, 0, 1, 1, 2, 0.0f, 3},    /* act-order: a group per input row */
+        {1, 4096, 128, 4, -1, 0, 0, 0, 1, 1, 2.0f, 0},   /* one group, one split, sum x ~ 8000: the fold's cancellation */
+        {2, 2048, 256, 4, 128, 0, 0, 1, 1, 2, 1.5f, 2},  /* groups of 16 word rows, x of mean 1.5 (fold) */
     };
     const int exact = emu_run_cases(
         cases, seed, [](const gv_spec &c, uint64_t s) { return run_bits<f16>(c, s, "f16 ", 2e-3, 5e-4); },
