@@ -122,7 +122,7 @@ typedef struct ft_backend_ops {
     ft_status (*qlinear_fwd)(ft_backend *be, void *y, const void *x, const ft_qlinear *q, int N,
                              ft_error *err);
     /* the same, then the epilogue (ft_epilogue; NULL: none), as one op where the backend can fuse it
-     * (the CUDA GEMV does in its reduction); y may alias add1 or add2, not x. NULL in a backend
+     * (the CUDA GEMV does in its reduction); y aliases none of x, add1, add2. NULL in a backend
      * without it: the engine then runs qlinear_fwd, gelu_fwd and add */
     ft_status (*qlinear_fwd_epi)(ft_backend *be, void *y, const void *x, const ft_qlinear *q, int N,
                                  const ft_epilogue *epi, ft_error *err);

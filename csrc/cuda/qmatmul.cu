@@ -318,7 +318,8 @@ extern "C" ft_status cuda_qlinear_fwd(ft_backend *base, void *y, const void *x, 
 }
 
 /* The GEMV applies the epilogue in its reduction (one launch, y written once); the other kernels
- * are followed by the elementwise ops, in place, in the order ft_epilogue gives. */
+ * are followed by the elementwise ops, in place, in the order ft_epilogue gives (the order, and so
+ * the bits, of the separate ops layer_forward ran before). */
 extern "C" ft_status cuda_qlinear_fwd_epi(ft_backend *base, void *y, const void *x, const ft_qlinear *q, int N,
                                           const ft_epilogue *epi, ft_error *err)
 {
