@@ -170,6 +170,14 @@ __device__ __forceinline__ void gv_reduce_splits(T *__restrict__ y, const float 
     if (threadIdx.x == 0) cnt[blockIdx.x] = 0; /* every split has arrived: ready for the next call */
 }
 
+/* the x pairs (x_j, x_{j+P2}) of one word row, j < P2 (the mma's B operand), from its 2 P2 values
+ * as 32-bit words xw (x_0 x_1 | x_2 x_3 | ...) */
+template <int P2> __device__ __forceinline__ void gv_x_pairs(uint32_t *xp, const uint32_t *xw)
+{
+#pragma unroll
+    for (int j = 0; j < P2; j++) xp[j] = __byte_perm(xw[j >> 1], xw[(j >> 1) + P2 / 2], (j & 1) ? 0x7632 : 0x5410);
+}
+
 /* ACT = false: the rows of one packed word share a group: g = r >> gshift, or g_idx[r * PER]
  * when gshift < 0. ACT = true: every row looks up its own group (act-order checkpoints). */
 template <typename T, int BITS, bool ACT>
@@ -239,11 +247,8 @@ qgemv_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__restri
             }
 #pragma unroll
             for (int u = 0; u < GV_U; u++) {
-                /* x pairs (x_j, x_{j+P2}): the B operand */
-                uint32_t xp[P2];
-#pragma unroll
-                for (int j = 0; j < P2; j++)
-                    xp[j] = __byte_perm(xw[u][j >> 1], xw[u][(j >> 1) + P2 / 2], (j & 1) ? 0x7632 : 0x5410);
+                uint32_t xp[P2]; /* the B operand */
+                gv_x_pairs<P2>(xp, xw[u]);
                 const uint32_t wc[4] = {(uint32_t)wv[u].x, (uint32_t)wv[u].y, (uint32_t)wv[u].z, (uint32_t)wv[u].w};
                 /* W pairs (W_j, W_{j+P2}) of column col0 + c: the A operand */
                 uint32_t ap[4][P2];
@@ -458,11 +463,8 @@ qgemv_fold_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__r
         auto compute = [&](const stage &st, const uint32_t (&xw)[GV_U][XW], int r0) {
 #pragma unroll
             for (int u = 0; u < GV_U; u++) {
-                /* x pairs (x_j, x_{j+P2}): the B operand */
-                uint32_t xq[P2];
-#pragma unroll
-                for (int j = 0; j < P2; j++)
-                    xq[j] = __byte_perm(xw[u][j >> 1], xw[u][(j >> 1) + P2 / 2], (j & 1) ? 0x7632 : 0x5410);
+                uint32_t xq[P2]; /* the B operand */
+                gv_x_pairs<P2>(xq, xw[u]);
                 const uint32_t wc[4] = {(uint32_t)st.wv[u].x, (uint32_t)st.wv[u].y, (uint32_t)st.wv[u].z,
                                         (uint32_t)st.wv[u].w};
                 /* A pairs (A0 + q_j, A0 + q_{j+P2}) of column col0 + c */
