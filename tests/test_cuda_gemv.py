@@ -215,3 +215,38 @@ def test_gemv_kernel_choice(tmp_path, monkeypatch, capfd, fold):
     monkeypatch.setenv("FT_CUDA_GEMV_FOLD", "3")
     with pytest.raises(ValueError, match="FT_CUDA_GEMV_FOLD must be 0, 1 or 2"):
         ft.load_model(tmp_path / "g64", device="cuda", dtype="bfloat16")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_gemv_epilogue_in_decode_steps(tmp_path, monkeypatch, capfd, dtype):
+    """qlinear_fwd_epi (GELU after dense_h_to_4h, the residual add after dense_4h_to_h, on modules
+    without LoRA): in the GEMV's reduction for decode steps, as separate ops for a prefill of more than
+    8 rows and everywhere with FT_CUDA_GEMV_EPILOGUE=0 (the profiler's choice table counts each);
+    decode logits both ways within the CUDA contract of the CPU's and close to each other."""
+    d = testing.make_checkpoint(tmp_path / "m", preset="tiny", bits=4, group_size=64)
+    cpu = ft.load_model(d, device="cpu")
+    L = cpu.config.num_hidden_layers
+    ids = np.random.default_rng(3).integers(0, cpu.config.vocab_size, size=(2, 7)).astype(np.int64)
+    full = cpu.forward(ids)
+    logits = {}
+    for on in ("1", "0"):
+        with monkeypatch.context() as mp:
+            mp.setenv("FT_CUDA_GEMV_EPILOGUE", on)
+            mp.setenv("FT_CUDA_PROFILE", "1")
+            gpu = ft.load_model(d, device="cuda", dtype=dtype)
+        e = gpu.engine
+        e.cache_init(2, 8)
+        e.forward_cached(ids[:, :5], None)  # 10 rows: not the GEMV
+        steps = [e.forward_cached(ids[:, t:t + 1], None) for t in (5, 6)]  # 2 rows each: the GEMV
+        e.cache_free()
+        capfd.readouterr()
+        gpu.close()
+        table = choices(capfd.readouterr().err).get("qlinear epilogue kernel", {})
+        for t, last in zip((5, 6), steps):
+            assert rel(last, full[:, t]) < 2e-2, (on, t, rel(last, full[:, t]))
+        logits[on] = np.stack(steps)
+        if on == "1":  # two fused modules a layer: the prefill once, each decode step once
+            assert table == {"gemv reduction": 2 * 2 * L, "separate ops: not the GEMV": 2 * L}, table
+        else:
+            assert table == {"separate ops: off (FT_CUDA_GEMV_EPILOGUE=0)": 3 * 2 * L}, table
+    assert rel(logits["1"], logits["0"]) < 1e-2

@@ -31,6 +31,8 @@ static const char *const gemv_names[GEMV_N] = {"ok", "off (FT_CUDA_GEMV=0)", "ro
 static const char *const gemv_kernel_names[GVK_N] = {"fold", "fold, two stages", "pairs: off (FT_CUDA_GEMV_FOLD=0)",
                                                      "pairs: 8 bits",
                                                      "pairs: groups (act-order, by g_idx, or < 8 word rows)"};
+static const char *const qlinear_epi_names[QE_N] = {"gemv reduction", "separate ops: off (FT_CUDA_GEMV_EPILOGUE=0)",
+                                                    "separate ops: not the GEMV", "separate ops: alignment"};
 static const char *const attn_names[ATTN_N] = {"gemm", "flash", "decode", "mma"};
 static const char *const attn_mma_names[AMM_N] = {"ok", "head (hd != 64 or H % KV)",
                                                   "shape (> 65535 items, or backward with a cache)", "alignment",
@@ -49,6 +51,7 @@ static const struct {
     {"fused qgemm usable", QF_N, qfused_names},
     {"gemv usable", GEMV_N, gemv_names},
     {"gemv kernel", GVK_N, gemv_kernel_names},
+    {"qlinear epilogue kernel", QE_N, qlinear_epi_names},
     {"attention fwd kernel", ATTN_N, attn_names},
     {"attention bwd kernel", ATTN_N, attn_names},
     {"decode attention usable", AD_N, attn_decode_names},
@@ -234,6 +237,17 @@ gemv_kernel_why gemv_kernel_choose(cuda_backend *be, const ft_qlinear *q)
     else if (q->bits != 2 && q->bits != 4) k = GVK_BITS;
     else if (!gv_fold_ok(q->bits, q->row_groups, q->gemv_gshift, q->groups, q->out)) k = GVK_GROUPS;
     return (gemv_kernel_why)note(be, CH_GEMV_KERNEL, k);
+}
+
+/* qlinear_fwd_epi's GELU / residual add: in the GEMV's reduction, whose residual loads are 8 bytes
+ * (4 act values) wide; after any other kernel, the elementwise ops (qmatmul.cu). */
+qlinear_epi_why qlinear_epi_choose(cuda_backend *be, qgemm_kind kind, const ft_epilogue *epi)
+{
+    qlinear_epi_why k = QE_GEMV;
+    if (!be->gemv_epi_on) k = QE_OFF;
+    else if (kind != QGEMM_GEMV) k = QE_KERNEL;
+    else if (((uintptr_t)epi->add1 | (uintptr_t)epi->add2) % 8) k = QE_ALIGN;
+    return (qlinear_epi_why)note(be, CH_QLINEAR_EPI, k);
 }
 
 /* The decode kernel (attention_decode.cu): one query per row, head dims that are a multiple of 8 up

@@ -45,6 +45,8 @@ typedef enum { GEMV_OK, GEMV_OFF, GEMV_ROWS, GEMV_BITS, GEMV_SHAPE, GEMV_ALIGN, 
 /* which GEMV kernel runs it: GVK_FOLD / GVK_FOLD_PIPE qgemv_fold_kernel (one stage / two), otherwise
  * qgemv_kernel, and why */
 typedef enum { GVK_FOLD, GVK_FOLD_PIPE, GVK_OFF, GVK_BITS, GVK_GROUPS, GVK_N } gemv_kernel_why;
+/* where qlinear_fwd_epi's epilogue runs: in the GEMV's reduction (QE_GEMV), else as separate ops, and why */
+typedef enum { QE_GEMV, QE_OFF, QE_KERNEL, QE_ALIGN, QE_N } qlinear_epi_why;
 /* attention: cuBLAS chunks (default), scalar flash kernels (FT_CUDA_ATTN=flash), one-launch decode,
  * tensor-core flash kernels (FT_CUDA_ATTN=mma, attention_mma.cu) */
 typedef enum { ATTN_GEMM, ATTN_FLASH, ATTN_DECODE, ATTN_MMA, ATTN_N } attn_kind;
@@ -54,8 +56,8 @@ typedef enum { AMM_OK, AMM_HEAD, AMM_SHAPE, AMM_ALIGN, AMM_ARCH, AMM_N } attn_mm
 typedef enum { AD_OK, AD_OFF, AD_ROWS, AD_HEAD, AD_ALIGN, AD_SIZE, AD_N } attn_decode_why;
 
 /* the counted choices: one row each in the profiler's table */
-enum { CH_QGEMM_FWD, CH_QGEMM_BWD, CH_QFUSED, CH_GEMV, CH_GEMV_KERNEL, CH_ATTN_FWD, CH_ATTN_BWD, CH_ATTN_DECODE,
-       CH_ATTN_MMA, CH_N };
+enum { CH_QGEMM_FWD, CH_QGEMM_BWD, CH_QFUSED, CH_GEMV, CH_GEMV_KERNEL, CH_QLINEAR_EPI, CH_ATTN_FWD, CH_ATTN_BWD,
+       CH_ATTN_DECODE, CH_ATTN_MMA, CH_N };
 #define CH_MAXV 8 /* most answers of one choice */
 
 /* the decode attention's limits (attention_decode.cu), which attn_decode_check tests */
@@ -375,6 +377,8 @@ void choice_report(const cuda_backend *be);
 qgemm_kind qgemm_choose(cuda_backend *be, const ft_qlinear *q, int N, qgemm_dir dir, const void *a, const void *c);
 /* which GEMV kernel runs a product qgemm_choose gave to the GEMV */
 gemv_kernel_why gemv_kernel_choose(cuda_backend *be, const ft_qlinear *q);
+/* where the epilogue of a qlinear_fwd_epi whose product runs on kernel `kind` goes */
+qlinear_epi_why qlinear_epi_choose(cuda_backend *be, qgemm_kind kind, const ft_epilogue *epi);
 /* which attention kernel runs (backward: never ATTN_DECODE); others: the bitwise OR of the addresses
  * of the call's other tensors (q, out, and in backward dout, dq, dk, dv), for the alignment checks */
 attn_kind attn_choose(cuda_backend *be, const ft_attn_args *a, const void *k, const void *v, uintptr_t others,

@@ -282,9 +282,8 @@ static ft_status qlinear_forward(cuda_backend *be, void *y, const void *x, const
     FT_TRY(poison(be, y, (size_t)N * q->out, err));
     PROF_T0(be);
     const double t_op = prof_t0_;
+    const bool fuse = epi && qlinear_epi_choose(be, kind, epi) == QE_GEMV;
     if (kind == QGEMM_GEMV) {
-        /* the epilogue rides in the GEMV's reduction (FT_CUDA_GEMV_EPILOGUE, 8-byte residual rows) */
-        const bool fuse = epi && be->gemv_epi_on && ((uintptr_t)epi->add1 | (uintptr_t)epi->add2) % 8 == 0;
         FT_TRY(cuda_qgemv(be, y, x, q, N, fuse ? epi : NULL, err)); /* bias included */
         *epi_done = fuse;
     } else if (kind == QGEMM_FUSED) {
