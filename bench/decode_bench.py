@@ -5,6 +5,10 @@ bitsandbytes NF4, double quant, bf16 compute: bench/hf_peers.py), one after the 
 model freed before the next is built.
 
     python bench/decode_bench.py [--ckpt DIR] [--out bench/results] [--skip-hf] [--peers hf_bf16 hf_bnb4]
+                                 [--lora R]
+
+--lora R measures ours as a tutorial user generates after training: with a rank-R adapter on
+query_key_value (random nonzero weights); the JSON is then decode_lora<R>_<card>_<date>.json.
 
 Ceiling (count first): each new token reads the packed weights (~3.5 GB at 4 bits + scales)
 and the bf16 lm_head (65024 x 4544 x 2 B = 0.59 GB): ~3.9 GB per token; at the H100's measured
@@ -48,8 +52,13 @@ def ensure_checkpoint(path: Path) -> Path:
     return make_7b_checkpoint(path)
 
 
-def bench_ours(ckpt: Path, prompt_len: int, new_tokens: int, reps: int) -> dict:
+def bench_ours(ckpt: Path, prompt_len: int, new_tokens: int, reps: int, lora_r: int = 0) -> dict:
     model = ft.load_model(ckpt, device="cuda")
+    if lora_r:  # the tutorial's adapter: rank r on query_key_value, nonzero weights
+        from falcontune import testing
+
+        model.add_lora(r=lora_r, alpha=2 * lora_r, dropout=0.05, target_modules=["query_key_value"])
+        model.load_lora_state_dict(testing.random_lora(model.config, lora_r, ["query_key_value"], seed=1))
     rng = np.random.default_rng(0)
     ids = rng.integers(100, 60000, size=(1, prompt_len))
     model.generate_ids(ids, max_new_tokens=8, eos_token_id=-1)  # warm-up
@@ -119,11 +128,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--peers", nargs="*", choices=sorted(HF_PEERS), default=sorted(HF_PEERS))
+    ap.add_argument("--lora", type=int, default=0, metavar="R",
+                    help="ours with a rank-R adapter on query_key_value (the tutorial's), as a user generates "
+                         "after training; the peers stay as they are")
     args = ap.parse_args()
     card = card_name()
     result = {"card": card, "date": datetime.date.today().isoformat(), "prompt_tokens": args.prompt,
-              "new_tokens": args.new, "batch": 1}
-    result["ours"] = bench_ours(ensure_checkpoint(args.ckpt), args.prompt, args.new, args.reps)
+              "new_tokens": args.new, "batch": 1, "ours_lora_r": args.lora}
+    result["ours"] = bench_ours(ensure_checkpoint(args.ckpt), args.prompt, args.new, args.reps, args.lora)
     print("ours", json.dumps(result["ours"]), flush=True)
     for key in ([] if args.skip_hf else args.peers):
         try:
@@ -132,7 +144,7 @@ def main() -> None:
             result[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         print(key, json.dumps(result[key]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"decode_{card}_{result['date']}.json"
+    path = args.out / f"decode{f'_lora{args.lora}' if args.lora else ''}_{card}_{result['date']}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     out_dir = os.environ.get("OUT")
     if out_dir:

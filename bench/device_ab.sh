@@ -75,11 +75,12 @@ build_all() {
   [ $ok = 1 ]
 }
 
-# run "$@" in version $name's tree with its package first on the path and its extra environment
+# run "$@" in version $name's tree with its package first on the path and its extra environment;
+# without OUT, which decode_bench.py would also copy its JSON into (the summary gathers them instead)
 in_version() {
   local name=$1; shift
   # shellcheck disable=SC2046
-  (cd "$AB_DIR/$name" && env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" $(version_env "$name") "$@")
+  (cd "$AB_DIR/$name" && env -u OUT PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" $(version_env "$name") "$@")
 }
 
 run_targets() {
