@@ -12,6 +12,11 @@
 #   decode -> bench/decode_bench.py (ours + HF bf16 and HF bnb NF4 generate)   ($OUT/decode.log, $OUT/decode_*.json)
 #   profile -> bench/decode_profile.py (per-kernel time of a decode step)   ($OUT/decode_profile.txt)
 #   gemvncu -> bench/gemv_ncu.sh (Nsight Compute stall reasons of the decode GEMV; GEMV_ENVS for A/B)
+#   gemvtests -> the GPU tests of the decode GEMV's kernels and epilogue (test_cuda_gemv.py, test_ops.py
+#             without the mma attention, test_cuda.py -k "decode or greedy or cache"), -n 8 ($OUT/gemvtests.log)
+#   decodeab -> bench/decode_bench.py --skip-hf once per setting of DECODE_ENVS (default: the GEMV epilogue
+#             off, then FT_CUDA_GEMV_FOLD=0, 1, 2), then decode_profile.py --env over the fold settings;
+#             one line per setting in $OUT/decodeab.txt, the JSONs in $OUT/decodeab_json.tar.gz
 #   ops    -> the op-level CUDA tests and the data-parallel GPU tests (tests/test_ops.py, tests/test_dist.py)
 #   trainprofile -> bench/train_profile.py (CUPTI per-kernel time of a 7B step; PROFILE_MB="1 16",
 #             PROFILE_ARGS=--host adds the host's CUDA runtime calls)
@@ -89,6 +94,21 @@ for what in "$@"; do
     ckpt40bbg) ckpt40b > "$OUT/ckpt40b.log" 2>&1 & CK40=$! ;;
     profile) timeout ${DECODE_TIMEOUT:-200} python3 bench/decode_profile.py --out "$OUT" --ckpt /tmp/ft7b 2>&1 | grep -vi warn | tail -40 ;;
     gemvncu) bash bench/gemv_ncu.sh ;;
+    gemvtests) timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -m cuda -p no:cacheprovider -n ${PYTEST_WORKERS:-8} \
+        tests/test_cuda_gemv.py tests/test_ops.py tests/test_cuda.py -k "not mma and (gemv or qlinear or gelu or add or decode or greedy or cache)" \
+        ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gemvtests.log" | tail -30 ;;
+    decodeab)
+      rm -rf /tmp/decodeab && mkdir -p /tmp/decodeab
+      for e in ${DECODE_ENVS:-FT_CUDA_GEMV_EPILOGUE=0 FT_CUDA_GEMV_FOLD=0 FT_CUDA_GEMV_FOLD=1 FT_CUDA_GEMV_FOLD=2}; do
+        d=/tmp/decodeab/$(echo "$e" | tr -c 'A-Za-z0-9\n' _)
+        env -u OUT "$e" timeout ${DECODE_TIMEOUT:-200} python3 bench/decode_bench.py --skip-hf --ckpt /tmp/ft7b --out "$d" \
+          ${DECODE_ARGS:-} > "$d.log" 2>&1
+        echo "$e: rc=$? $(python3 bench/ab_summary.py decode "$d")" | tee -a "$OUT/decodeab.txt"
+      done
+      timeout ${DECODE_TIMEOUT:-200} python3 bench/decode_profile.py --ckpt /tmp/ft7b --out /tmp/decodeab \
+        --env "FT_CUDA_GEMV_FOLD=0;FT_CUDA_GEMV_FOLD=1;FT_CUDA_GEMV_FOLD=2" > /tmp/decodeab/profile.log 2>&1
+      grep -i -E "qgemv|gemv|per token|busy" /tmp/decodeab/profile.log | head -40 | tee -a "$OUT/decodeab.txt"
+      tar -czf "$OUT/decodeab_json.tar.gz" -C /tmp decodeab ;;
     mmatests) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_ops.py -k "mma" tests/test_cuda_attention.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/mmatests.log" | tail -30 ;;
     benchmma) FT_CUDA_ATTN=mma timeout ${BENCH_TIMEOUT:-300} python3 bench/train_bench.py --no-hf --out "$OUT" --ckpt /tmp/ft7b ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_mma.log" | tail -30 ;;
     benchours) timeout ${BENCH_TIMEOUT:-300} python3 bench/train_bench.py --no-hf --out "$OUT" --ckpt /tmp/ft7b ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -30 ;;
