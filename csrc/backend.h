@@ -21,11 +21,17 @@ extern "C" {
 typedef struct ft_backend ft_backend;
 typedef struct ft_qlinear ft_qlinear; /* backend-owned quantized weight */
 
-/* What qlinear_fwd_epi does to x W + bias before storing it: GELU (exact erf form) when gelu != 0,
- * then y = add1 + add2 + that (add1, add2: act [N, out], each NULL when absent), in that order. */
+/* What qlinear_fwd_epi does to x W + bias before storing it, in this order: the LoRA term when
+ * lora_A != NULL (+ lora_scale (x A^T) B^T, A [lora_r, in] and B [out, lora_r] f32, no dropout;
+ * lora_xa [N, lora_r] f32 receives x A^T), GELU (exact erf form) when gelu != 0, then
+ * y = add1 + add2 + that (add1, add2: act [N, out], each NULL when absent). */
 typedef struct ft_epilogue {
     int gelu;
     const void *add1, *add2;
+    const float *lora_A, *lora_B;
+    float *lora_xa;
+    int lora_r;
+    float lora_scale;
 } ft_epilogue;
 
 enum { FT_REPLAY_SLOTS = 26 }; /* independent recorded steps a backend keeps (replay) */

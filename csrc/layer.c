@@ -30,11 +30,43 @@ static uint64_t dropout_seed(int l, int mod)
     return ft_mix64((uint64_t)l * FT_NMOD + (uint64_t)mod);
 }
 
-/* y = W x (+ LoRA), the LoRA A output saved in xa */
+/* Whether a step's linears run with their LoRA and the elementwise op after them as one
+ * qlinear_fwd_epi: the backend has it and no backward reads the step (the pre-GELU h, the product
+ * before the residual). Without a backward there is no dropout either, which the op does not draw. */
+static int fuse_epilogues(const ft_model *m, const step_ctx *s)
+{
+    return m->be->ops->qlinear_fwd_epi && !s->backward && !s->train;
+}
+
+/* y = post(W x + LoRA) as one qlinear_fwd_epi (fuse_epilogues), the LoRA A output in xa; post may be
+ * NULL. A module with neither LoRA nor post is a plain qlinear_fwd. */
+static ft_status linear_fwd_fused(ft_model *m, const step_ctx *s, int l, int mod, void *y, const void *x, float *xa,
+                                  const ft_epilogue *post, ft_error *err)
+{
+    const ft_backend_ops *op = m->be->ops;
+    const ft_qlinear *lin = m->layers[l].lin[mod];
+    if (!has_lora(m, mod) && !post) return op->qlinear_fwd(m->be, y, x, lin, s->N, err);
+    ft_epilogue e = {0, NULL, NULL, NULL, NULL, NULL, 0, 0.0f};
+    if (post) e = *post;
+    if (has_lora(m, mod)) {
+        float *A, *Bm;
+        size_t na, nb;
+        CALL(lora_locate(m, FT_LORA_WEIGHT, l, mod, &A, &Bm, &na, &nb, err));
+        e.lora_A = A;
+        e.lora_B = Bm;
+        e.lora_xa = xa;
+        e.lora_r = m->lora_r;
+        e.lora_scale = m->lora_scale;
+    }
+    return op->qlinear_fwd_epi(m->be, y, x, lin, s->N, &e, err);
+}
+
+/* y = W x (+ LoRA), the LoRA A output saved in xa (one qlinear_fwd_epi where fuse_epilogues) */
 static ft_status linear_fwd(ft_model *m, const step_ctx *s, int l, int mod, void *y, const void *x, float *xa,
                             ft_error *err)
 {
     const ft_config *c = &m->cfg;
+    if (fuse_epilogues(m, s)) return linear_fwd_fused(m, s, l, mod, y, x, xa, NULL, err);
     CALL(m->be->ops->qlinear_fwd(m->be, y, x, m->layers[l].lin[mod], s->N, err));
     if (!has_lora(m, mod)) return FT_OK;
     float *A, *Bm;
@@ -60,14 +92,6 @@ static ft_status linear_bwd(ft_model *m, const step_ctx *s, int l, int mod, void
     return m->be->ops->lora_bwd(m->be, dx, dA, dB, dy, x, xa, A, Bm, s->N, mod_in(c, mod),
                                 mod_out(c, mod, m->qkv_width), m->lora_r, m->lora_scale, p,
                                 dropout_seed(l, mod), err);
-}
-
-/* Whether module mod's product and the elementwise op after it run as one qlinear_fwd_epi: the
- * backend has it, the module carries no LoRA (whose output joins the product before that op) and
- * no backward reads the product (the MLP's pre-GELU h). */
-static int fuse_epilogue(const ft_model *m, const step_ctx *s, int mod)
-{
-    return m->be->ops->qlinear_fwd_epi && !has_lora(m, mod) && !s->backward;
 }
 
 static void attn_args(const ft_model *m, const step_ctx *s, ft_attn_args *a)
@@ -101,6 +125,7 @@ ft_status layer_forward(ft_model *m, const step_ctx *s, int l, layer_acts *A, co
     void *k = kbuf ? kbuf : A->k, *v = vbuf ? vbuf : A->v;
 
     /* attention branch: a1 = ln(x); qkv = W a1; q,k,v = split + rotary; ctx = attn; ao = Wd ctx */
+    const int fused = fuse_epilogues(m, s);
     CALL(op->layernorm_fwd(m->be, A->a1, A->mean1, A->rstd1, x, lw->ln1_w, lw->ln1_b, N, D, c->ln_eps, err));
     CALL(linear_fwd(m, s, l, FT_MOD_QKV, ws->qkv, A->a1, A->xa[FT_MOD_QKV], err));
     ft_qkv_args qa;
@@ -122,10 +147,10 @@ ft_status layer_forward(ft_model *m, const step_ctx *s, int l, layer_acts *A, co
         mlp_in = A->a2;
     }
     /* mlp: h = W1 in; g = gelu(h); mo = W2 g (g straight from the product where it fuses: decode,
-     * evaluation, without LoRA on the module) */
-    if (fuse_epilogue(m, s, FT_MOD_H_TO_4H)) {
-        const ft_epilogue gelu = {1, NULL, NULL};
-        CALL(op->qlinear_fwd_epi(m->be, ws->g, mlp_in, lw->lin[FT_MOD_H_TO_4H], N, &gelu, err));
+     * prefill, evaluation) */
+    if (fused) {
+        const ft_epilogue gelu = {1, NULL, NULL, NULL, NULL, NULL, 0, 0.0f};
+        CALL(linear_fwd_fused(m, s, l, FT_MOD_H_TO_4H, ws->g, mlp_in, A->xa[FT_MOD_H_TO_4H], &gelu, err));
     } else {
         CALL(linear_fwd(m, s, l, FT_MOD_H_TO_4H, A->h, mlp_in, A->xa[FT_MOD_H_TO_4H], err));
         CALL(op->gelu_fwd(m->be, ws->g, A->h, (size_t)N * c->ffn, err));
@@ -133,9 +158,9 @@ ft_status layer_forward(ft_model *m, const step_ctx *s, int l, layer_acts *A, co
 
     /* residual: y = x + ao + mo (parallel) or r + mo, added to the product itself where it fuses */
     const void *r1 = c->parallel_attn ? x : A->r, *r2 = c->parallel_attn ? ws->attn_o : NULL;
-    if (fuse_epilogue(m, s, FT_MOD_4H_TO_H)) {
-        const ft_epilogue residual = {0, r1, r2};
-        return op->qlinear_fwd_epi(m->be, y, ws->g, lw->lin[FT_MOD_4H_TO_H], N, &residual, err);
+    if (fused) {
+        const ft_epilogue residual = {0, r1, r2, NULL, NULL, NULL, 0, 0.0f};
+        return linear_fwd_fused(m, s, l, FT_MOD_4H_TO_H, y, ws->g, A->xa[FT_MOD_4H_TO_H], &residual, err);
     }
     CALL(linear_fwd(m, s, l, FT_MOD_4H_TO_H, ws->mlp_o, ws->g, A->xa[FT_MOD_4H_TO_H], err));
     return op->add(m->be, y, r1, r2 ? r2 : ws->mlp_o, r2 ? ws->mlp_o : NULL, (size_t)N * D, err);

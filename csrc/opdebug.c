@@ -422,16 +422,20 @@ static ft_status run_qlinear_fwd(op_ctx *c)
     return OPS->qlinear_fwd(c->be, y, x, q, N, c->err);
 }
 
-/* qlinear_fwd and its epilogue: 'gelu' (0 or 1), optional act arrays 'add1', 'add2' [N, out] */
+/* qlinear_fwd and its epilogue: 'gelu' (0 or 1), optional act arrays 'add1', 'add2' [N, out], and a
+ * LoRA when 'r' is given: f32 'A' [r, in], 'B' [out, r], output 'xa' [N, r], scalar 'scale' */
 static ft_status run_qlinear_fwd_epi(op_ctx *c)
 {
     const int N = DIM("N"), in = DIM("in"), out = DIM("out");
-    const int gelu = (int)integer(c, "gelu", 0, 1, 0, 0);
+    const int gelu = (int)integer(c, "gelu", 0, 1, 0, 0), r = (int)integer(c, "r", 1, MAX_DIM, 0, 0);
     void *y = ACT("y", P(N, out)), *x = ACT("x", P(N, in));
     const void *add1 = array(c, "add1", BUF_ACT, P(N, out), 1), *add2 = array(c, "add2", BUF_ACT, P(N, out), 1);
+    const float *A = r ? F32("A", P(r, in)) : NULL, *B = r ? F32("B", P(out, r)) : NULL;
+    float *xa = r ? F32("xa", P(N, r)) : NULL;
+    const float scale = r ? number(c, "scale", 1, 0.0f) : 0.0f;
     const ft_qlinear *q = qlinear(c, in, out);
     if (!ready(c)) return c->st;
-    const ft_epilogue epi = {gelu, add1, add2};
+    const ft_epilogue epi = {gelu, add1, add2, A, B, xa, r, scale};
     return OPS->qlinear_fwd_epi(c->be, y, x, q, N, &epi, c->err);
 }
 

@@ -239,6 +239,25 @@ def qlinear_cases(rng):
                        residual, lowp=("x", "y", "bias", "add1", "add2"), graph=N <= 8)
             yield Case("qlinear_fwd_epi", f"{name}_add1", {"N": N, **q, "x": x, "y": y, "add1": r1}, residual,
                        lowp=("x", "y", "bias", "add1"))
+            # with a LoRA (no dropout): added to the product before the GELU / the residuals
+            r = 8
+            lora = {"r": r, "scale": 2.0, "A": f32(rng, r, fin, scale=0.2), "B": f32(rng, fout, r, scale=0.2),
+                    "xa": f32(rng, N, r)}
+
+            def with_lora(v, W=W, gelu=False):
+                xa = d(v["x"]) @ d(v["A"]).T
+                h = d(v["x"]) @ W + (d(v["bias"]) if "bias" in v else 0.0) + v["scale"] * xa @ d(v["B"]).T
+                if gelu:
+                    h = 0.5 * h * (1 + _erf(h / math.sqrt(2)))
+                add = (d(v["add1"]) if "add1" in v else 0.0) + (d(v["add2"]) if "add2" in v else 0.0)
+                return {"y": add + h, "xa": xa}
+            yield Case("qlinear_fwd_epi", f"{name}_lora", {"N": N, **q, **lora, "x": x, "y": y}, with_lora,
+                       lowp=("x", "y", "bias"), graph=N <= 8)
+            yield Case("qlinear_fwd_epi", f"{name}_lora_gelu", {"N": N, **q, **lora, "x": x, "y": y, "gelu": 1},
+                       lambda v, f=with_lora: f(v, gelu=True), lowp=("x", "y", "bias"))
+            yield Case("qlinear_fwd_epi", f"{name}_lora_add2",
+                       {"N": N, **q, **lora, "x": x, "y": y, "add1": r1, "add2": r2}, with_lora,
+                       lowp=("x", "y", "bias", "add1", "add2"), graph=N <= 8)
         for acc in (0, 1):
             dq = {k: v for k, v in q.items() if k != "bias"}
             yield Case("qlinear_bwd", f"{name}_acc{acc}", {"N": N, **dq, "accumulate": acc, "dy": f32(rng, N, fout),

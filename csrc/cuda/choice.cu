@@ -32,7 +32,8 @@ static const char *const gemv_kernel_names[GVK_N] = {"fold", "fold, two stages",
                                                      "pairs: 8 bits",
                                                      "pairs: groups (act-order, by g_idx, or < 8 word rows)"};
 static const char *const qlinear_epi_names[QE_N] = {"gemv reduction", "separate ops: off (FT_CUDA_GEMV_EPILOGUE=0)",
-                                                    "separate ops: not the GEMV", "separate ops: alignment"};
+                                                    "separate ops: not the GEMV", "separate ops: alignment",
+                                                    "separate ops: LoRA rank > 64"};
 static const char *const attn_names[ATTN_N] = {"gemm", "flash", "decode", "mma"};
 static const char *const attn_mma_names[AMM_N] = {"ok", "head (hd != 64 or H % KV)",
                                                   "shape (> 65535 items, or backward with a cache)", "alignment",
@@ -239,14 +240,16 @@ gemv_kernel_why gemv_kernel_choose(cuda_backend *be, const ft_qlinear *q)
     return (gemv_kernel_why)note(be, CH_GEMV_KERNEL, k);
 }
 
-/* qlinear_fwd_epi's GELU / residual add: in the GEMV's reduction, whose residual loads are 8 bytes
- * (4 act values) wide; after any other kernel, the elementwise ops (qmatmul.cu). */
+/* qlinear_fwd_epi's LoRA up-projection, GELU and residual add: in the GEMV's reduction, whose residual
+ * loads are 8 bytes (4 act values) wide and whose LoRA loop runs over the rank per column; after any
+ * other kernel, the LoRA and elementwise ops (qmatmul.cu). */
 qlinear_epi_why qlinear_epi_choose(cuda_backend *be, qgemm_kind kind, const ft_epilogue *epi)
 {
     qlinear_epi_why k = QE_GEMV;
     if (!be->gemv_epi_on) k = QE_OFF;
     else if (kind != QGEMM_GEMV) k = QE_KERNEL;
     else if (((uintptr_t)epi->add1 | (uintptr_t)epi->add2) % 8) k = QE_ALIGN;
+    else if (epi->lora_A && epi->lora_r > GV_LORA_MAX_R) k = QE_RANK;
     return (qlinear_epi_why)note(be, CH_QLINEAR_EPI, k);
 }
 

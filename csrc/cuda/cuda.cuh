@@ -46,7 +46,9 @@ typedef enum { GEMV_OK, GEMV_OFF, GEMV_ROWS, GEMV_BITS, GEMV_SHAPE, GEMV_ALIGN, 
  * qgemv_kernel, and why */
 typedef enum { GVK_FOLD, GVK_FOLD_PIPE, GVK_OFF, GVK_BITS, GVK_GROUPS, GVK_N } gemv_kernel_why;
 /* where qlinear_fwd_epi's epilogue runs: in the GEMV's reduction (QE_GEMV), else as separate ops, and why */
-typedef enum { QE_GEMV, QE_OFF, QE_KERNEL, QE_ALIGN, QE_N } qlinear_epi_why;
+typedef enum { QE_GEMV, QE_OFF, QE_KERNEL, QE_ALIGN, QE_RANK, QE_N } qlinear_epi_why;
+/* the largest LoRA rank the GEMV's reduction adds itself (its loop over the rank per column) */
+constexpr int GV_LORA_MAX_R = 64;
 /* attention: cuBLAS chunks (default), scalar flash kernels (FT_CUDA_ATTN=flash), one-launch decode,
  * tensor-core flash kernels (FT_CUDA_ATTN=mma, attention_mma.cu) */
 typedef enum { ATTN_GEMM, ATTN_FLASH, ATTN_DECODE, ATTN_MMA, ATTN_N } attn_kind;
@@ -390,6 +392,10 @@ attn_kind attn_choose(cuda_backend *be, const ft_attn_args *a, const void *k, co
 ft_status cuda_qgemv_prepare(cuda_backend *be, ft_qlinear *q, const int32_t *host_gidx, ft_error *err);
 ft_status cuda_qgemv(cuda_backend *be, void *y, const void *x, const ft_qlinear *q, int N, const ft_epilogue *epi,
                      ft_error *err);
+/* lora.cu: xa[N,r] = x A^T (A [r, in]), no dropout: qlinear_fwd_epi's LoRA before a GEMV that adds
+ * scale xa B^T in its reduction */
+ft_status cuda_lora_down(cuda_backend *be, float *xa, const void *x, const float *A, int N, int in, int r,
+                         ft_error *err);
 int cuda_qgemv_ptx(void);
 /* qgemm.cu: the fused quantized GEMM (QGEMM_FUSED). fwd: y[N,out] = x W + bias;
  * bwd: dx[N,in] (=, += when accumulate) dy W^T. ptx: as above. */

@@ -96,7 +96,16 @@ ft_status cuda_qgemv(cuda_backend *be, void *y, const void *x, const ft_qlinear 
     const dim3 grid(tiles, splits);
     const bool act = q->row_groups != 0;
     const gemv_kernel_why kernel = gemv_kernel_choose(be, q);
-    const gv_epilogue ge = epi ? gv_epilogue{epi->gelu, epi->add1, epi->add2} : gv_epilogue{0, NULL, NULL};
+    gv_epilogue ge = {0, NULL, NULL, NULL, NULL, 0, 0.0f};
+    if (epi) {
+        ge = {epi->gelu, epi->add1, epi->add2, NULL, NULL, 0, 0.0f};
+        if (epi->lora_A) {
+            ge.lora_xa = epi->lora_xa;
+            ge.lora_B = epi->lora_B;
+            ge.lora_r = epi->lora_r;
+            ge.lora_scale = epi->lora_scale;
+        }
+    }
     ACT_DISPATCH(&be->base, T, {
         if (bits == 4) launch_bits<T, 4>(grid, be->stream, kernel, act, y, x, q, (float *)part, N, kc, ge);
         else if (bits == 2) launch_bits<T, 2>(grid, be->stream, kernel, act, y, x, q, (float *)part, N, kc, ge);

@@ -103,11 +103,15 @@ template <> struct xvec<8> {
     }
 };
 
-/* qlinear_fwd_epi's epilogue (backend.h's ft_epilogue) as the reduction applies it: GELU of the
- * sum + bias when gelu, then add1 + add2 + that (act [N, out], 8-byte aligned, each may be NULL) */
+/* qlinear_fwd_epi's epilogue (backend.h's ft_epilogue) as the reduction applies it, in this order:
+ * + lora_scale xa B^T when lora_r > 0 (xa [N, r] and B [out, r] f32, xa computed before the launch),
+ * GELU when gelu, then add1 + add2 + that (act [N, out], 8-byte aligned, each may be NULL) */
 struct gv_epilogue {
     int gelu;
     const void *add1, *add2;
+    const float *lora_xa, *lora_B;
+    int lora_r;
+    float lora_scale;
 };
 
 __device__ __forceinline__ float gv_gelu(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
@@ -150,6 +154,20 @@ __device__ __forceinline__ void gv_reduce_splits(T *__restrict__ y, const float 
         }
         if (bias) {
             s.x += bias[col]; s.y += bias[col + 1]; s.z += bias[col + 2]; s.w += bias[col + 3];
+        }
+        if (epi.lora_r) { /* columns col .. col + 3: B's rows, r floats each, one after the other */
+            const int r = epi.lora_r;
+            const float *xa = epi.lora_xa + (size_t)n * r, *B = epi.lora_B + (size_t)col * r;
+            float4 t = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            for (int k = 0; k < r; k++) {
+                const float a = xa[k];
+                t.x = fmaf(a, B[k], t.x);
+                t.y = fmaf(a, B[r + k], t.y);
+                t.z = fmaf(a, B[2 * r + k], t.z);
+                t.w = fmaf(a, B[3 * r + k], t.w);
+            }
+            s.x = fmaf(epi.lora_scale, t.x, s.x); s.y = fmaf(epi.lora_scale, t.y, s.y);
+            s.z = fmaf(epi.lora_scale, t.z, s.z); s.w = fmaf(epi.lora_scale, t.w, s.w);
         }
         if (epi.gelu) {
             s.x = gv_gelu(s.x); s.y = gv_gelu(s.y); s.z = gv_gelu(s.z); s.w = gv_gelu(s.w);

@@ -418,6 +418,14 @@ extern "C" ft_status cuda_set_dropout_base(ft_backend *base, uint64_t value, ft_
     return FT_OK;
 }
 
+/* xa[N,r] = x A^T without dropout: the half of lora_fwd that qlinear_fwd_epi runs before a GEMV whose
+ * reduction adds the other (gemv_kernels.cuh) */
+ft_status cuda_lora_down(cuda_backend *be, float *xa, const void *x, const float *A, int N, int in, int r,
+                         ft_error *err)
+{
+    return lora_down<true>(be, xa, x, A, N, in, r, 1.0f, 0.0f, 0, err);
+}
+
 extern "C" ft_status cuda_lora_fwd(ft_backend *base, void *y, float *xa, const void *x, const float *A,
                                    const float *B, int N, int in, int out, int r, float scale, float p, uint64_t seed,
                                    ft_error *err)

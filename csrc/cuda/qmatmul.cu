@@ -284,6 +284,8 @@ static ft_status qlinear_forward(cuda_backend *be, void *y, const void *x, const
     const double t_op = prof_t0_;
     const bool fuse = epi && qlinear_epi_choose(be, kind, epi) == QE_GEMV;
     if (kind == QGEMM_GEMV) {
+        if (fuse && epi->lora_A) /* the LoRA's xa first: the GEMV's reduction adds scale xa B^T */
+            FT_TRY(cuda_lora_down(be, epi->lora_xa, x, epi->lora_A, N, q->in, epi->lora_r, err));
         FT_TRY(cuda_qgemv(be, y, x, q, N, fuse ? epi : NULL, err)); /* bias included */
         *epi_done = fuse;
     } else if (kind == QGEMM_FUSED) {
@@ -326,6 +328,9 @@ extern "C" ft_status cuda_qlinear_fwd_epi(ft_backend *base, void *y, const void 
     FT_TRY(qlinear_forward(CB(base), y, x, q, N, epi, &done, err));
     if (done || !epi || N <= 0) return FT_OK;
     const size_t n = (size_t)N * q->out;
+    if (epi->lora_A)
+        FT_TRY(cuda_lora_fwd(base, y, epi->lora_xa, x, epi->lora_A, epi->lora_B, N, q->in, q->out, epi->lora_r,
+                             epi->lora_scale, 0.0f, 0, err));
     if (epi->gelu) FT_TRY(cuda_gelu_fwd(base, y, y, n, err));
     if (epi->add1) FT_TRY(cuda_add(base, y, epi->add1, epi->add2 ? epi->add2 : y, epi->add2 ? y : NULL, n, err));
     return FT_OK;

@@ -29,7 +29,7 @@ struct gv_spec {
     int by_gidx;                 /* 1: look groups up in g_idx even where a shift would do */
     int bias, zoff, sms;
     float xmean; /* x drawn from xmean + [-1, 1): a large mean makes sum x large against the result */
-    int epi;     /* the epilogue (gv_epilogue): 0 none, 1 GELU, 2 add1 + add2, 3 add1 */
+    int epi;     /* the epilogue (gv_epilogue): 0 none, 1 GELU, 2 add1 + add2, 3 add1; + 4: with a LoRA of rank 8 */
 };
 
 template <typename T> static float round_to(float v);
@@ -83,6 +83,11 @@ static int run_case(const gv_spec &c, uint64_t seed, const char *tname, double t
     std::vector<T> add1((size_t)c.N * c.out), add2((size_t)c.N * c.out);
     for (auto &v : add1) v = to_act<T>(uni(rng));
     for (auto &v : add2) v = to_act<T>(uni(rng));
+    const int lora_r = c.epi >= 4 ? 8 : 0, post = c.epi % 4;
+    const float lora_scale = 0.75f;
+    std::vector<float> xa((size_t)c.N * 8), lB((size_t)c.out * 8);
+    for (auto &v : xa) v = uni(rng);
+    for (auto &v : lB) v = 0.2f * uni(rng);
 
     /* the reference: W as the kernel dequantizes it, then x . W + bias in float64 */
     const bool f32path = c.act || BITS == 8;
@@ -104,11 +109,14 @@ static int run_case(const gv_spec &c, uint64_t seed, const char *tname, double t
     /* the fp32 partials' check below is of the product alone: keep it before the epilogue */
     const std::vector<double> prod = ref;
     for (size_t e = 0; e < ref.size(); e++) {
-        if (c.epi == 1) ref[e] = 0.5 * ref[e] * (1.0 + std::erf(ref[e] / std::sqrt(2.0)));
-        if (c.epi >= 2) ref[e] += act_to_float<T>(add1[e]) + (c.epi == 2 ? act_to_float<T>(add2[e]) : 0.0);
+        const size_t n = e / c.out, o = e % c.out;
+        for (int k = 0; k < lora_r; k++) ref[e] += (double)lora_scale * xa[n * 8 + k] * lB[o * 8 + k];
+        if (post == 1) ref[e] = 0.5 * ref[e] * (1.0 + std::erf(ref[e] / std::sqrt(2.0)));
+        if (post >= 2) ref[e] += act_to_float<T>(add1[e]) + (post == 2 ? act_to_float<T>(add2[e]) : 0.0);
     }
-    const gv_epilogue epi = {c.epi == 1, c.epi >= 2 ? (const void *)add1.data() : nullptr,
-                             c.epi == 2 ? (const void *)add2.data() : nullptr};
+    const gv_epilogue epi = {post == 1, post >= 2 ? (const void *)add1.data() : nullptr,
+                             post == 2 ? (const void *)add2.data() : nullptr, lora_r ? xa.data() : nullptr,
+                             lora_r ? lB.data() : nullptr, lora_r, lora_scale};
 
     const gv_grid plan = gv_plan(c.in, c.out, BITS, c.sms);
     const int gshift = c.act || c.by_gidx ? -1 : group_shift(gidx, per, KW, groups);
@@ -188,14 +196,14 @@ int main(int argc, char **argv)
     const gv_spec cases[] = {
         /* N  in    out  bits group act gidx bias zoff sms xmean epi */
         {1, 512, 384, 4, 64, 0, 0, 1, 1, 2, 0.0f, 1},    /* decode: one row, 3 column tiles, 4 splits (fold) */
-        {3, 704, 256, 4, 32, 0, 0, 0, 1, 1, 0.0f, 0},    /* KW = 88: the last split ends mid-iteration; g32: pairs */
+        {3, 704, 256, 4, 32, 0, 0, 0, 1, 1, 0.0f, 4},    /* KW = 88: the last split ends mid-iteration; g32: pairs */
         {3, 704, 256, 4, 64, 0, 0, 0, 1, 1, 0.0f, 2},    /* the same in groups of 64 (fold) */
-        {8, 1024, 128, 2, 128, 0, 0, 1, 0, 2, 0.0f, 0},  /* 2 bits, 8 rows, zero offset 0 (fold) */
+        {8, 1024, 128, 2, 128, 0, 0, 1, 0, 2, 0.0f, 5},  /* 2 bits, 8 rows, zero offset 0 (fold) */
         {2, 1024, 128, 2, 64, 0, 0, 1, 1, 2, 0.0f, 2},   /* 2 bits in groups of 4 word rows: pairs */
         {2, 256, 256, 8, 64, 0, 0, 1, 1, 2, 0.0f, 3},    /* 8 bits: the fp32 path */
         {5, 512, 100, 4, 64, 0, 0, 1, 1, 1, 0.0f, 1},    /* out = 100: warps past the last column (fold) */
-        {1, 512, 256, 4, 64, 0, 1, 0, 1, 2, 0.0f, 0},    /* groups looked up in g_idx */
-        {4, 256, 128, 4, -1, 0, 0, 1, 1, 2, 0.0f, 0},    /* one group (Falcon-40B's checkpoints; fold) */
+        {1, 512, 256, 4, 64, 0, 1, 0, 1, 2, 0.0f, 6},    /* groups looked up in g_idx */
+        {4, 256, 128, 4, -1, 0, 0, 1, 1, 2, 0.0f, 7},    /* one group (Falcon-40B's checkpoints; fold) */
         {2, 512, 256, 4, 32, 1, 0, 1, 1, 2, 0.0f, 3},    /* act-order: a group per input row */
         {1, 4096, 128, 4, -1, 0, 0, 0, 1, 1, 2.0f, 0},   /* one group, one split, sum x ~ 8000: the fold's cancellation */
         {2, 2048, 256, 4, 128, 0, 0, 1, 1, 2, 1.5f, 2},  /* groups of 16 word rows, x of mean 1.5 (fold) */
