@@ -37,7 +37,6 @@ void ft_get_rng(const ft_model *m, uint64_t *seed, uint64_t *counter)
 typedef struct step_call {
     ft_model *m;
     const step_ctx *s;
-    int backward;
     int l0, l1; /* the piece's layers */
 } step_call;
 
@@ -48,13 +47,13 @@ static uint64_t step_key(const ft_model *m, const step_call *c)
 {
     const uint64_t k = ft_mix64(m->bind_gen ^ ((uint64_t)(uint32_t)c->l0 << 32 | (uint32_t)c->l1));
     return ft_mix64(k ^ ((uint64_t)(uint32_t)c->s->B << 32 | (uint64_t)(uint32_t)c->s->T << 2 |
-                         (uint64_t)(c->s->train != 0) << 1 | (uint64_t)(c->backward != 0)));
+                         (uint64_t)(c->s->train != 0) << 1 | (uint64_t)(c->s->backward != 0)));
 }
 
 static ft_status forward_body(void *ctx, ft_error *err)
 {
     const step_call *c = ctx;
-    return run_layer_range(c->m, c->s, c->backward, c->l0, c->l1, err);
+    return run_layer_range(c->m, c->s, c->s->backward, c->l0, c->l1, err); /* keep activations for a backward */
 }
 
 /* dhf (in ws.da1) -> the LoRA gradients of layers l1-1 down to l0; the piece with the top layer
@@ -82,13 +81,13 @@ static ft_status backward_body(void *ctx, ft_error *err)
 
 /* body over layers lo .. hi-1 in pieces (slots slot0 ..): upwards for the forward, downwards for
  * the backward; one piece (lo == hi) still runs, for the backward's ln_f */
-static ft_status run_recorded(ft_model *m, int slot0, const step_ctx *s, int backward, int down, int lo, int hi,
+static ft_status run_recorded(ft_model *m, int slot0, const step_ctx *s, int down, int lo, int hi,
                               ft_status (*body)(void *ctx, ft_error *err), ft_error *err)
 {
     const int n = hi - lo, per = n > STEP_PIECES ? (n + STEP_PIECES - 1) / STEP_PIECES : 1;
     for (int k = 0; k == 0 || k * per < n; k++) {
         const int a = k * per, z = a + per < n ? a + per : n;
-        step_call c = {m, s, backward, down ? hi - z : lo + a, down ? hi - a : lo + z};
+        step_call c = {m, s, down ? hi - z : lo + a, down ? hi - a : lo + z};
         if (!m->be->ops->replay) CALL(body(&c, err));
         else CALL(m->be->ops->replay(m->be, slot0 + k, step_key(m, &c), body, &c, err));
     }
@@ -141,7 +140,7 @@ static ft_status loss_step(ft_model *m, const int32_t *ids, const int32_t *label
         CALL(op->set_dropout_base(m->be, ft_mix64(m->rng_seed ^ ft_mix64(m->rng_counter)), err));
         m->rng_counter++;
     }
-    CALL(run_recorded(m, backward ? REPLAY_SLOT_TRAIN_FWD : REPLAY_SLOT_EVAL_FWD, &s, backward, 0, 0, c->n_layer,
+    CALL(run_recorded(m, backward ? REPLAY_SLOT_TRAIN_FWD : REPLAY_SLOT_EVAL_FWD, &s, 0, 0, c->n_layer,
                       forward_body, err));
 
     /* head + loss in row chunks: logits -> dlogits in place -> dhf (into da1). The row losses stay
@@ -159,7 +158,7 @@ static ft_status loss_step(ft_model *m, const int32_t *ids, const int32_t *label
     }
 
     if (backward)
-        CALL(run_recorded(m, REPLAY_SLOT_TRAIN_BWD, &s, 1, 1, m->lora_min_layer, c->n_layer, backward_body, err));
+        CALL(run_recorded(m, REPLAY_SLOT_TRAIN_BWD, &s, 1, m->lora_min_layer, c->n_layer, backward_body, err));
 
     /* the download waits for the step's last kernel, so a failed kernel is reported here */
     float *row_loss = malloc((size_t)N * sizeof(float));
