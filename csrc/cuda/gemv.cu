@@ -9,7 +9,7 @@ namespace {
 
 template <typename T, int BITS>
 void launch_bits(dim3 grid, cudaStream_t st, gemv_kernel_why kernel, bool act, void *y, const void *x,
-                 const ft_qlinear *q, float *part, int N, int kc, const gv_epilogue &epi)
+                 const ft_qlinear *q, float *part, int N, int kc, const ft_epilogue &epi)
 {
     if constexpr (BITS != 8) {
         if (kernel == GVK_FOLD || kernel == GVK_FOLD_PIPE) {
@@ -96,16 +96,7 @@ ft_status cuda_qgemv(cuda_backend *be, void *y, const void *x, const ft_qlinear 
     const dim3 grid(tiles, splits);
     const bool act = q->row_groups != 0;
     const gemv_kernel_why kernel = gemv_kernel_choose(be, q);
-    gv_epilogue ge = {0, NULL, NULL, NULL, NULL, 0, 0.0f};
-    if (epi) {
-        ge = {epi->gelu, epi->add1, epi->add2, NULL, NULL, 0, 0.0f};
-        if (epi->lora_A) {
-            ge.lora_xa = epi->lora_xa;
-            ge.lora_B = epi->lora_B;
-            ge.lora_r = epi->lora_r;
-            ge.lora_scale = epi->lora_scale;
-        }
-    }
+    const ft_epilogue none = {0, NULL, NULL, NULL, NULL, NULL, 0, 0.0f}, &ge = epi ? *epi : none;
     ACT_DISPATCH(&be->base, T, {
         if (bits == 4) launch_bits<T, 4>(grid, be->stream, kernel, act, y, x, q, (float *)part, N, kc, ge);
         else if (bits == 2) launch_bits<T, 2>(grid, be->stream, kernel, act, y, x, q, (float *)part, N, kc, ge);

@@ -103,17 +103,6 @@ template <> struct xvec<8> {
     }
 };
 
-/* qlinear_fwd_epi's epilogue (backend.h's ft_epilogue) as the reduction applies it, in this order:
- * + lora_scale xa B^T when lora_r > 0 (xa [N, r] and B [out, r] f32, xa computed before the launch),
- * GELU when gelu, then add1 + add2 + that (act [N, out], 8-byte aligned, each may be NULL) */
-struct gv_epilogue {
-    int gelu;
-    const void *add1, *add2;
-    const float *lora_xa, *lora_B;
-    int lora_r;
-    float lora_scale;
-};
-
 __device__ __forceinline__ float gv_gelu(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
 
 /* four act values at p (8-byte aligned) as floats */
@@ -125,13 +114,14 @@ template <typename T> __device__ __forceinline__ float4 gv_load4(const void *p)
 }
 
 /* After a block's warps have stored their partials [N, 32 columns] of split blockIdx.y: the last
- * block of this column tile to arrive sums the splits in order, adds the bias, applies the
- * epilogue and writes y (the same order whatever the timing: deterministic), then resets the
- * tile's arrival counter. */
+ * block of this column tile to arrive sums the splits in order, adds the bias, applies
+ * qlinear_fwd_epi's epilogue (backend.h's ft_epilogue, in its order: the LoRA from lora_xa, already
+ * computed, and lora_B; GELU; add1 + add2, 8-byte aligned) and writes y (the same order whatever the
+ * timing: deterministic), then resets the tile's arrival counter. */
 template <typename T>
 __device__ __forceinline__ void gv_reduce_splits(T *__restrict__ y, const float *__restrict__ bias,
                                                  const float *__restrict__ part, int *__restrict__ cnt, int N, int out,
-                                                 const gv_epilogue &epi)
+                                                 const ft_epilogue &epi)
 {
     __shared__ int s_last;
     __threadfence();
@@ -155,7 +145,7 @@ __device__ __forceinline__ void gv_reduce_splits(T *__restrict__ y, const float 
         if (bias) {
             s.x += bias[col]; s.y += bias[col + 1]; s.z += bias[col + 2]; s.w += bias[col + 3];
         }
-        if (epi.lora_r) { /* columns col .. col + 3: B's rows, r floats each, one after the other */
+        if (epi.lora_A) { /* columns col .. col + 3: B's rows, r floats each, one after the other */
             const int r = epi.lora_r;
             const float *xa = epi.lora_xa + (size_t)n * r, *B = epi.lora_B + (size_t)col * r;
             float4 t = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -203,7 +193,7 @@ __global__ void __launch_bounds__(GV_WARPS * 32)
 qgemv_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__restrict__ qw,
              const int32_t *__restrict__ qz, const f16 *__restrict__ sc, const int32_t *__restrict__ gidx,
              const float *__restrict__ bias, float *__restrict__ part, int *__restrict__ cnt, int N, int in,
-             int out, int zoff, int gshift, int kc, gv_epilogue epi)
+             int out, int zoff, int gshift, int kc, ft_epilogue epi)
 {
     constexpr int PER = 32 / BITS; /* values per word */
     constexpr int P2 = PER / 2;    /* value pairs (j, j + P2) per word */
@@ -395,7 +385,7 @@ __global__ void __launch_bounds__(GV_WARPS * 32, 4)
 qgemv_fold_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__restrict__ qw,
                   const int32_t *__restrict__ qz, const f16 *__restrict__ sc, const float *__restrict__ bias,
                   float *__restrict__ part, int *__restrict__ cnt, int N, int in, int out, int zoff, int gshift, int kc,
-                  gv_epilogue epi)
+                  ft_epilogue epi)
 {
     constexpr int PER = 32 / BITS; /* values per word */
     constexpr int P2 = PER / 2;    /* value pairs (j, j + P2) per word */

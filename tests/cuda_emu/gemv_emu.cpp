@@ -29,7 +29,7 @@ struct gv_spec {
     int by_gidx;                 /* 1: look groups up in g_idx even where a shift would do */
     int bias, zoff, sms;
     float xmean; /* x drawn from xmean + [-1, 1): a large mean makes sum x large against the result */
-    int epi;     /* the epilogue (gv_epilogue): 0 none, 1 GELU, 2 add1 + add2, 3 add1; + 4: with a LoRA of rank 8 */
+    int epi;     /* the epilogue (ft_epilogue): 0 none, 1 GELU, 2 add1 + add2, 3 add1; + 4: with a LoRA of rank 8 */
 };
 
 template <typename T> static float round_to(float v);
@@ -114,9 +114,10 @@ static int run_case(const gv_spec &c, uint64_t seed, const char *tname, double t
         if (post == 1) ref[e] = 0.5 * ref[e] * (1.0 + std::erf(ref[e] / std::sqrt(2.0)));
         if (post >= 2) ref[e] += act_to_float<T>(add1[e]) + (post == 2 ? act_to_float<T>(add2[e]) : 0.0);
     }
-    const gv_epilogue epi = {post == 1, post >= 2 ? (const void *)add1.data() : nullptr,
-                             post == 2 ? (const void *)add2.data() : nullptr, lora_r ? xa.data() : nullptr,
-                             lora_r ? lB.data() : nullptr, lora_r, lora_scale};
+    /* lora_A is only a flag to the kernel (xa is computed before its launch) */
+    const ft_epilogue epi = {post == 1, post >= 2 ? (const void *)add1.data() : nullptr,
+                             post == 2 ? (const void *)add2.data() : nullptr, lora_r ? lB.data() : nullptr,
+                             lora_r ? lB.data() : nullptr, lora_r ? xa.data() : nullptr, lora_r, lora_scale};
 
     const gv_grid plan = gv_plan(c.in, c.out, BITS, c.sms);
     const int gshift = c.act || c.by_gidx ? -1 : group_shift(gidx, per, KW, groups);
