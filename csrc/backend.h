@@ -224,6 +224,11 @@ int ft_cuda_mem_info(size_t *used, size_t *total);
 /* gptq.c: check one quantized linear against the expected shapes and bits. */
 ft_status ft_gptq_check(const ft_host_qlinear *q, int in, int out, int bits, int *groups,
                         ft_error *err);
+/* common.c: what an epilogue stands for, after y = x W + bias is already in y, run through be's own
+ * ops (lora_fwd without dropout, gelu_fwd, add) in ft_epilogue's order: the backends' qlinear_fwd_epi
+ * where they do not fuse it. in, out: the linear's widths. */
+ft_status ft_epilogue_by_ops(ft_backend *be, void *y, const void *x, int N, int in, int out, const ft_epilogue *epi,
+                             ft_error *err);
 /* gptq.c: index of the first NaN/inf element of n float16/bfloat16/float32 values, or -1. */
 int64_t ft_first_nonfinite(const void *data, ft_dtype dt, int64_t n);
 /* Value i of a little-endian bit stream of `bits`-wide integers held in 32-bit

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "backend.h"
 #include "ft.h"
 
 ft_status ft_fail(ft_error *err, ft_status status, const char *fmt, ...)
@@ -193,4 +194,22 @@ uint16_t ft_float_to_half(float f)
     uint32_t rest = mant & 0x1fffu;
     if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h++;
     return (uint16_t)(sign | h);
+}
+
+/* The sums in the order the separate add op gives them (add1 + add2 + y: y aliases c, or b), so
+ * that a step through this and one through the unfused ops agree bit for bit. */
+ft_status ft_epilogue_by_ops(ft_backend *be, void *y, const void *x, int N, int in, int out, const ft_epilogue *epi,
+                             ft_error *err)
+{
+    const ft_backend_ops *op = be->ops;
+    const size_t n = (size_t)N * out;
+    if (!epi || N <= 0) return FT_OK;
+    ft_status st = FT_OK;
+    if (epi->lora_A)
+        st = op->lora_fwd(be, y, epi->lora_xa, x, epi->lora_A, epi->lora_B, N, in, out, epi->lora_r, epi->lora_scale,
+                          0.0f, 0, err);
+    if (!st && epi->gelu) st = op->gelu_fwd(be, y, y, n, err);
+    if (!st && epi->add1)
+        st = epi->add2 ? op->add(be, y, epi->add1, epi->add2, y, n, err) : op->add(be, y, epi->add1, y, NULL, n, err);
+    return st;
 }

@@ -118,21 +118,12 @@ ft_status cpu_qlinear_fwd(ft_backend *base, void *y_, const void *x_, const ft_q
     return FT_OK;
 }
 
-/* The product, then the epilogue through the LoRA and elementwise ops: the sums in the order the
- * separate ops give them (add1 + add2 + product), so that fused and unfused steps agree bit for bit. */
+/* The product, then the epilogue through the LoRA and elementwise ops (nothing to fuse here) */
 ft_status cpu_qlinear_fwd_epi(ft_backend *base, void *y, const void *x, const ft_qlinear *q, int N,
                               const ft_epilogue *epi, ft_error *err)
 {
     ft_status st = cpu_qlinear_fwd(base, y, x, q, N, err);
-    if (st || !epi || N <= 0) return st;
-    const size_t n = (size_t)N * q->out;
-    if (epi->lora_A)
-        st = cpu_lora_fwd(base, y, epi->lora_xa, x, epi->lora_A, epi->lora_B, N, q->in, q->out, epi->lora_r,
-                          epi->lora_scale, 0.0f, 0, err);
-    if (!st && epi->gelu) st = cpu_gelu_fwd(base, y, y, n, err);
-    if (!st && epi->add1)
-        st = epi->add2 ? cpu_add(base, y, epi->add1, epi->add2, y, n, err) : cpu_add(base, y, epi->add1, y, NULL, n, err);
-    return st;
+    return st ? st : ft_epilogue_by_ops(base, y, x, N, q->in, q->out, epi, err);
 }
 
 ft_status cpu_qlinear_bwd(ft_backend *base, void *dx, const void *dy, const ft_qlinear *q, int N,

@@ -326,14 +326,7 @@ extern "C" ft_status cuda_qlinear_fwd_epi(ft_backend *base, void *y, const void 
 {
     bool done;
     FT_TRY(qlinear_forward(CB(base), y, x, q, N, epi, &done, err));
-    if (done || !epi || N <= 0) return FT_OK;
-    const size_t n = (size_t)N * q->out;
-    if (epi->lora_A)
-        FT_TRY(cuda_lora_fwd(base, y, epi->lora_xa, x, epi->lora_A, epi->lora_B, N, q->in, q->out, epi->lora_r,
-                             epi->lora_scale, 0.0f, 0, err));
-    if (epi->gelu) FT_TRY(cuda_gelu_fwd(base, y, y, n, err));
-    if (epi->add1) FT_TRY(cuda_add(base, y, epi->add1, epi->add2 ? epi->add2 : y, epi->add2 ? y : NULL, n, err));
-    return FT_OK;
+    return done ? FT_OK : ft_epilogue_by_ops(base, y, x, N, q->in, q->out, epi, err);
 }
 
 extern "C" ft_status cuda_qlinear_bwd(ft_backend *base, void *dx, const void *dy, const ft_qlinear *q, int N,
