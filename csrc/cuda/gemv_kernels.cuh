@@ -103,6 +103,17 @@ template <> struct xvec<8> {
     }
 };
 
+/* A thread's accumulators (two m16n8k16 D tiles: tile p's rows gi, gi + 8 are columns col0 + 2p,
+ * col0 + 2p + 1; its columns 2t, 2t + 1 are batch rows) into split blockIdx.y's fp32 partials
+ * [splits, N, out], the layout gv_reduce_splits sums: columns col0 .. col0 + 3 of rows 2t, 2t + 1. */
+__device__ __forceinline__ void gv_store_partials(float *__restrict__ part, const float (&acc)[2][4], int N, int out,
+                                                  int t, int col0)
+{
+    float *p = part + ((size_t)blockIdx.y * N + 2 * t) * out + col0;
+    if (2 * t < N) __stcg((float4 *)p, make_float4(acc[0][0], acc[0][2], acc[1][0], acc[1][2]));
+    if (2 * t + 1 < N) __stcg((float4 *)(p + out), make_float4(acc[0][1], acc[0][3], acc[1][1], acc[1][3]));
+}
+
 __device__ __forceinline__ float gv_gelu(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
 
 /* four act values at p (8-byte aligned) as floats */
@@ -319,12 +330,7 @@ qgemv_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__restri
                                     ap[2 * p + 1][2 * h + 1], xp[2 * h], xp[2 * h + 1]);
             }
         }
-        /* columns col0 .. col0 + 3 of batch rows 2t and 2t + 1 */
-        if (colok) {
-            float *p = part + ((size_t)blockIdx.y * N + 2 * t) * out + col0;
-            if (2 * t < N) __stcg((float4 *)p, make_float4(acc[0][0], acc[0][2], acc[1][0], acc[1][2]));
-            if (2 * t + 1 < N) __stcg((float4 *)(p + out), make_float4(acc[0][1], acc[0][3], acc[1][1], acc[1][3]));
-        }
+        if (colok) gv_store_partials(part, acc, N, out, t, col0);
     }
 
     gv_reduce_splits<T>(y, bias, part, cnt, N, out, epi);
@@ -539,12 +545,7 @@ qgemv_fold_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__r
                 compute(s1, xw, r0 + ROWS);
             }
         }
-        /* columns col0 .. col0 + 3 of batch rows 2t and 2t + 1 */
-        if (colok) {
-            float *p = part + ((size_t)blockIdx.y * N + 2 * t) * out + col0;
-            if (2 * t < N) __stcg((float4 *)p, make_float4(acc[0][0], acc[0][2], acc[1][0], acc[1][2]));
-            if (2 * t + 1 < N) __stcg((float4 *)(p + out), make_float4(acc[0][1], acc[0][3], acc[1][1], acc[1][3]));
-        }
+        if (colok) gv_store_partials(part, acc, N, out, t, col0);
     }
     gv_reduce_splits<T>(y, bias, part, cnt, N, out, epi);
 }
