@@ -7,7 +7,8 @@ logits relative error (norm) < 2e-2.
 The backend reads FT_CUDA_GEMV when it is created (ft.load_model): `gemv_off` loads a second GPU model
 with the GEMV disabled, the dequantize + cuBLAS reference. The GEMV has two kernels (choice.cu's
 gemv_kernel_choose): the fold kernel (2/4 bits, groups by shift of >= 8 word rows; on where
-FT_CUDA_GEMV_FOLD=1) and the pairs kernel; the `gemv_kernel` fixture runs each test with both.
+FT_CUDA_GEMV_FOLD=1, with two register stages where =2) and the pairs kernel; the `gemv_kernel`
+fixture runs each test with all three.
 """
 from __future__ import annotations
 
@@ -219,8 +220,8 @@ def test_gemv_kernel_choice(tmp_path, monkeypatch, capfd, fold):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_gemv_epilogue_in_decode_steps(tmp_path, monkeypatch, capfd, dtype):
-    """qlinear_fwd_epi (GELU after dense_h_to_4h, the residual add after dense_4h_to_h, on modules
-    without LoRA): in the GEMV's reduction for decode steps, as separate ops for a prefill of more than
+    """qlinear_fwd_epi (GELU after dense_h_to_4h, the residual add after dense_4h_to_h; this model has
+    no LoRA, so the other two linears are plain products): in the GEMV's reduction for decode steps, as separate ops for a prefill of more than
     8 rows and everywhere with FT_CUDA_GEMV_EPILOGUE=0 (the profiler's choice table counts each);
     decode logits both ways within the CUDA contract of the CPU's and close to each other."""
     d = testing.make_checkpoint(tmp_path / "m", preset="tiny", bits=4, group_size=64)
