@@ -87,26 +87,21 @@ ft_status prepare_step(ft_model *m, step_ctx *s, const int32_t *ids, const int32
     return st;
 }
 
-/* Layers l0 .. l1-1; the embedding first when l0 == 0, ln_f last when l1 == n_layer. save: keep
- * each layer's activations for backward (a training workspace); otherwise every layer reuses the
+/* Layers l0 .. l1-1; the embedding first when l0 == 0, ln_f last when l1 == n_layer. A step with a
+ * backward keeps each layer's activations (a training workspace); otherwise every layer reuses the
  * shared set (inference, evaluation). */
-ft_status run_layer_range(ft_model *m, const step_ctx *s, int save, int l0, int l1, ft_error *err)
+ft_status run_layer_range(ft_model *m, const step_ctx *s, int l0, int l1, ft_error *err)
 {
     workspace *ws = &m->ws;
     const int L = m->cfg.n_layer;
     if (l0 == 0) CALL(m->be->ops->embed(m->be, ws->xs[0], ws->ids, m->embed, s->N, m->cfg.hidden, err));
     for (int l = l0; l < l1; l++) {
-        layer_acts *A = save ? &ws->acts[l] : &ws->shared;
+        layer_acts *A = s->backward ? &ws->acts[l] : &ws->shared;
         CALL(layer_forward(m, s, l, A, ws->xs[l], ws->xs[l + 1], NULL, NULL, err));
     }
     if (l1 < L) return FT_OK;
     return m->be->ops->layernorm_fwd(m->be, ws->hf, ws->meanf, ws->rstdf, ws->xs[L], m->lnf_w, m->lnf_b, s->N,
                                      m->cfg.hidden, m->cfg.ln_eps, err);
-}
-
-ft_status run_layers(ft_model *m, const step_ctx *s, int save, ft_error *err)
-{
-    return run_layer_range(m, s, save, 0, m->cfg.n_layer, err);
 }
 
 ft_status head_logits(ft_model *m, const void *h, int n, float *logits, ft_error *err)
@@ -130,6 +125,6 @@ ft_status ft_forward(ft_model *m, const int32_t *ids, const int32_t *mask, int B
     step_ctx s;
     CALL(prepare_step(m, &s, ids, NULL, mask, B, T, err));
     s.train = 0;
-    CALL(run_layers(m, &s, 0, err));
+    CALL(run_layer_range(m, &s, 0, m->cfg.n_layer, err));
     return head_logits(m, m->ws.hf, s.N, logits, err);
 }

@@ -159,7 +159,8 @@ typedef struct step_ctx {
     const int32_t *kmask, *kpos, *pos; /* backend arrays */
     const int32_t *past_dev, *tk_dev;  /* decode steps: past and Tk in backend memory (graph replay) */
     int train;           /* dropout active (the step's masks: the backend's dropout base) */
-    int backward;        /* a backward pass reads this step's activations (layer_forward keeps them all) */
+    int backward;        /* a backward pass reads this step's activations: each layer keeps its own, and no
+                          * linear fuses its epilogue (layer.c) */
 } step_ctx;
 
 /* y[N,D] = layer l (x[N,D]); k/v go to kbuf/vbuf (the cache) when given, else to A. */
@@ -184,11 +185,9 @@ void token_positions(const int32_t *mask, int B, int T, int Tk, int32_t *pos, in
  * in one copy, and fills s. */
 ft_status prepare_step(ft_model *m, step_ctx *s, const int32_t *ids, const int32_t *tgt, const int32_t *mask, int B,
                        int T, ft_error *err);
-/* Embedding, layers (save: each its own activations, for backward), ln_f into ws.hf. */
-ft_status run_layers(ft_model *m, const step_ctx *s, int save, ft_error *err);
-/* The part of run_layers that layers l0 .. l1-1 make (the embedding with l0 == 0, ln_f with
- * l1 == n_layer). */
-ft_status run_layer_range(ft_model *m, const step_ctx *s, int save, int l0, int l1, ft_error *err);
+/* Layers l0 .. l1-1 (each its own activations when s->backward), with the embedding when l0 == 0 and
+ * ln_f into ws.hf when l1 == n_layer. */
+ft_status run_layer_range(ft_model *m, const step_ctx *s, int l0, int l1, ft_error *err);
 /* Logits of the n rows of h (ln_f output, act [n, D]) to host logits [n, V], in chunks of ws.chunk. */
 ft_status head_logits(ft_model *m, const void *h, int n, float *logits, ft_error *err);
 

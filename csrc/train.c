@@ -53,7 +53,7 @@ static uint64_t step_key(const ft_model *m, const step_call *c)
 static ft_status forward_body(void *ctx, ft_error *err)
 {
     const step_call *c = ctx;
-    return run_layer_range(c->m, c->s, c->s->backward, c->l0, c->l1, err); /* keep activations for a backward */
+    return run_layer_range(c->m, c->s, c->l0, c->l1, err);
 }
 
 /* dhf (in ws.da1) -> the LoRA gradients of layers l1-1 down to l0; the piece with the top layer
